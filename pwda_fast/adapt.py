@@ -1,0 +1,172 @@
+"""One PWDA iteration: the paper's three stages, in AdaptSegNet's order (DESIGN.md §2).
+
+1. Segmenter: CE on the labelled source batch, main head + lambda_seg * aux head.
+2. Generator: D and D_aux frozen; on the target batch G minimises lambda_adv * L(y=0), the pixel-
+   weighted BCE of D's map, and F minimises lambda_aux * BCE(D_aux(F(x_t)), 0); optional memory KL.
+3. Discriminators: on detached outputs, D minimises BCE(D(G(x_s)), 0) + L(y=1) and D_aux minimises
+   BCE(D_aux(F(x_s)), 0) + BCE(D_aux(F(x_t)), 1).
+Then, if every loss and gradient is finite on every rank, all three optimizers step; else none does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pwda_fast import distributed, ops, reference
+
+SOURCE, TARGET = 0.0, 1.0
+
+
+def upsample(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, align_corners=True (AdaptSegNet's PyTorch >= 0.4 code and CLAN)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def poly_lr(base: float, step: int, iters: int, power: float) -> float:
+    return base * (1 - step / iters) ** power
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+@dataclass
+class Nets:
+    g: nn.Module
+    d: nn.Module
+    d_aux: nn.Module
+
+
+class Adapter:
+    """Runs one iteration over a source and a target batch; owns nothing but references."""
+
+    def __init__(self, cfg, nets: Nets, opt_g, opt_d, opt_d_aux, backend: str, device: torch.device,
+                 dist_info: distributed.Dist):
+        self.cfg, self.nets, self.backend, self.device, self.dist = cfg, nets, backend, device, dist_info
+        self.opt_g, self.opt_d, self.opt_d_aux = opt_g, opt_d, opt_d_aux
+        self.a = cfg.adapt
+        self.adapt = cfg.adapt.mode == "adapt"
+        self.use_aux = self.adapt and cfg.adapt.weighting == "gen+dis"
+        amp = cfg.train.amp == "bf16"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp \
+            else contextlib.nullcontext
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+
+    def set_lr(self, step: int) -> None:
+        o, iters = self.cfg.optim, self.cfg.train.iters
+        for group in self.opt_g.param_groups:
+            group["lr"] = poly_lr(o.lr, step, iters, o.power) * group.get("lr_mult", 1.0)
+        for opt in (self.opt_d, self.opt_d_aux):
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(o.lr_d, step, iters, o.power)
+
+    def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float) -> torch.Tensor:
+        """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L."""
+        if self.a.weighting == "none":
+            return reference.domain_bce(disc_logits, label)
+        return ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
+                                     threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu,
+                                     backend=self.backend)
+
+    def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
+        """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
+        g, d, d_aux = self.nets.g, self.nets.d, self.nets.d_aux
+        self.set_lr(step)
+        for opt in (self.opt_g, self.opt_d, self.opt_d_aux):
+            opt.zero_grad(set_to_none=True)
+        x_s = source["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        y_s = source["label"].to(self.device, non_blocking=True)
+        size = tuple(x_s.shape[2:])
+        losses = {}
+
+        # Stage 1: segmenter on the source. Gradients stay local until stage 2's backward syncs them.
+        sync_later = self.adapt and self.dist.enabled
+        with g.no_sync() if sync_later else contextlib.nullcontext():
+            with self.autocast():
+                aux_s, main_s, feat_s = g(x_s)
+            main_s = upsample(main_s.float(), size)
+            loss_seg = reference.multi_level_seg_loss(upsample(aux_s.float(), size), main_s, y_s,
+                                                      self.a.lambda_seg)
+            loss_seg.backward()
+        losses["seg"] = loss_seg.detach()
+
+        if self.adapt:
+            x_t = target["image"].to(self.device, non_blocking=True).contiguous(
+                memory_format=self.memory_format)
+            size_t = tuple(x_t.shape[2:])
+            # Stage 2: generator fools the frozen discriminators. Calling the unwrapped D and
+            # D_aux keeps DDP from waiting for gradients they will not get in this stage.
+            d_raw, d_aux_raw = _unwrap(d), _unwrap(d_aux)
+            set_requires_grad(d_raw, False)
+            set_requires_grad(d_aux_raw, False)
+            with self.autocast():
+                aux_t, main_t, feat_t = g(x_t)
+                main_t_up = upsample(main_t.float(), size_t)
+                z_t = upsample(d_raw(torch.softmax(main_t_up, dim=1)).float(), size_t)
+                a_t = upsample(d_aux_raw(feat_t).float(), size_t) if self.use_aux else None
+            aux_w = a_t.detach() if a_t is not None else None
+            loss_adv = self._adv_loss(main_t_up.detach(), z_t, aux_w, SOURCE)
+            loss_g = self.a.lambda_adv * loss_adv
+            losses["adv"] = loss_adv.detach()
+            if self.use_aux:
+                loss_adv_aux = reference.domain_bce(a_t, SOURCE)
+                loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
+                losses["adv_aux"] = loss_adv_aux.detach()
+            aux_t_up = upsample(aux_t.float(), size_t)
+            if self.a.memory:
+                loss_mem = reference.memory_kl(aux_t_up, main_t_up)
+                loss_g = loss_g + self.a.lambda_mem * loss_mem
+                losses["mem"] = loss_mem.detach()
+            else:
+                # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
+                loss_g = loss_g + 0.0 * aux_t_up.mean()
+            loss_g.backward()
+            set_requires_grad(d_raw, True)
+            set_requires_grad(d_aux_raw, True)
+
+            # Stage 3: discriminators on detached outputs; source and target in one batch (no BN).
+            n_s = x_s.shape[0]
+            probs = torch.cat([torch.softmax(main_s.detach(), 1), torch.softmax(main_t_up.detach(), 1)])
+            with self.autocast():
+                z = d(probs.contiguous(memory_format=self.memory_format))
+            z = upsample(z.float(), size)
+            loss_d = reference.domain_bce(z[:n_s], SOURCE) + self._adv_loss(
+                main_t_up.detach(), z[n_s:], aux_w, TARGET)
+            loss_d_all = loss_d
+            losses["d"] = loss_d.detach()
+            if self.use_aux:
+                with self.autocast():
+                    a = d_aux(torch.cat([feat_s.detach(), feat_t.detach()]))
+                a = upsample(a.float(), size)
+                loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
+                loss_d_all = loss_d_all + loss_d_aux
+                losses["d_aux"] = loss_d_aux.detach()
+            loss_d_all.backward()
+
+        finite = self._all_finite(losses)
+        if finite:
+            self.opt_g.step()
+            if self.adapt:
+                self.opt_d.step()
+                self.opt_d_aux.step()
+        return {k: float(v) for k, v in losses.items()}, finite
+
+    def _all_finite(self, losses: dict) -> bool:
+        """Every loss and gradient finite on every rank (one reduction, so all ranks agree)."""
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        grads = [p.grad for opt in (self.opt_g, self.opt_d, self.opt_d_aux)
+                 for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
+        return distributed.all_true(math.isfinite(total.item()), self.device, self.dist)

@@ -1,0 +1,145 @@
+"""The torch input pipeline: paired image/label files -> normalised, jointly augmented batches.
+
+Randomness is a pure function of (seed, epoch, position), never of worker scheduling, so a run that
+resumes at step k reads exactly the batches an uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pwda_fast.data.labels import IGNORE
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def read_image(path: Path) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+def read_train_ids(path: Path) -> Image.Image:
+    """An 8-bit trainId PNG (255 = void)."""
+    img = Image.open(path)
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"{path}: expected an 8-bit trainId label PNG, got mode {img.mode}")
+    return img
+
+
+class SegmentationDataset(Dataset):
+    """pairs [(image, label or None)] -> {"image": (3, H, W) float32, "label": (H, W) int64, "index"}.
+
+    size (width, height): resize first (bilinear image, nearest label). Training adds a random rescale
+    in `scale`, a random crop of `crop` (height, width) padded with void if needed, and a horizontal
+    flip, all with identical parameters for image and label. Items are (index, draw) pairs from
+    InfiniteSampler; `draw` seeds the augmentation.
+    """
+
+    def __init__(self, pairs, size=None, crop=None, scale=(1.0, 1.0), flip=False, train=True,
+                 label_reader=read_train_ids):
+        self.pairs = list(pairs)
+        self.size, self.crop, self.scale, self.flip, self.train = size, crop, tuple(scale), flip, train
+        self.label_reader = label_reader
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        index, draw = item if isinstance(item, tuple) else (item, 0)
+        img_path, lab_path = self.pairs[index]
+        img = read_image(img_path)
+        lab = self.label_reader(lab_path) if lab_path is not None else None
+        if lab is not None and lab.size != img.size:
+            raise ValueError(f"{lab_path}: label size {lab.size} differs from image {img_path} {img.size}")
+        if self.size:
+            img = img.resize(tuple(self.size), Image.BILINEAR)
+            lab = lab.resize(tuple(self.size), Image.NEAREST) if lab is not None else None
+        image = np.asarray(img, np.float32)
+        label = (np.asarray(lab, np.int64) if lab is not None
+                 else np.full(image.shape[:2], IGNORE, np.int64))
+        if self.train:
+            image, label = self._augment(image, label, np.random.default_rng(draw))
+        image = (image - MEAN) / STD
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "label": torch.from_numpy(np.ascontiguousarray(label)), "index": index}
+
+    def _augment(self, image, label, rng):
+        lo, hi = self.scale
+        if (lo, hi) != (1.0, 1.0):
+            s = rng.uniform(lo, hi)
+            h, w = label.shape
+            size = (max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1))
+            image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(size, Image.BILINEAR),
+                               np.float32)
+            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST),
+                               np.int64)
+        if self.crop:
+            ch, cw = self.crop
+            h, w = label.shape
+            if h < ch or w < cw:  # pad with mean colour / void so every crop has the same size
+                ph, pw = max(ch - h, 0), max(cw - w, 0)
+                image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+                image[h:, :] = MEAN
+                image[:, w:] = MEAN
+                label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+                h, w = label.shape
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            image, label = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+        if self.flip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return image, label
+
+
+class InfiniteSampler(Sampler):
+    """Endless, rank-sharded stream of (index, draw) from per-epoch seeded permutations.
+
+    Rank r of `world` takes positions r, r+world, ... of the global stream; `start` skips the first
+    `start` items of this rank's share (resume). Shards are disjoint within an epoch.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        if size == 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        per_epoch = math.ceil(self.size / self.world)
+        epoch, pos = divmod(self.start, per_epoch)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+            order += order[: per_epoch * self.world - self.size]  # pad so every rank gets as many
+            mine = order[self.rank::self.world]
+            for p in range(pos, per_epoch):
+                yield mine[p], (self.seed * 1_000_003 + epoch) * 1_000_003 + mine[p]
+            epoch, pos = epoch + 1, 0
+
+    def __len__(self) -> int:  # a DataLoader asks; the stream itself never ends
+        return 2**62
+
+
+def _collate(items):
+    return {"image": torch.stack([i["image"] for i in items]),
+            "label": torch.stack([i["label"] for i in items]),
+            "index": torch.tensor([i["index"] for i in items])}
+
+
+def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int, world: int,
+                 start_step: int, workers: int, pin_memory: bool = False) -> Iterator[dict]:
+    """Endless batches; starting at `start_step` replays exactly what the earlier steps did not read."""
+    sampler = InfiniteSampler(len(dataset), seed, rank, world, start=start_step * batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=_collate, pin_memory=pin_memory, drop_last=True,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return iter(loader)
+
+
+def val_loader(dataset: SegmentationDataset, workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate)
