@@ -81,79 +81,14 @@ class Adapter:
 
     def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
         """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
-        g, d, d_aux = self.nets.g, self.nets.d, self.nets.d_aux
         self.set_lr(step)
         for opt in (self.opt_g, self.opt_d, self.opt_d_aux):
             opt.zero_grad(set_to_none=True)
-        x_s = source["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        y_s = source["label"].to(self.device, non_blocking=True)
-        size = tuple(x_s.shape[2:])
         losses = {}
-
-        # Stage 1: segmenter on the source. Gradients stay local until stage 2's backward syncs them.
-        sync_later = self.adapt and self.dist.enabled
-        with g.no_sync() if sync_later else contextlib.nullcontext():
-            with self.autocast():
-                aux_s, main_s, feat_s = g(x_s)
-            main_s = upsample(main_s.float(), size)
-            loss_seg = reference.multi_level_seg_loss(upsample(aux_s.float(), size), main_s, y_s,
-                                                      self.a.lambda_seg)
-            loss_seg.backward()
-        losses["seg"] = loss_seg.detach()
-
+        src = self.segmenter_stage(source, losses)
         if self.adapt:
-            x_t = target["image"].to(self.device, non_blocking=True).contiguous(
-                memory_format=self.memory_format)
-            size_t = tuple(x_t.shape[2:])
-            # Stage 2: generator fools the frozen discriminators. Calling the unwrapped D and
-            # D_aux keeps DDP from waiting for gradients they will not get in this stage.
-            d_raw, d_aux_raw = _unwrap(d), _unwrap(d_aux)
-            set_requires_grad(d_raw, False)
-            set_requires_grad(d_aux_raw, False)
-            with self.autocast():
-                aux_t, main_t, feat_t = g(x_t)
-                main_t_up = upsample(main_t.float(), size_t)
-                z_t = upsample(d_raw(torch.softmax(main_t_up, dim=1)).float(), size_t)
-                a_t = upsample(d_aux_raw(feat_t).float(), size_t) if self.use_aux else None
-            aux_w = a_t.detach() if a_t is not None else None
-            loss_adv = self._adv_loss(main_t_up.detach(), z_t, aux_w, SOURCE)
-            loss_g = self.a.lambda_adv * loss_adv
-            losses["adv"] = loss_adv.detach()
-            if self.use_aux:
-                loss_adv_aux = reference.domain_bce(a_t, SOURCE)
-                loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
-                losses["adv_aux"] = loss_adv_aux.detach()
-            aux_t_up = upsample(aux_t.float(), size_t)
-            if self.a.memory:
-                loss_mem = reference.memory_kl(aux_t_up, main_t_up)
-                loss_g = loss_g + self.a.lambda_mem * loss_mem
-                losses["mem"] = loss_mem.detach()
-            else:
-                # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
-                loss_g = loss_g + 0.0 * aux_t_up.mean()
-            loss_g.backward()
-            set_requires_grad(d_raw, True)
-            set_requires_grad(d_aux_raw, True)
-
-            # Stage 3: discriminators on detached outputs; source and target in one batch (no BN).
-            n_s = x_s.shape[0]
-            probs = torch.cat([torch.softmax(main_s.detach(), 1), torch.softmax(main_t_up.detach(), 1)])
-            with self.autocast():
-                z = d(probs.contiguous(memory_format=self.memory_format))
-            z = upsample(z.float(), size)
-            loss_d = reference.domain_bce(z[:n_s], SOURCE) + self._adv_loss(
-                main_t_up.detach(), z[n_s:], aux_w, TARGET)
-            loss_d_all = loss_d
-            losses["d"] = loss_d.detach()
-            if self.use_aux:
-                with self.autocast():
-                    a = d_aux(torch.cat([feat_s.detach(), feat_t.detach()]))
-                a = upsample(a.float(), size)
-                loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
-                loss_d_all = loss_d_all + loss_d_aux
-                losses["d_aux"] = loss_d_aux.detach()
-            loss_d_all.backward()
-
+            tgt = self.generator_stage(target, losses)
+            self.discriminator_stage(src, tgt, losses)
         finite = self._all_finite(losses)
         if finite:
             self.opt_g.step()
@@ -161,6 +96,80 @@ class Adapter:
                 self.opt_d.step()
                 self.opt_d_aux.step()
         return {k: float(v) for k, v in losses.items()}, finite
+
+    def _input(self, batch: dict) -> torch.Tensor:
+        return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def segmenter_stage(self, source: dict, losses: dict) -> dict:
+        """Stage 1: CE on the source. Gradients stay local until stage 2's backward syncs them."""
+        g = self.nets.g
+        x_s, y_s = self._input(source), source["label"].to(self.device, non_blocking=True)
+        size = tuple(x_s.shape[2:])
+        with g.no_sync() if self.adapt and self.dist.enabled else contextlib.nullcontext():
+            with self.autocast():
+                aux_s, main_s, feat_s = g(x_s)
+            main_s = upsample(main_s.float(), size)
+            loss_seg = reference.multi_level_seg_loss(upsample(aux_s.float(), size), main_s, y_s,
+                                                      self.a.lambda_seg)
+            loss_seg.backward()
+        losses["seg"] = loss_seg.detach()
+        return {"main": main_s.detach(), "feat": feat_s.detach()}
+
+    def generator_stage(self, target: dict, losses: dict) -> dict:
+        """Stage 2: G fools the frozen D (pixel-weighted, eq. 6) and F fools the frozen D_aux.
+
+        D and D_aux are called unwrapped, so DDP does not wait for gradients they do not get here.
+        """
+        d, d_aux = _unwrap(self.nets.d), _unwrap(self.nets.d_aux)
+        x_t = self._input(target)
+        size = tuple(x_t.shape[2:])
+        set_requires_grad(d, False)
+        set_requires_grad(d_aux, False)
+        with self.autocast():
+            aux_t, main_t, feat_t = self.nets.g(x_t)
+            main_t = upsample(main_t.float(), size)
+            z_t = upsample(d(torch.softmax(main_t, dim=1)).float(), size)
+            a_t = upsample(d_aux(feat_t).float(), size) if self.use_aux else None
+        # The weighting map is a constant: seg and aux logits enter the loss detached.
+        weight_aux = a_t.detach() if a_t is not None else None
+        loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE)
+        loss_g = self.a.lambda_adv * loss_adv
+        losses["adv"] = loss_adv.detach()
+        if self.use_aux:
+            loss_adv_aux = reference.domain_bce(a_t, SOURCE)
+            loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
+            losses["adv_aux"] = loss_adv_aux.detach()
+        aux_t = upsample(aux_t.float(), size)
+        if self.a.memory:
+            loss_mem = reference.memory_kl(aux_t, main_t)
+            loss_g = loss_g + self.a.lambda_mem * loss_mem
+            losses["mem"] = loss_mem.detach()
+        else:
+            # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
+            loss_g = loss_g + 0.0 * aux_t.mean()
+        loss_g.backward()
+        set_requires_grad(d, True)
+        set_requires_grad(d_aux, True)
+        return {"main": main_t.detach(), "feat": feat_t.detach(), "weight_aux": weight_aux}
+
+    def discriminator_stage(self, src: dict, tgt: dict, losses: dict) -> None:
+        """Stage 3: D and D_aux on detached outputs; source and target in one batch (no BN in D)."""
+        n_s, size = src["main"].shape[0], tuple(src["main"].shape[2:])
+        probs = torch.cat([torch.softmax(src["main"], 1), torch.softmax(tgt["main"], 1)])
+        with self.autocast():
+            z = self.nets.d(probs.contiguous(memory_format=self.memory_format))
+        z = upsample(z.float(), size)
+        loss_d = reference.domain_bce(z[:n_s], SOURCE) + self._adv_loss(
+            tgt["main"], z[n_s:], tgt["weight_aux"], TARGET)
+        losses["d"] = loss_d.detach()
+        if self.use_aux:
+            with self.autocast():
+                a = self.nets.d_aux(torch.cat([src["feat"], tgt["feat"]]))
+            a = upsample(a.float(), size)
+            loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
+            losses["d_aux"] = loss_d_aux.detach()
+            loss_d = loss_d + loss_d_aux
+        loss_d.backward()
 
     def _all_finite(self, losses: dict) -> bool:
         """Every loss and gradient finite on every rank (one reduction, so all ranks agree)."""

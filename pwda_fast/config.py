@@ -51,8 +51,12 @@ class DataConfig:
     """Root folder of the source dataset ("" = the toy cache)."""
     target_root: str = ""
     """Root folder of the target dataset ("" = the toy cache)."""
+    source_prepared: str = ""
+    """Where `pwda_fast.data.prepare --out` put the source's trainId labels ("" = source_root)."""
+    target_prepared: str = ""
+    """Where `pwda_fast.data.prepare --out` put the target's trainId labels ("" = target_root)."""
     loader: str = "auto"
-    """Input pipeline: "torch", "dali" or "auto" (DALI when installed)."""
+    """Input pipeline: "torch", "dali" or "auto" (DALI on a GPU when installed; exact resume: torch only)."""
     source_size: list[int] = field(default_factory=lambda: [1280, 720])
     """Source images are resized to this (width, height) before cropping."""
     target_size: list[int] = field(default_factory=lambda: [1024, 512])
@@ -71,6 +75,8 @@ class DataConfig:
     """Skip unreadable or mismatched files (reported) instead of stopping."""
     max_bad_fraction: float = 0.01
     """Stop even with skip_bad when more than this fraction of files is bad."""
+    validate: str = "header"
+    """Pre-flight file check: "header" (sizes, label modes; seconds) or "full" (decode, label values)."""
 
 
 @dataclass
@@ -183,6 +189,7 @@ CHOICES = {
     "data.source": ("toy", "gta5", "synthia"),
     "data.target": ("toy", "cityscapes"),
     "data.loader": ("auto", "torch", "dali"),
+    "data.validate": ("header", "full"),
     "optim.impl": ("auto", "torch", "apex"),
     "adapt.mode": ("adapt", "source_only"),
     "adapt.weighting": ("none", "gen", "gen+dis"),

@@ -1,6 +1,14 @@
-"""Target-domain evaluation: per-class IoU and mIoU of a generator or a checkpoint.
+"""Target-domain evaluation: per-class IoU and mIoU of a generator, a checkpoint or saved predictions.
 
     python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--json FILE]
+    python -m pwda_fast.evaluate --checkpoint FILE --dataset cityscapes --root DIR [--json FILE]
+    python -m pwda_fast.evaluate --predictions DIR --root DIR [--source synthia] [--json FILE]
+
+Scores are over the 19 Cityscapes classes at the labels' full resolution (2048x1024 for Cityscapes
+val). For SYNTHIA-trained models (the checkpoint's data.source, or --source synthia) the 16- and
+13-class protocols are added as miou16 / miou13, averaged from the same 19-class confusion.
+Saved predictions are 8-bit trainId PNGs named like the val images (<city>_<seq>_<frame>_leftImg8bit.png),
+in DIR or in DIR/<city>/.
 """
 
 from __future__ import annotations
@@ -8,17 +16,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from pwda_fast import checkpoint, config, metrics
-from pwda_fast.data import build_datasets
+from pwda_fast.data import build_val, open_split
+from pwda_fast.data.labels import CLASSES, SYNTHIA_13, SYNTHIA_16
 from pwda_fast.data.loader import val_loader
+from pwda_fast.data.validate import describe
 from pwda_fast.models import DeepLabV2
 
-format_result = metrics.format_table
+
+def format_result(result: dict, title: str = "") -> str:
+    """The per-class table, then mIoU16 / mIoU13 where the result has them."""
+    lines = [metrics.format_table(result, title)]
+    width = max((len(n) for n in result["iou"]), default=4)
+    lines += [f"  {label:<{width}}  {result[key]:6.2f}"
+              for key, label in (("miou16", "mIoU16"), ("miou13", "mIoU13")) if key in result]
+    return "\n".join(lines)
+
+
+def with_protocols(result: dict, source: str) -> dict:
+    """Add miou16 and miou13 (the SYNTHIA protocols) to an iou_table result when source is synthia.
+
+    Both average the 19-class IoUs of their classes, as AdaptSegNet and ADVENT report them; classes
+    absent from the ground truth are left out, as in the 19-class mIoU.
+    """
+    if source != "synthia":
+        return result
+    out = dict(result)
+    for key, classes in (("miou16", SYNTHIA_16), ("miou13", SYNTHIA_13)):
+        values = [result["iou"][c] for c in classes if c in result["iou"]]
+        out[key] = round(sum(values) / len(values), 2) if values else 0.0
+    return out
 
 
 @torch.no_grad()
@@ -54,22 +89,83 @@ def load_generator(path: str, device: torch.device) -> tuple[DeepLabV2, config.C
     return g.to(device).eval(), cfg
 
 
+def _find_prediction(pred_dir: Path, image: Path) -> Path | None:
+    for candidate in (pred_dir / image.name, pred_dir / image.parent.name / image.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_prediction(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A saved prediction -> (H, W) uint8 trainIds; errors say how to fix the file."""
+    img = Image.open(path)
+    if img.mode not in ("L", "P"):
+        raise ValueError(f"{path}: predictions must be 8-bit trainId PNGs (mode L or P), "
+                         f"got mode {img.mode}")
+    pred = np.asarray(img)
+    if pred.shape != shape:
+        raise ValueError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} but its label is "
+                         f"{shape[1]}x{shape[0]}; upsample predictions to the label resolution")
+    if pred.max(initial=0) >= len(CLASSES):
+        raise ValueError(f"{path}: holds value {int(pred.max())}, but predictions must be trainIds "
+                         f"0..{len(CLASSES) - 1} (labelIds or colour images must be converted back)")
+    return pred
+
+
+def score_predictions(pred_dir: str | Path, root: str | Path, device: torch.device,
+                      progress: bool = False) -> dict:
+    """Saved trainId PNGs vs Cityscapes val labels (gtFine labelIds, or a prepared tree) -> iou table."""
+    pred_dir = Path(pred_dir)
+    val = open_split("cityscapes", str(root), "val")
+    found = [(_find_prediction(pred_dir, image), label) for image, label in val.pairs]
+    missing = [{"image": str(image), "problem": f"no {image.name} in {pred_dir} or {pred_dir}/<city>/"}
+               for (image, _), (pred, _) in zip(val.pairs, found) if pred is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(found)} val images have no prediction:\n"
+                         f"{describe(missing)}")
+    conf = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64, device=device)
+    for pred_path, label_path in tqdm(found, disable=not progress, desc="score", leave=False):
+        label = np.asarray(val.label_reader(label_path))
+        pred = read_prediction(pred_path, label.shape)
+        conf += metrics.confusion(torch.from_numpy(pred).to(device), torch.from_numpy(label).to(device))
+    return metrics.iou_table(conf)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pwda_fast.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a ckpt_*.pt written by pwda_fast.train")
-    parser.add_argument("--json", help="also write {miou, iou} to this file")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a ckpt_*.pt written by pwda_fast.train")
+    what.add_argument("--predictions", help="a folder of trainId PNGs named like the val images")
+    parser.add_argument("--dataset", choices=("cityscapes",),
+                        help="evaluate on this dataset at --root instead of the checkpoint's target")
+    parser.add_argument("--root", help="the Cityscapes root (leftImg8bit/, gtFine/)")
+    parser.add_argument("--source", choices=("gta5", "synthia", "toy"),
+                        help="the model's source domain (default: the checkpoint's); synthia adds miou16/13")
+    parser.add_argument("--json", help="also write {miou, iou[, miou16, miou13]} to this file")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
+    if args.predictions and not args.root or args.dataset and not args.root:
+        parser.error("--predictions and --dataset need --root (the Cityscapes folder)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     try:
-        g, cfg = load_generator(args.checkpoint, device)
-    except (RuntimeError, FileNotFoundError) as e:
+        if args.predictions:
+            result = score_predictions(args.predictions, args.root, device, progress=True)
+            source = args.source
+            title = f"{args.predictions} on Cityscapes val ({args.root})"
+        else:
+            g, cfg = load_generator(args.checkpoint, device)
+            if args.dataset:
+                cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
+            result = evaluate_model(g, build_val(cfg.data), device, progress=True)
+            source = args.source or cfg.data.source
+            title = f"{args.checkpoint} on the {cfg.data.target} target val set"
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = evaluate_model(g, build_datasets(cfg.data)["val"], device, progress=True)
-    print(format_result(result, f"{args.checkpoint} on the {cfg.data.target} target val set"))
+    result = with_protocols(result, source)
+    print(format_result(result, title))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

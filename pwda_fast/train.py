@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from pwda_fast import checkpoint, config, distributed, evaluate, ops
 from pwda_fast.adapt import Adapter, Nets
-from pwda_fast.data import build_datasets
-from pwda_fast.data.loader import train_loader
+from pwda_fast.data import build_datasets, train_batches
 from pwda_fast.models import build_networks
 
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -155,7 +154,7 @@ class Trainer:
         self.skipped = 0
         start = self.resume(optimizers)
         self._trim_metrics(start)
-        self.datasets = build_datasets(cfg.data)
+        self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
         self.log(f"data: {len(self.datasets['source'])} source, {len(self.datasets['target'])} target, "
                  f"{len(self.datasets['val'])} target-val images")
 
@@ -170,12 +169,10 @@ class Trainer:
             nets = Nets(torch.compile(nets.g), nets.d, nets.d_aux)
         adapter = Adapter(cfg, nets, *optimizers, self.backend, self.device, info)
 
-        pin = self.device.type == "cuda"
-        workers = cfg.data.workers
-        src = train_loader(self.datasets["source"], cfg.data.batch_size, cfg.train.seed, info.rank,
-                           info.world, start, workers, pin)
-        tgt = (train_loader(self.datasets["target"], cfg.data.batch_size, cfg.train.seed + 1, info.rank,
-                            info.world, start, workers, pin) if cfg.adapt.mode == "adapt" else None)
+        src = train_batches(cfg.data, self.datasets["source"], cfg.train.seed, info.rank, info.world,
+                            start, self.device)
+        tgt = (train_batches(cfg.data, self.datasets["target"], cfg.train.seed + 1, info.rank, info.world,
+                             start, self.device) if cfg.adapt.mode == "adapt" else None)
 
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         bar = tqdm(total=cfg.train.iters, initial=start, disable=not info.main, dynamic_ncols=True,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pwda_fast.data.datasets import to_train_ids
 from pwda_fast.data.labels import IGNORE
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
@@ -25,28 +26,27 @@ def read_image(path: Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def read_train_ids(path: Path) -> Image.Image:
-    """An 8-bit trainId PNG (255 = void)."""
-    img = Image.open(path)
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"{path}: expected an 8-bit trainId label PNG, got mode {img.mode}")
-    return img
-
-
 class SegmentationDataset(Dataset):
     """pairs [(image, label or None)] -> {"image": (3, H, W) float32, "label": (H, W) int64, "index"}.
 
-    size (width, height): resize first (bilinear image, nearest label). Training adds a random rescale
+    pairs: [(image path, label path or None)]; label_reader: label path -> (H, W) trainId image,
+    mode "L" (default: 8-bit trainId PNGs, values outside 0..18 read as void);
+    labels_are_train_ids: the label files themselves are such PNGs (what DALI can read).
+    size (width, height): resize first (bilinear image, nearest label; resize_label=False keeps
+    labels at their stored resolution, for evaluation at full resolution). Training adds a random rescale
     in `scale`, a random crop of `crop` (height, width) padded with void if needed, and a horizontal
     flip, all with identical parameters for image and label. Items are (index, draw) pairs from
     InfiniteSampler; `draw` seeds the augmentation.
     """
 
     def __init__(self, pairs, size=None, crop=None, scale=(1.0, 1.0), flip=False, train=True,
-                 label_reader=read_train_ids):
+                 label_reader=to_train_ids, labels_are_train_ids=True, resize_label=True):
         self.pairs = list(pairs)
         self.size, self.crop, self.scale, self.flip, self.train = size, crop, tuple(scale), flip, train
-        self.label_reader = label_reader
+        self.label_reader, self.labels_are_train_ids = label_reader, labels_are_train_ids
+        self.resize_label = resize_label
+        if train and not resize_label:
+            raise ValueError("resize_label=False is for evaluation; training crops need aligned labels")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -54,13 +54,18 @@ class SegmentationDataset(Dataset):
     def __getitem__(self, item):
         index, draw = item if isinstance(item, tuple) else (item, 0)
         img_path, lab_path = self.pairs[index]
-        img = read_image(img_path)
-        lab = self.label_reader(lab_path) if lab_path is not None else None
+        try:
+            img = read_image(img_path)
+            lab = self.label_reader(lab_path) if lab_path is not None else None
+        except OSError as e:  # a truncated file that header-only validation could not see
+            raise OSError(f"{img_path} / {lab_path}: {e}; run with data.validate=\"full\" and "
+                          f"data.skip_bad=true to find and skip such files before training") from e
         if lab is not None and lab.size != img.size:
             raise ValueError(f"{lab_path}: label size {lab.size} differs from image {img_path} {img.size}")
         if self.size:
             img = img.resize(tuple(self.size), Image.BILINEAR)
-            lab = lab.resize(tuple(self.size), Image.NEAREST) if lab is not None else None
+            if lab is not None and self.resize_label:
+                lab = lab.resize(tuple(self.size), Image.NEAREST)
         image = np.asarray(img, np.float32)
         label = (np.asarray(lab, np.int64) if lab is not None
                  else np.full(image.shape[:2], IGNORE, np.int64))

@@ -1,0 +1,172 @@
+"""The NVIDIA DALI input pipeline (data.loader=dali): the torch loader's semantics, decoded on the GPU.
+
+Two file readers, one for images and one for labels, see file lists in the same order and share an
+explicit seed and shard settings, so they draw the same permutation: sample i of the image stream is
+the image of sample i of the label stream (the readers' index outputs are compared on every batch).
+One random scale, crop position and flip per sample drive the image and its label (nearest
+resampling for labels). JPEG images decode on the GPU with device="mixed"; PNG decodes on the CPU
+even then, hence `prepare --jpeg`. Without a GPU the whole pipeline runs on the CPU (device_id=None).
+
+Labels must be 8-bit trainId PNGs (the toy domains or a prepared tree): DALI decodes GTA5's palette
+PNGs to colours and SYNTHIA's 16-bit labels to 8 bits, losing the class ids.
+
+Resume: DALI readers cannot start in the middle of an epoch, so a run resumed at step k starts a new
+permutation seeded by (seed, k) instead of replaying the torch loader's exact sample order. Use
+data.loader=torch where bit-exact resume matters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pwda_fast.data.labels import CLASSES, IGNORE
+from pwda_fast.data.loader import MEAN, STD, SegmentationDataset
+
+
+@functools.cache
+def import_error() -> ImportError | None:
+    """Why DALI cannot be imported, or None. Imported on first use: it takes about 3 s."""
+    try:
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (an optional extra: nvidia-dali-cuda130)
+    except ImportError as e:
+        return e
+    return None
+
+
+def available() -> bool:
+    return import_error() is None
+
+
+def choose(requested: str, dataset: SegmentationDataset, device: torch.device) -> str:
+    """data.loader -> "dali" or "torch". An explicit "dali" that cannot run raises with the reason."""
+    if requested == "torch":
+        return "torch"
+    problem = None
+    if not available():
+        problem = (f"NVIDIA DALI is not importable ({import_error()}); install it with "
+                   f"`pip install nvidia-dali-cuda130` (or `pip install pwda_fast[dali]`)")
+    elif not dataset.labels_are_train_ids:
+        problem = ("its labels are not 8-bit trainId PNGs, which is all DALI can decode without losing "
+                   "class ids; run `python -m pwda_fast.data.prepare --dataset NAME --root DIR` once")
+    if requested == "dali":
+        if problem:
+            raise RuntimeError(f"data.loader=dali cannot run: {problem}; or set data.loader=torch")
+        return "dali"
+    # "auto": DALI pays off when it can decode on a GPU; on a CPU the torch loader is as fast.
+    return "dali" if problem is None and device.type == "cuda" else "torch"
+
+
+def _permuted(paths: list, seed: int) -> tuple[list[str], list[int]]:
+    """Files in one seeded order: the readers' own shuffle is only a 1024-sample buffer, so without
+    this the first epoch would follow the name order (consecutive GTA5 frames)."""
+    order = np.random.default_rng(seed).permutation(len(paths)).tolist()
+    return [str(paths[i]) for i in order], order
+
+
+def _graph(images, labels, indices, size, crop, scale, flip, seed, shard, shards, gpu):
+    """-> image (3, h, w) float normalised, [label (h, w) uint8 trainIds], index, [label index]."""
+    from nvidia.dali import fn, types
+    common = dict(seed=seed, shard_id=shard, num_shards=shards, random_shuffle=True,
+                  pad_last_batch=False)
+    encoded, index = fn.readers.file(files=images, labels=indices, name="images", **common)
+    img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    lab = lab_index = None
+    if labels is not None:
+        lab_encoded, lab_index = fn.readers.file(files=labels, labels=indices, **common)
+        lab = fn.decoders.image(lab_encoded, device="cpu", output_type=types.GRAY)
+        lab = lab.gpu() if gpu else lab
+
+    lo, hi = scale
+    s = fn.random.uniform(range=[lo, hi]) if (lo, hi) != (1.0, 1.0) else None
+    if size is not None or (lo, hi) != (1.0, 1.0):
+        if size is not None:
+            w, h = float(size[0]), float(size[1])
+        else:  # the encoded header says how large the image is
+            shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
+            h, w = shape[0], shape[1]
+        if (lo, hi) != (1.0, 1.0):  # round like the torch loader: int(w * s + 0.5)
+            w = fn.cast(fn.cast(w * s + 0.5, dtype=types.INT32), dtype=types.FLOAT)
+            h = fn.cast(fn.cast(h * s + 0.5, dtype=types.INT32), dtype=types.FLOAT)
+        # One resize with the combined factor: the same output size for image and label.
+        img = fn.resize(img, resize_x=w, resize_y=h, interp_type=types.INTERP_LINEAR)
+        if lab is not None:
+            lab = fn.resize(lab, resize_x=w, resize_y=h, interp_type=types.INTERP_NN, antialias=False)
+
+    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+    window = {}
+    if crop is not None:
+        window = dict(crop_h=float(crop[0]), crop_w=float(crop[1]),
+                      crop_pos_x=fn.random.uniform(range=[0.0, 1.0]),
+                      crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
+                      out_of_bounds_policy="pad")
+    # Padding is 0 after normalisation, i.e. the mean colour, as in the torch loader.
+    img = fn.crop_mirror_normalize(img, mirror=mirror, mean=MEAN.tolist(), std=STD.tolist(),
+                                   dtype=types.FLOAT, output_layout="CHW", **window)
+    if lab is None:
+        return img, index
+    if window:
+        lab = fn.crop(lab, **{**window, "out_of_bounds_policy": "constant"}, fill_values=IGNORE)
+    lab = fn.flip(lab, horizontal=mirror)
+    # Stored values outside 0..18 become void, so the loss never sees an out-of-range class.
+    lab = fn.lookup_table(lab, keys=list(range(len(CLASSES))), values=list(range(len(CLASSES))),
+                          default_value=IGNORE, dtype=types.UINT8)
+    return img, fn.reshape(lab, layout="HW", rel_shape=[1, 1]), index, lab_index
+
+
+def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+             threads: int = 2, device_id: int | None = None):
+    """A built DALI pipeline over `dataset`'s files and augmentation settings (train mode).
+
+    Outputs per batch: image (B, 3, h, w) float32, label (B, h, w) uint8 and two (B,) int32 file
+    indices (image and label reader) when the dataset has labels; else image and index.
+    """
+    from nvidia.dali import Pipeline
+
+    images, order = _permuted([p[0] for p in dataset.pairs], seed)
+    labelled = all(p[1] is not None for p in dataset.pairs)
+    labels = _permuted([p[1] for p in dataset.pairs], seed)[0] if labelled else None
+    seed %= 2**31
+    pipe = Pipeline(batch_size=batch_size, num_threads=max(threads, 1), device_id=device_id, seed=seed,
+                    prefetch_queue_depth=2)
+    with pipe:
+        pipe.set_outputs(*_graph(images, labels, order, dataset.size, dataset.crop, dataset.scale,
+                                 dataset.flip, seed, rank, world, device_id is not None))
+    pipe.build()
+    return pipe
+
+
+def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int, world: int,
+                 start_step: int, workers: int, device: torch.device) -> Iterator[dict]:
+    """Endless {"image" (B, 3, h, w) float32, "label" (B, h, w) int64, "index" (B,)} batches.
+
+    On a CUDA device images and labels arrive on that device. A resumed run (start_step > 0) draws a
+    fresh permutation (see the module docstring).
+    """
+    if not dataset.train:
+        raise ValueError("the DALI pipeline serves training batches only; evaluate with val_loader")
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    gpu = device.type == "cuda"
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+    pipe = pipeline(dataset, batch_size, seed * 1_000_003 + start_step, rank, world, workers, device_id)
+    labelled = all(p[1] is not None for p in dataset.pairs)
+    names = ["image", "label", "index", "label_index"] if labelled else ["image", "index"]
+    it = DALIGenericIterator([pipe], names, reader_name="images", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+    while True:
+        for (out,) in it:
+            image, index = out["image"], out["index"].reshape(-1).long()
+            if labelled:
+                if not torch.equal(index, out["label_index"].reshape(-1).long()):
+                    raise RuntimeError(f"DALI image and label readers fell out of step: images "
+                                       f"{index.tolist()} vs labels {out['label_index'].flatten().tolist()}")
+                label = out["label"].long()
+            else:  # the unlabelled target: void everywhere, like the torch loader
+                label = torch.full((image.shape[0], *image.shape[2:]), IGNORE, dtype=torch.int64,
+                                   device=image.device)
+            yield {"image": image, "label": label, "index": index}

@@ -1,0 +1,95 @@
+"""Config precedence (CLI > file > defaults), errors that list valid keys, presets, JSON dump."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pwda_fast import config
+from pwda_fast.config import ConfigError
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('[optim]\nlr = 0.5\nmomentum = 0.8\n[adapt]\nweighting = "gen"\n')
+    cfg = config.load(str(path), {"optim.lr": 1e-4})
+    assert cfg.optim.lr == 1e-4  # CLI
+    assert cfg.optim.momentum == 0.8  # file
+    assert cfg.optim.weight_decay == 5e-4  # default
+    assert cfg.adapt.weighting == "gen"
+
+
+def test_paper_defaults():
+    cfg = config.Config()
+    a, o = cfg.adapt, cfg.optim
+    assert (a.threshold, a.floor, a.mu, a.lambda_adv, a.lambda_aux) == (0.9, 0.01, 0.1, 5e-4, 5e-4)
+    assert (o.lr, o.momentum, o.weight_decay, o.power, o.lr_d, o.betas) == (
+        2.5e-4, 0.9, 5e-4, 0.9, 1e-4, [0.9, 0.99])
+
+
+def test_cli_parsing():
+    name, overrides = config.parse_args(["--config", "toy", "--optim.lr=1e-4", "--train.run_dir", "x/y",
+                                         "--data.flip=false", "--data.crop=[64, 128]",
+                                         "--adapt.weighting=gen+dis"])
+    assert name == "toy"
+    assert overrides == {"optim.lr": 1e-4, "train.run_dir": "x/y", "data.flip": False,
+                         "data.crop": [64, 128], "adapt.weighting": "gen+dis"}
+    cfg = config.load(name, overrides)
+    assert cfg.data.crop == [64, 128] and cfg.adapt.weighting == "gen+dis"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"optim.lrr": 1.0}, r"unknown config key 'optim.lrr'; valid keys in \[optim\]: .*lr, lr_d"),
+    ({"nope.lr": 1.0}, r"unknown config key 'nope.lr'; sections are \['adapt', 'data'"),
+    ({"train.iters": "many"}, r"train.iters must be int; got 'many'"),
+    ({"train.iters": 1.5}, r"train.iters must be int"),
+    ({"train.iters": True}, r"train.iters must be int"),
+    ({"adapt.weighting": "dis"}, r"adapt.weighting must be one of \('none', 'gen', 'gen\+dis'\)"),
+    ({"data.crop": 5}, r"data.crop must be a list of int"),
+])
+def test_errors_list_valid_keys_and_types(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load("toy", overrides)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochs = 3\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: unknown config key 'train.epochs'; valid keys"):
+        config.load(str(bad))
+    with pytest.raises(ConfigError, match=r"unknown config 'nosuch': not a file, and presets are"):
+        config.load("nosuch")
+
+
+def test_int_accepted_for_float_and_json_roundtrip():
+    cfg = config.load("toy", {"optim.lr": 1})
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    again = config.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in config.CONFIG_DIR.glob("*.toml")))
+def test_every_preset_loads(preset):
+    config.load(preset)
+
+
+def test_required_key_names_exist():
+    cfg = config.load("toy")
+    for key in ("train.iters", "train.run_dir", "train.seed", "train.eval_every", "kernels.backend",
+                "adapt.weighting", "adapt.threshold", "adapt.floor", "adapt.mu", "adapt.lambda_adv",
+                "adapt.lambda_aux", "data.loader"):
+        section, name = key.split(".")
+        assert hasattr(getattr(cfg, section), name), key
+
+
+def test_every_field_is_documented():
+    for line in config.describe().splitlines():
+        if line.startswith("| `"):
+            assert not line.rstrip().endswith("|  |"), f"undocumented: {line}"
+
+
+def test_readme_configuration_reference_is_current():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config.describe() in readme, (
+        "README's configuration reference is stale: paste the output of "
+        "python -c 'from pwda_fast import config; print(config.describe())'")

@@ -1,0 +1,156 @@
+"""The three-stage loop end to end on the toy domains: outputs, stage isolation, exact resume, faults."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import as_argv, tiny_overrides
+
+from pwda_fast import checkpoint, config, distributed, evaluate, ops, reference, train
+from pwda_fast.adapt import Adapter, Nets
+from pwda_fast.data import build_datasets
+from pwda_fast.data.loader import train_loader
+from pwda_fast.models import build_networks
+
+
+def run(overrides: dict) -> int:
+    return train.main(as_argv(overrides))
+
+
+def test_few_iterations_write_metrics_checkpoint_and_final(tmp_path, capsys):
+    assert run(tiny_overrides(tmp_path)) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [ln["step"] for ln in lines if "seg" in ln]
+    assert steps == [1, 2, 3, 4]
+    assert {"seg", "adv", "adv_aux", "d", "d_aux", "lr", "it_s"} <= set(lines[0])
+    assert checkpoint.latest(tmp_path).name == "ckpt_00000004.pt"
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert set(final) == {"miou", "iou"} and 0.0 <= final["miou"] <= 100.0
+    assert "road" in final["iou"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["iters"] == 4
+    state = checkpoint.load(checkpoint.latest(tmp_path))
+    assert state["backend"] in ops.available_backends() and state["world_size"] == 1
+    assert config.from_dict(state["config"]).train.iters == 4
+    assert "mIoU" in capsys.readouterr().out
+
+
+def _adapter(weighting="gen+dis", **extra):
+    cfg = config.load("toy", {"adapt.weighting": weighting, "data.batch_size": 2, "data.workers": 0,
+                              "data.crop": [48, 96], **extra})
+    torch.manual_seed(0)
+    g, d, d_aux = build_networks(cfg.model)
+    opts = train.build_optimizers(cfg, g, d, d_aux, torch.device("cpu"))
+    adapter = Adapter(cfg, Nets(g, d, d_aux), *opts, "torch", torch.device("cpu"), distributed.Dist())
+    data = build_datasets(cfg.data)
+    src = next(train_loader(data["source"], 2, 0, 0, 1, 0, 0))
+    tgt = next(train_loader(data["target"], 2, 1, 0, 1, 0, 0))
+    return adapter, src, tgt
+
+
+@pytest.mark.parametrize("weighting", ["none", "gen", "gen+dis"])
+def test_generator_stage_leaves_no_gradient_on_discriminators(weighting):
+    adapter, src, tgt = _adapter(weighting)
+    losses = {}
+    adapter.segmenter_stage(src, losses)
+    adapter.generator_stage(tgt, losses)
+    nets = adapter.nets
+    assert all(p.grad is None for p in nets.d.parameters())
+    assert all(p.grad is None for p in nets.d_aux.parameters())
+    assert all(p.requires_grad for p in nets.d.parameters())  # unfrozen again for stage 3
+    assert nets.g.main_head.conv2d_list[0].weight.grad is not None
+    src_out = adapter.segmenter_stage(src, losses)
+    tgt_out = adapter.generator_stage(tgt, losses)
+    g_grads = [p.grad.clone() for p in nets.g.parameters() if p.grad is not None]
+    adapter.discriminator_stage(src_out, tgt_out, losses)
+    assert any(p.grad is not None for p in nets.d.parameters())
+    # Stage 3 feeds detached outputs: G's gradients are untouched by it.
+    after = [p.grad for p in nets.g.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(g_grads, after))
+    assert (weighting == "gen+dis") == any(p.grad is not None for p in nets.d_aux.parameters())
+
+
+def test_weighting_map_carries_no_gradient(monkeypatch):
+    calls = []
+    real = ops.weighted_adv_loss
+
+    def spy(seg, disc, aux=None, **kw):
+        calls.append((seg.requires_grad, None if aux is None else aux.requires_grad, disc.requires_grad))
+        return real(seg, disc, aux, **kw)
+
+    monkeypatch.setattr(ops, "weighted_adv_loss", spy)
+    adapter, src, tgt = _adapter("gen+dis")
+    adapter.step(0, src, tgt)
+    assert calls == [(False, False, True), (False, False, True)]  # generator stage, then D stage
+
+
+def test_stop_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+    common = {"train.iters": 5, "train.ckpt_every": 100}
+    assert run(tiny_overrides(tmp_path / "full", **common)) == 0
+    assert run(tiny_overrides(tmp_path / "split", **common, **{"train.stop_at": 2})) == 0
+    assert checkpoint.latest(tmp_path / "split").name == "ckpt_00000002.pt"
+    assert run(tiny_overrides(tmp_path / "split", **common)) == 0
+    a = checkpoint.load(checkpoint.latest(tmp_path / "full"))
+    b = checkpoint.load(checkpoint.latest(tmp_path / "split"))
+    assert a["step"] == b["step"] == 5
+    for net in ("g", "d", "d_aux"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+    for opt in ("opt_g", "opt_d", "opt_d_aux"):
+        for pid, st in a[opt]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b[opt]["state"][pid][k]), f"{opt} state {pid}.{k} differs"
+    log = lambda p: [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines()
+                     if "seg" in ln]
+    assert [r["seg"] for r in log(tmp_path / "full")] == [r["seg"] for r in log(tmp_path / "split")]
+
+
+def test_source_only_mode_and_evaluate_cli(tmp_path, capsys):
+    assert run(tiny_overrides(tmp_path, **{"adapt.mode": "source_only", "train.iters": 2})) == 0
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(first) >= {"seg"} and "adv" not in first
+    out_json = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(checkpoint.latest(tmp_path)), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert json.loads(out_json.read_text()) == final
+    assert f"{final['miou']:6.2f}" in printed
+
+
+def test_injected_nan_is_skipped_and_persistent_nan_stops(tmp_path, monkeypatch, capsys):
+    real = reference.seg_ce
+    calls = {"n": 0}
+
+    def nan_once(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * math.nan if calls["n"] == 3 else loss  # the 2nd step's main-head loss
+
+    monkeypatch.setattr(reference, "seg_ce", nan_once)
+    assert run(tiny_overrides(tmp_path / "once")) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()
+             if "seg" in ln]
+    assert [ln["skipped"] for ln in lines] == [0, 1, 1, 1]
+    assert "non-finite loss or gradient (seg=nan" in capsys.readouterr().out
+
+    monkeypatch.setattr(reference, "seg_ce", lambda logits, labels: real(logits, labels) * math.nan)
+    code = run(tiny_overrides(tmp_path / "always", **{"train.max_skips": 2}))
+    assert code == train.EXIT_NONFINITE
+    assert "2 consecutive non-finite steps" in capsys.readouterr().err
+
+
+def test_config_errors_exit_2_with_message(tmp_path, capsys):
+    assert train.main(["--config", "toy", "--train.itres=3"]) == train.EXIT_CONFIG
+    assert "unknown config key 'train.itres'; valid keys in [train]" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_world_size(tmp_path, capsys):
+    assert run(tiny_overrides(tmp_path, **{"train.iters": 2})) == 0
+    path = checkpoint.latest(tmp_path)
+    state = checkpoint.load(path)
+    state["world_size"] = 2
+    state["step"] = 1
+    checkpoint.save(tmp_path, 1, state)
+    assert run(tiny_overrides(tmp_path, **{"train.iters": 3})) == train.EXIT_CONFIG
+    assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
