@@ -153,6 +153,8 @@ class TrainConfig:
     """Stop (exit code 3) after this many consecutive steps skipped for non-finite values."""
     allow_world_size_change: bool = False
     """Allow resuming a checkpoint written with a different number of processes."""
+    eval_images: int = 0
+    """Evaluate on the first this many target-val images only (0 = all); for quick runs and tests."""
 
 
 @dataclass
@@ -164,7 +166,9 @@ class KernelsConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = False
-    """Also write TensorBoard scalars and images (needs the tensorboard extra)."""
+    """Also write TensorBoard scalars and images to run_dir/tensorboard (needs the tensorboard extra)."""
+    images: int = 1
+    """Target-val images whose prediction and weighting maps go to TensorBoard at each evaluation."""
 
 
 @dataclass
@@ -331,3 +335,26 @@ def describe() -> str:
             lines.append(f"| `{f.name}.{sf.name}` | `{default}` | {docs.get(sf.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def update_readme(path: str | Path) -> bool:
+    """Rewrite the README's configuration reference between its markers; True if it changed."""
+    path = Path(path)
+    text = path.read_text()
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    new = f"{head}{README_START}\n{describe()}\n{README_END}{tail}"
+    path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--update-readme"]:
+        print("updated" if update_readme(sys.argv[2]) else "already current")
+    else:
+        print(describe())

@@ -127,7 +127,7 @@ def score_predictions(pred_dir: str | Path, root: str | Path, device: torch.devi
     for pred_path, label_path in tqdm(found, disable=not progress, desc="score", leave=False):
         label = np.asarray(val.label_reader(label_path))
         pred = read_prediction(pred_path, label.shape)
-        conf += metrics.confusion(torch.from_numpy(pred).to(device), torch.from_numpy(label).to(device))
+        conf += metrics.confusion(torch.tensor(pred, device=device), torch.tensor(label, device=device))
     return metrics.iou_table(conf)
 
 

@@ -5,13 +5,14 @@
         --data.source_root=/data/gta5 --data.target_root=/data/cityscapes
 
 Rerunning the same command with the same train.run_dir resumes from its latest checkpoint.
-Exit codes: 0 done (or stopped cleanly by SIGTERM / train.stop_at), 2 bad config or data,
+Exit codes: 0 done (or stopped cleanly by SIGTERM / train.stop_at), 2 bad config, data or checkpoint,
 3 too many consecutive non-finite steps.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -55,10 +56,25 @@ def build_optimizers(cfg, g: nn.Module, d: nn.Module, d_aux: nn.Module, device: 
         return (apex_opt.FusedSGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay),
                 apex_opt.FusedAdam(d.parameters(), lr=o.lr_d, betas=tuple(o.betas)),
                 apex_opt.FusedAdam(d_aux.parameters(), lr=o.lr_d, betas=tuple(o.betas)))
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if o.impl == "torch":
+        fast = {}  # torch's own default per device
+    else:
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return (torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **fast),
             torch.optim.Adam(d.parameters(), lr=o.lr_d, betas=tuple(o.betas), **fast),
             torch.optim.Adam(d_aux.parameters(), lr=o.lr_d, betas=tuple(o.betas), **fast))
+
+
+def _fault_injection_hook(run_dir: Path, step: int, rank: int) -> None:
+    """Test-only fault injection: PWDA_FAST_TEST_CRASH_AT_STEP=k kills rank 1 (rank 0 alone) with
+    os._exit(1) before step k, once per run_dir (a marker file remembers), as a dying GPU would."""
+    at = os.environ.get("PWDA_FAST_TEST_CRASH_AT_STEP")
+    if at is None or step != int(at) or rank != min(1, int(os.environ.get("WORLD_SIZE", 1)) - 1):
+        return
+    marker = run_dir / f".test-crashed-at-{step}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(1)
 
 
 class Trainer:
@@ -107,9 +123,12 @@ class Trainer:
         self.d_aux.load_state_dict(state["d_aux"])
         for opt, key in zip(optimizers, ("opt_g", "opt_d", "opt_d_aux")):
             opt.load_state_dict(state[key])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        if self.dist.main:
+            torch.set_rng_state(state["rng_cpu"])
+            if self.device.type == "cuda" and state["rng_cuda"]:
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        else:  # the checkpoint holds rank 0's streams; the others stay distinct, and reproducible
+            torch.manual_seed((self.cfg.train.seed + self.dist.rank) * 1_000_003 + state["step"])
         self.skipped = state.get("skipped", 0)
         self.log(f"resumed from {path} at step {state['step']}")
         return state["step"]
@@ -129,7 +148,10 @@ class Trainer:
     def evaluate(self, step: int) -> dict | None:
         result = None
         if self.dist.main:
-            result = evaluate.evaluate_model(self.g, self.datasets["val"], self.device, self.cfg.train.amp)
+            val = self.datasets["val"]
+            if self.cfg.train.eval_images:
+                val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
+            result = evaluate.evaluate_model(self.g, val, self.device, self.cfg.train.amp)
             self.write_metrics({"step": step, "eval": True, "miou": result["miou"]})
         distributed.barrier(self.dist)
         return result
@@ -160,8 +182,10 @@ class Trainer:
 
         nets = Nets(self.g, self.d, self.d_aux)
         if info.enabled:
-            if cfg.model.bn == "train":
+            if cfg.model.bn == "train" and self.device.type == "cuda":
                 nets.g = nn.SyncBatchNorm.convert_sync_batchnorm(nets.g)
+            elif cfg.model.bn == "train":  # torch's SyncBatchNorm raises on CPU tensors
+                self.log("model.bn=train on CPU: BatchNorm statistics are per process (no SyncBatchNorm)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             nets = Nets(*(nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in
                           (nets.g, nets.d, nets.d_aux)))
@@ -180,6 +204,7 @@ class Trainer:
         step, consecutive, t0 = start, 0, time.perf_counter()
         try:
             while step < cfg.train.iters:
+                _fault_injection_hook(self.run_dir, step, info.rank)
                 losses, stepped = adapter.step(step, next(src), next(tgt) if tgt is not None else None)
                 step += 1
                 if stepped:
@@ -203,6 +228,8 @@ class Trainer:
                     result = self.evaluate(step)
                     if result:
                         self.log(f"step {step}: target mIoU {result['miou']:.2f}")
+                # Every rank stops after the same step, whichever of them got the signal.
+                self.stop_requested = distributed.any_true(self.stop_requested, self.device, info)
                 preempted = self.stop_requested or step == cfg.train.stop_at
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters or preempted:
                     self.save(step, optimizers)
@@ -234,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", info.local_rank)
     try:
         return Trainer(cfg, info, device).run()
-    except (config.ConfigError, FileNotFoundError) as e:
+    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteError as e:

@@ -49,9 +49,11 @@ def choose(requested: str, dataset: SegmentationDataset, device: torch.device) -
     if not available():
         problem = (f"NVIDIA DALI is not importable ({import_error()}); install it with "
                    f"`pip install nvidia-dali-cuda130` (or `pip install pwda_fast[dali]`)")
-    elif not dataset.labels_are_train_ids:
-        problem = ("its labels are not 8-bit trainId PNGs, which is all DALI can decode without losing "
-                   "class ids; run `python -m pwda_fast.data.prepare --dataset NAME --root DIR` once")
+    elif not dataset.labels_are_train_ids and any(lab is not None for _, lab in dataset.pairs):
+        first = next(lab for _, lab in dataset.pairs if lab is not None)
+        problem = (f"labels such as {first} are not 8-bit trainId PNGs, the only labels DALI decodes "
+                   f"without losing class ids; run `python -m pwda_fast.data.prepare --dataset "
+                   f"gta5|synthia|cityscapes --root DIR` once for that dataset")
     if requested == "dali":
         if problem:
             raise RuntimeError(f"data.loader=dali cannot run: {problem}; or set data.loader=torch")
@@ -143,8 +145,9 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank:
                  start_step: int, workers: int, device: torch.device) -> Iterator[dict]:
     """Endless {"image" (B, 3, h, w) float32, "label" (B, h, w) int64, "index" (B,)} batches.
 
-    On a CUDA device images and labels arrive on that device. A resumed run (start_step > 0) draws a
-    fresh permutation (see the module docstring).
+    On a CUDA device images and labels arrive on that device. `seed` must be the same on every rank:
+    the ranks shard one seeded file order. A resumed run (start_step > 0) draws a fresh permutation
+    (see the module docstring).
     """
     if not dataset.train:
         raise ValueError("the DALI pipeline serves training batches only; evaluate with val_loader")

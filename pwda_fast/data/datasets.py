@@ -26,8 +26,6 @@ from pwda_fast.data.labels import (
     TRAIN_ID_TO_TRAIN,
 )
 
-Pair = tuple[Path, "Path | None"]
-
 
 def _channel0_16bit(path: Path) -> np.ndarray:
     """First channel of a PNG as (H, W) uint16, keeping all 16 bits.
