@@ -12,6 +12,8 @@ raises with the reason; only "auto" falls back.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from pwda_fast import reference
@@ -53,20 +55,117 @@ def check_inputs(seg_logits, disc_logits=None, aux_logits=None, label=None,
         raise ValueError(f"floor and mu must be >= 0; got floor={floor}, mu={mu}")
 
 
+def _ext_problem(device_type: str) -> str | None:
+    """Why backend "ext" cannot run on `device_type`, or None when it can."""
+    try:
+        import pwda_fast._C  # noqa: F401  (loading the .so registers torch.ops.pwda_fast.*)
+    except ImportError as e:
+        return ("backend 'ext' needs the compiled extension pwda_fast._C: reinstall with "
+                "`pip install --no-build-isolation -e .` without PWDA_FAST_SKIP_EXT=1 "
+                f"(import error: {e})")
+    if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "pwda_fast::weighted_adv_loss_fwd", "CUDA"):
+        return ("backend 'ext' has no CUDA kernel in this build of pwda_fast._C: reinstall with "
+                "CUDA_HOME pointing at the CUDA toolkit and a CUDA build of torch")
+    if device_type not in ("cpu", "cuda"):
+        return f"backend 'ext' runs on cpu and cuda tensors; got {device_type}"
+    return None
+
+
+def _triton_problem(device_type: str) -> str | None:
+    """Why backend "triton" cannot run on `device_type`, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"backend 'triton' needs the triton package: pip install triton (import error: {e})"
+    if device_type == "cuda":
+        return None
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    return (f"backend 'triton' runs on cuda tensors, or on cpu tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported; got {device_type} tensors")
+
+
+_PROBLEMS = {"torch": lambda device_type: None, "ext": _ext_problem, "triton": _triton_problem}
+
+
 def available_backends() -> list[str]:
-    """Backends that can run here, fastest last-resort order excluded: always includes "torch"."""
-    return ["torch"]
+    """Backends that can run here on some device (CPU or, when present, CUDA); "torch" always."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b for b in BACKENDS if any(_PROBLEMS[b](d) is None for d in devices)]
+
+
+# Evaluated once per (backend, device type) at trace time under torch.compile: the imports and
+# environment look-ups inside would otherwise break the graph.
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str) -> str:
+    if backend == "auto":
+        prefer = ("triton", "ext") if device_type == "cuda" else ("ext",)
+        return next((b for b in prefer if _PROBLEMS[b](device_type) is None), "torch")
+    problem = _PROBLEMS[backend](device_type)
+    if problem is not None:
+        raise RuntimeError(problem)
+    return backend
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Turn "auto" into a concrete backend for `device`; an explicit one that cannot run raises."""
-    if backend == "auto":
-        return "torch"
-    if backend not in BACKENDS:
+    if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}")
-    if backend != "torch":
-        raise RuntimeError(f"backend {backend!r} is not available in this build")
-    return backend
+    return _resolve(backend, torch.device(device).type)
+
+
+def _forward_of(backend: str):
+    """The fused forward of `backend`: (seg, disc, aux, label, T, floor, mu) -> (loss, grad_disc)."""
+    if backend == "ext":
+        return torch.ops.pwda_fast.weighted_adv_loss_fwd
+    from pwda_fast.kernels.weighted_adv_loss import weighted_adv_loss_fwd
+    return weighted_adv_loss_fwd
+
+
+@torch.library.custom_op("pwda_fast::weighted_adv_loss", mutates_args=())
+def _weighted_adv_loss_op(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
+                          aux_logits: torch.Tensor | None, label: float, threshold: float,
+                          floor: float, mu: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz (N, 1, H, W) fp32)."""
+    return _forward_of(backend)(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
+
+
+@_weighted_adv_loss_op.register_fake
+def _(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu, backend):
+    n, _, h, w = seg_logits.shape
+    return (seg_logits.new_empty((), dtype=torch.float32),
+            seg_logits.new_empty((n, 1, h, w), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.disc_dtype = inputs[1].dtype
+
+
+def _backward(ctx, grad_loss, _grad_of_grad_disc):
+    # grad_disc is a by-product, not a function of the inputs anyone differentiates: its cotangent
+    # is ignored. The weights are constants (DESIGN.md §2), so seg and aux get no gradient.
+    (grad_disc,) = ctx.saved_tensors
+    return None, (grad_loss * grad_disc).to(ctx.disc_dtype), None, None, None, None, None, None
+
+
+_weighted_adv_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _register_ext_fake() -> None:
+    """Fake kernel of the C++ op, so it can also be traced when called directly."""
+    if _ext_problem("cpu") is not None:
+        return
+
+    @torch.library.register_fake("pwda_fast::weighted_adv_loss_fwd")
+    def _(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu):
+        n, _, h, w = seg_logits.shape
+        return (seg_logits.new_empty((), dtype=torch.float32),
+                seg_logits.new_empty((n, 1, h, w), dtype=torch.float32))
+
+
+_register_ext_fake()
 
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,
@@ -86,5 +185,14 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     """
     check_inputs(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
     backend = resolve_backend(backend, seg_logits.device)
-    return reference.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=float(label),
-                                       threshold=threshold, floor=floor, mu=mu)
+    if backend == "torch":
+        return reference.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=float(label),
+                                           threshold=threshold, floor=floor, mu=mu)
+    # The fused kernels read one dtype; mixed inputs (e.g. bf16 seg logits, fp32 D) run in fp32.
+    dtypes = {t.dtype for t in (seg_logits, disc_logits, aux_logits) if t is not None}
+    if len(dtypes) > 1:
+        seg_logits, disc_logits = seg_logits.float(), disc_logits.float()
+        aux_logits = None if aux_logits is None else aux_logits.float()
+    loss, _ = _weighted_adv_loss_op(seg_logits, disc_logits, aux_logits, float(label), float(threshold),
+                                    float(floor), float(mu), backend)
+    return loss

@@ -1,0 +1,198 @@
+"""ops.weighted_adv_loss on every backend available here vs the pure-torch reference (the spec).
+
+Triton runs on CPU only under TRITON_INTERPRET=1, which must be set before triton is imported:
+test_weighted_adv_loss_triton.py re-runs this file in a subprocess with it set.
+"""
+
+import pytest
+import torch
+
+from pwda_fast import ops, reference
+
+FAST = [b for b in ops.available_backends() if b != "torch"]
+CPU_FAST = [b for b in FAST if ops._PROBLEMS[b]("cpu") is None]
+KW = dict(threshold=0.9, floor=0.01, mu=0.1)
+
+
+def make(shape, dtype=torch.float32, scale=3.0, aux=True, seed=0, device="cpu"):
+    """Random seg (N, C, H, W), disc and aux (N, 1, H, W) logits; aux None when aux=False."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    seg = (torch.randn(shape, generator=g) * scale).to(device, dtype)
+    disc = (torch.randn((n, 1, h, w), generator=g) * scale).to(device, dtype)
+    a = (torch.randn((n, 1, h, w), generator=g) * scale).to(device, dtype) if aux else None
+    return seg, disc, a
+
+
+def loss_and_grad(backend, seg, disc, aux, label, **kw):
+    """Loss and d loss / d disc_logits (as fp32) of ops.weighted_adv_loss on `backend`."""
+    z = disc.detach().clone().requires_grad_()
+    loss = ops.weighted_adv_loss(seg, z, aux, label=label, backend=backend, **{**KW, **kw})
+    loss.backward()
+    return loss.detach(), z.grad.float()
+
+
+def fp64_reference(seg, disc, aux, label, threshold=0.9, floor=0.01, mu=0.1):
+    """DESIGN.md §2 in float64 on the same (possibly low-precision) inputs: loss and dL/dz."""
+    p_max = torch.softmax(seg.double(), dim=1).amax(dim=1)
+    w = torch.where(p_max > threshold, torch.full_like(p_max, floor), torch.exp(-p_max)) + mu
+    if aux is not None:
+        w = w * torch.sigmoid(aux.double()[:, 0])
+    z = disc.double()[:, 0]
+    bce = z.clamp_min(0) - z * label + torch.log1p(torch.exp(-z.abs()))
+    grad = (w * (torch.sigmoid(z) - label) / z.numel()).unsqueeze(1)
+    return (w * bce).mean(), grad
+
+
+def assert_matches_reference(backend, seg, disc, aux, label, **kw):
+    loss, grad = loss_and_grad(backend, seg, disc, aux, label, **kw)
+    ref_loss, ref_grad = loss_and_grad("torch", seg, disc, aux, label, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=2e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("shape", [(1, 19, 97, 131), (2, 3, 5, 7), (1, 19, 1, 1), (3, 2, 1, 1)])
+@pytest.mark.parametrize("aux", [True, False])
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_fp32_matches_reference(backend, shape, aux, label):
+    seg, disc, a = make(shape, aux=aux)
+    assert_matches_reference(backend, seg, disc, a, label)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_channels_last_and_strided_views(backend):
+    seg, disc, a = make((2, 19, 33, 40))
+    assert_matches_reference(backend, seg.to(memory_format=torch.channels_last),
+                             disc.to(memory_format=torch.channels_last), a, 1.0)
+    wide, disc2, a2 = make((2, 19, 33, 80))
+    assert_matches_reference(backend, wide[..., ::2], disc2[..., ::2], a2[..., 1::2], 0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_large_logits_and_floor_off(backend):
+    seg, disc, a = make((1, 19, 17, 23), scale=1e4)
+    assert_matches_reference(backend, seg, disc, a, 1.0)
+    assert_matches_reference(backend, seg, disc, a, 0.0)
+    seg, disc, a = make((1, 19, 17, 23), scale=0.5)
+    assert_matches_reference(backend, seg, disc, a, 0.0, threshold=1.0)
+    assert_matches_reference(backend, seg, disc, a, 1.0, threshold=1.0, floor=0.0, mu=0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_2x_of_reference(backend, dtype):
+    seg, disc, a = make((2, 19, 31, 37), dtype=dtype)
+    exact_loss, exact_grad = fp64_reference(seg, disc, a, 1.0)
+    loss, grad = loss_and_grad(backend, seg, disc, a, 1.0)
+    ref_loss, ref_grad = loss_and_grad("torch", seg, disc, a, 1.0)
+    # Both run on the same rounded inputs, so the fp64 result of those inputs is the yardstick;
+    # the slack covers fp32 rounding, which is all that is left once the inputs are shared.
+    assert (loss.double() - exact_loss).abs() <= 2 * (ref_loss.double() - exact_loss).abs() + 1e-6
+    g_err = (grad.double() - exact_grad).abs().max()
+    ref_g_err = (ref_grad.double() - exact_grad).abs().max()
+    assert g_err <= 2 * ref_g_err + 1e-5 * exact_grad.abs().max()
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_inputs_unchanged_and_deterministic(backend):
+    seg, disc, a = make((2, 19, 29, 31))
+    before = [t.clone() for t in (seg, disc, a)]
+    first = loss_and_grad(backend, seg, disc, a, 1.0)
+    second = loss_and_grad(backend, seg, disc, a, 1.0)
+    for t, b in zip((seg, disc, a), before, strict=True):
+        assert torch.equal(t, b)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_mixed_dtypes_and_no_grad_to_weights(backend):
+    seg, disc, a = make((1, 19, 9, 11))
+    seg_bf16 = seg.bfloat16().requires_grad_()
+    loss = ops.weighted_adv_loss(seg_bf16, disc.requires_grad_(), a, label=1.0, backend=backend)
+    ref = reference.weighted_adv_loss(seg_bf16.detach(), disc.detach(), a, label=1.0)
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-7)
+    loss.backward()
+    assert seg_bf16.grad is None and disc.grad is not None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda s, d, a: (s[:, :, :, :-1], d, a), "disc_logits must be"),
+    (lambda s, d, a: (s, d.repeat(1, 2, 1, 1), a), "disc_logits must be"),
+    (lambda s, d, a: (s, d, a[:1]), "aux_logits must be"),
+    (lambda s, d, a: (s.long(), d, a), "seg_logits must be"),
+    (lambda s, d, a: (s[0], d, a), "seg_logits must be"),
+    (lambda s, d, a: (s, d.double(), a), "disc_logits must be"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+def test_malformed_inputs_name_the_tensor(backend, bad, message):
+    seg, disc, a = bad(*make((2, 19, 8, 8)))
+    with pytest.raises(ValueError, match=message):
+        ops.weighted_adv_loss(seg, disc, a, label=1.0, backend=backend)
+
+
+def test_bad_label_and_unknown_backend():
+    seg, disc, a = make((1, 3, 4, 4))
+    with pytest.raises(ValueError, match="label"):
+        ops.weighted_adv_loss(seg, disc, a, label=0.5)
+    with pytest.raises(ValueError, match="backend"):
+        ops.weighted_adv_loss(seg, disc, a, label=1.0, backend="cudnn")
+
+
+def test_resolve_backend():
+    assert ops.resolve_backend("torch", "cpu") == "torch"
+    assert ops.resolve_backend("auto", "cpu") == ("ext" if "ext" in CPU_FAST else "torch")
+    for backend in ("ext", "triton"):
+        if backend not in CPU_FAST:
+            with pytest.raises(RuntimeError, match=f"backend '{backend}'"):
+                ops.resolve_backend(backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_opcheck(backend):
+    seg, disc, a = make((2, 5, 6, 7))
+    for aux in (a, None):
+        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1, backend)
+        torch.library.opcheck(ops._weighted_adv_loss_op, args)
+    if backend == "ext":
+        torch.library.opcheck(torch.ops.pwda_fast.weighted_adv_loss_fwd,
+                              (seg, disc.detach(), a, 0.0, 0.9, 0.01, 0.1))
+
+
+@pytest.mark.skipif("ext" not in CPU_FAST, reason="pwda_fast._C is not built")
+def test_torch_compile_fullgraph_matches_eager():
+    seg, disc, a = make((2, 19, 16, 24))
+
+    def step(seg, disc, aux):
+        return 2.0 * ops.weighted_adv_loss(seg, disc, aux, label=1.0, backend="ext")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1, z2 = disc.clone().requires_grad_(), disc.clone().requires_grad_()
+    eager_loss, compiled_loss = step(seg, z1, a), compiled(seg, z2, a)
+    eager_loss.backward()
+    compiled_loss.backward()
+    assert torch.equal(eager_loss, compiled_loss) and torch.equal(z1.grad, z2.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in FAST if ops._PROBLEMS[b]("cuda") is None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cuda_matches_reference(backend, dtype, layout):
+    for shape, aux, label, scale in [((1, 19, 97, 131), True, 1.0, 3.0), ((2, 3, 5, 7), False, 0.0, 3.0),
+                                     ((4, 19, 64, 128), True, 0.0, 1e4), ((1, 19, 1, 1), True, 1.0, 3.0)]:
+        seg, disc, a = make(shape, dtype=dtype, aux=aux, scale=scale, device="cuda")
+        seg = seg.contiguous(memory_format=layout)
+        if dtype == torch.float32:
+            assert_matches_reference(backend, seg, disc, a, label)
+        else:
+            exact_loss, exact_grad = fp64_reference(seg, disc, a, label)
+            loss, grad = loss_and_grad(backend, seg, disc, a, label)
+            ref_loss, ref_grad = loss_and_grad("torch", seg, disc, a, label)
+            assert (loss.double() - exact_loss).abs() <= 2 * (ref_loss.double() - exact_loss).abs() + 1e-6
+            assert ((grad.double() - exact_grad).abs().max()
+                    <= 2 * (ref_grad.double() - exact_grad).abs().max() + 1e-5 * exact_grad.abs().max())
+        again = loss_and_grad(backend, seg, disc, a, label)
+        assert torch.equal(again[0], loss_and_grad(backend, seg, disc, a, label)[0])
