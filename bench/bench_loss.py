@@ -1,6 +1,6 @@
 """Forward+backward time of weighted_adv_loss: eager reference, torch.compile(reference), ext, triton.
 
-    python bench/bench_loss.py --device cpu [--shapes small|default|full] [--json FILE]
+    python bench/bench_loss.py --device cpu [--shapes tiny|small|default|full|gpu] [--json FILE]
 
 Providers run interleaved (one call each per round), so a busy machine slows them alike. Reports the
 median and p20/p80 over rounds and the achieved bandwidth from the minimal byte count: read seg,
@@ -20,9 +20,11 @@ import torch
 from pwda_fast import ops, reference
 
 SHAPES = {
+    "tiny": [(1, 19, 16, 32)],  # gpu_check.sh --cpu-dry-run
     "small": [(1, 19, 64, 128), (2, 19, 256, 512)],
     "default": [(1, 19, 128, 256), (2, 19, 256, 512)],
     "full": [(1, 19, 128, 256), (2, 19, 256, 512), (4, 19, 512, 1024)],
+    "gpu": [(4, 19, 512, 1024), (4, 19, 1024, 2048)],  # production shape and full Cityscapes size
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -6,12 +6,12 @@
 3. Discriminators: on detached outputs, D minimises BCE(D(G(x_s)), 0) + L(y=1) and D_aux minimises
    BCE(D_aux(F(x_s)), 0) + BCE(D_aux(F(x_t)), 1).
 Then, if every loss and gradient is finite on every rank, all three optimizers step; else none does.
+The returned losses are means over ranks (one all-reduce carries them and the finite flag).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,10 @@ class Adapter:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp \
             else contextlib.nullcontext
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        # BN running statistics change in the forward pass, before the finite check: a skipped step
+        # restores them, or one inf activation would poison every later step.
+        self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] \
+            if cfg.model.bn == "train" else []
 
     def set_lr(self, step: int) -> None:
         o, iters = self.cfg.optim, self.cfg.train.iters
@@ -84,18 +88,21 @@ class Adapter:
         self.set_lr(step)
         for opt in (self.opt_g, self.opt_d, self.opt_d_aux):
             opt.zero_grad(set_to_none=True)
+        saved = [b.clone() for b in self.bn_buffers]
         losses = {}
         src = self.segmenter_stage(source, losses)
         if self.adapt:
             tgt = self.generator_stage(target, losses)
             self.discriminator_stage(src, tgt, losses)
-        finite = self._all_finite(losses)
+        means, finite = self._reduce(losses)
         if finite:
             self.opt_g.step()
             if self.adapt:
                 self.opt_d.step()
                 self.opt_d_aux.step()
-        return {k: float(v) for k, v in losses.items()}, finite
+        elif saved:
+            torch._foreach_copy_(self.bn_buffers, saved)
+        return means, finite
 
     def _input(self, batch: dict) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -171,11 +178,13 @@ class Adapter:
             loss_d = loss_d + loss_d_aux
         loss_d.backward()
 
-    def _all_finite(self, losses: dict) -> bool:
-        """Every loss and gradient finite on every rank (one reduction, so all ranks agree)."""
-        total = torch.stack([v.float() for v in losses.values()]).sum()
+    def _reduce(self, losses: dict) -> tuple[dict, bool]:
+        """-> ({name: mean over ranks}, every loss and gradient finite on every rank); one all-reduce."""
+        values = torch.stack([v.float() for v in losses.values()])
+        total = values.sum()
         grads = [p.grad for opt in (self.opt_g, self.opt_d, self.opt_d_aux)
                  for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-        return distributed.all_true(math.isfinite(total.item()), self.device, self.dist)
+        means, finite = distributed.step_summary(values, torch.isfinite(total), self.dist)
+        return dict(zip(losses, means.tolist())), finite

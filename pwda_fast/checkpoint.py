@@ -16,6 +16,10 @@ import torch
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or "latest" pointer that must not or cannot be loaded; the message says which."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -62,10 +66,14 @@ def latest(run_dir: str | Path) -> Path | None:
     if pointer.is_file():
         name = pointer.read_text().strip()
         if not _NAME.match(name):  # a bare file name only: no "../", no absolute path
-            raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint of this folder "
-                             "(expected ckpt_<8 digits>.pt); fix or delete the file")
-        if (run_dir / name).is_file():
-            return run_dir / name
+            raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of this folder "
+                                  "(expected ckpt_<8 digits>.pt); fix or delete the file")
+        target = run_dir / name
+        if target.is_symlink() and target.resolve().parent != run_dir.resolve():
+            raise CheckpointError(f"{target} is a link to {target.resolve()}, outside {run_dir}; "
+                                  "checkpoints must be files of the run folder itself")
+        if target.is_file():
+            return target
     ckpts = sorted(p for p in run_dir.glob("ckpt_*.pt") if _NAME.match(p.name)) if run_dir.is_dir() else []
     return ckpts[-1] if ckpts else None
 
@@ -75,4 +83,4 @@ def load(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".strip()) from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".strip()) from e

@@ -33,7 +33,14 @@ def setup(device_kind: str) -> Dist:
     if info.world > 1 and not dist.is_initialized():
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        store, _, _ = next(dist.rendezvous("env://"))
+        # `torchrun --max-restarts` relaunches workers against the same store; without a prefix per
+        # attempt, a relaunched rank reads the dead group's addresses (gloo: "connectFullMesh
+        # failed ... Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", rank=info.rank,
+                                world_size=info.world,
+                                store=dist.PrefixStore(f"pwda_fast/attempt_{attempt}", store))
     return info
 
 
@@ -42,21 +49,26 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(values: torch.Tensor, info: Dist) -> torch.Tensor:
-    if info.enabled:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= info.world
-    return values
-
-
-def all_true(flag: bool, device, info: Dist) -> bool:
-    """True only if `flag` is true on every rank (so all ranks skip a step together)."""
+def any_true(flag: bool, device, info: Dist) -> bool:
+    """True if `flag` is true on any rank (e.g. SIGTERM reached one worker: all of them stop)."""
     if not info.enabled:
         return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
-    return t.item() == 0.0
+    return t.item() > 0.0
+
+
+def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist) -> tuple[torch.Tensor, bool]:
+    """(K,) local losses, () local "all finite" flag -> ((K,) mean over ranks, finite on every rank).
+
+    One all-reduce of K + 1 floats per step: the logged losses and the skip decision come from the
+    same reduction, so every rank logs the same numbers and skips the same steps.
+    """
+    packed = torch.cat([losses.float().reshape(-1), (~finite).float().reshape(1)])
+    if info.enabled:
+        dist.all_reduce(packed)
+        packed[:-1] /= info.world
+    return packed[:-1], bool(packed[-1].item() == 0.0)
 
 
 def barrier(info: Dist) -> None:

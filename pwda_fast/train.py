@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pwda_fast import checkpoint, config, distributed, evaluate, ops
 from pwda_fast.adapt import Adapter, Nets
 from pwda_fast.data import build_datasets, train_batches
+from pwda_fast.logger import MetricsLogger
 from pwda_fast.models import build_networks
 
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -82,6 +83,7 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, info, device
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_requested = False
+        self.logger: MetricsLogger | None = None
 
     def log(self, msg: str) -> None:
         if self.dist.main:
@@ -134,9 +136,7 @@ class Trainer:
         return state["step"]
 
     def write_metrics(self, record: dict) -> None:
-        if self.dist.main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.logger.write(record)
 
     def _trim_metrics(self, step: int) -> None:
         """After a resume, drop log lines of steps the crashed run did past its last checkpoint."""
@@ -153,6 +153,7 @@ class Trainer:
                 val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
             result = evaluate.evaluate_model(self.g, val, self.device, self.cfg.train.amp)
             self.write_metrics({"step": step, "eval": True, "miou": result["miou"]})
+            self.logger.figures(step, self.g, self.d_aux, self.datasets["val"], self.cfg)
         distributed.barrier(self.dist)
         return result
 
@@ -176,6 +177,8 @@ class Trainer:
         self.skipped = 0
         start = self.resume(optimizers)
         self._trim_metrics(start)
+        self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, cfg.log.images,
+                                    purge_step=start)
         self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
         self.log(f"data: {len(self.datasets['source'])} source, {len(self.datasets['target'])} target, "
                  f"{len(self.datasets['val'])} target-val images")
@@ -259,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     info = distributed.setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
+    trainer = Trainer(cfg, info, device)
     try:
-        return Trainer(cfg, info, device).run()
+        return trainer.run()
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -268,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     finally:
+        if trainer.logger is not None:
+            trainer.logger.close()
         distributed.close()
 
 

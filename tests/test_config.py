@@ -90,6 +90,7 @@ def test_every_field_is_documented():
 
 def test_readme_configuration_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert config.describe() in readme, (
-        "README's configuration reference is stale: paste the output of "
-        "python -c 'from pwda_fast import config; print(config.describe())'")
+    section = readme.partition(config.README_START)[2].partition(config.README_END)[0]
+    assert section.strip() == config.describe().strip(), (
+        "README's configuration reference is stale: run "
+        "python -m pwda_fast.config --update-readme README.md")

@@ -1,0 +1,217 @@
+"""Train step: images/s of the whole three-stage PWDA iteration, engine vs the eager AdaptSegNet loop.
+
+    python bench/bench_step.py --device cpu --preset toy                  # toy networks, CPU
+    python bench/bench_step.py --device cuda --preset paper [--compile]   # DeepLab-v2 R101, 512x1024
+
+Providers, same networks, same initial weights, same random batches, measured in one run and
+interleaved round by round so a noisy machine slows each of them alike:
+  eager   the AdaptSegNet way: fp32, NCHW, a separate forward and backward per loss (D and D_aux
+          see source and target in separate calls), the unfused reference loss, plain torch.optim
+          with foreach=False.
+  engine  pwda_fast.adapt.Adapter as training runs it: channels_last, the fused loss through
+          ops (backend auto), foreach (CPU) / fused (CUDA) optimizers; fp32 and bf16 autocast.
+  engine+compile (--compile)  the same with the generator under torch.compile.
+An iteration reads `batch` source and `batch` target images: images/s counts both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pwda_fast import config, distributed, ops, reference, train  # noqa: E402
+from pwda_fast.adapt import SOURCE, TARGET, Adapter, Nets, set_requires_grad, upsample  # noqa: E402
+from pwda_fast.models import build_networks  # noqa: E402
+
+PRESETS = {"toy": "toy", "paper": "gta5_to_cityscapes"}
+
+
+def make_batches(cfg, n: int, device) -> list[tuple[dict, dict]]:
+    h, w = cfg.data.crop
+    b, k = cfg.data.batch_size, cfg.model.num_classes
+    g = torch.Generator().manual_seed(0)
+    make = lambda: {"image": torch.randn(b, 3, h, w, generator=g).to(device),  # noqa: E731
+                    "label": torch.randint(0, k, (b, h, w), generator=g).to(device)}
+    return [(make(), make()) for _ in range(n)]
+
+
+def build(cfg, device, channels_last: bool):
+    torch.manual_seed(0)
+    nets = build_networks(cfg.model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for net in nets:
+        net.to(device, memory_format=fmt).train()
+    return nets
+
+
+class EagerLoop:
+    """AdaptSegNet's train_gta2cityscapes_multi.py loop on our networks, with the paper's weighting."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.a = cfg, cfg.adapt
+        self.g, self.d, self.d_aux = build(cfg, device, channels_last=False)
+        o = cfg.optim
+        self.opt_g = torch.optim.SGD(self.g.param_groups(o.lr, o.head_lr_mult), lr=o.lr, momentum=o.momentum,
+                                     weight_decay=o.weight_decay, foreach=False)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=o.lr_d, betas=tuple(o.betas), foreach=False)
+        self.opt_d_aux = torch.optim.Adam(self.d_aux.parameters(), lr=o.lr_d, betas=tuple(o.betas),
+                                          foreach=False)
+
+    def _weighted(self, seg, z, a, label):
+        return reference.weighted_adv_loss(seg, z, a, label=label, threshold=self.a.threshold,
+                                           floor=self.a.floor, mu=self.a.mu)
+
+    def step(self, step: int, source: dict, target: dict) -> None:
+        a = self.a
+        for opt in (self.opt_g, self.opt_d, self.opt_d_aux):
+            opt.zero_grad()
+        x_s, y_s, x_t = source["image"], source["label"], target["image"]
+        size = tuple(x_s.shape[2:])
+        # train G: source CE, then target adversarial losses against frozen discriminators
+        set_requires_grad(self.d, False)
+        set_requires_grad(self.d_aux, False)
+        aux_s, main_s, feat_s = self.g(x_s)
+        main_s = upsample(main_s, size)
+        loss_seg = reference.multi_level_seg_loss(upsample(aux_s, size), main_s, y_s, a.lambda_seg)
+        loss_seg.backward()
+        _, main_t, feat_t = self.g(x_t)
+        main_t = upsample(main_t, size)
+        z_t = upsample(self.d(torch.softmax(main_t, 1)), size)
+        a_t = upsample(self.d_aux(feat_t), size)
+        loss_adv = (a.lambda_adv * self._weighted(main_t.detach(), z_t, a_t.detach(), SOURCE)
+                    + a.lambda_aux * reference.domain_bce(a_t, SOURCE))
+        loss_adv.backward()
+        # train D and D_aux: source and target in separate passes, each with its own backward
+        set_requires_grad(self.d, True)
+        set_requires_grad(self.d_aux, True)
+        main_s, main_t, feat_s, feat_t = main_s.detach(), main_t.detach(), feat_s.detach(), feat_t.detach()
+        (reference.domain_bce(upsample(self.d(torch.softmax(main_s, 1)), size), SOURCE) / 2).backward()
+        z_t = upsample(self.d(torch.softmax(main_t, 1)), size)
+        (self._weighted(main_t, z_t, a_t.detach(), TARGET) / 2).backward()
+        (reference.domain_bce(upsample(self.d_aux(feat_s), size), SOURCE) / 2).backward()
+        (reference.domain_bce(upsample(self.d_aux(feat_t), size), TARGET) / 2).backward()
+        self.opt_g.step()
+        self.opt_d.step()
+        self.opt_d_aux.step()
+
+
+class Engine:
+    def __init__(self, cfg, device, compile_g: bool):
+        g, d, d_aux = build(cfg, device, channels_last=cfg.train.channels_last)
+        opts = train.build_optimizers(cfg, g, d, d_aux, device)
+        self.backend = ops.resolve_backend(cfg.kernels.backend, device)
+        nets = Nets(torch.compile(g) if compile_g else g, d, d_aux)
+        self.adapter = Adapter(cfg, nets, *opts, self.backend, device, distributed.Dist())
+
+    def step(self, step: int, source: dict, target: dict) -> None:
+        self.adapter.step(step, source, target)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=None, help="images per domain (default: the preset's)")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--iters", type=int, default=4, help="timed iterations per provider per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--compile", action="store_true", help="also time the engine with torch.compile(G)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine row")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible; run on a GPU machine or use --device cpu",
+              file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    overrides = {"train.device": args.device}
+    if args.batch:
+        overrides["data.batch_size"] = args.batch
+    if args.crop:
+        overrides["data.crop"] = list(args.crop)
+    base = config.load(PRESETS[args.preset], overrides)
+    with_cfg = lambda **kv: config.load(PRESETS[args.preset], {**overrides, **kv})  # noqa: E731
+    providers = {"eager fp32 NCHW (AdaptSegNet loop)": EagerLoop(base, device),
+                 "engine fp32 channels_last": Engine(with_cfg(**{"train.channels_last": True}), device,
+                                                     False)}
+    if not args.no_bf16:
+        providers["engine bf16 channels_last"] = Engine(
+            with_cfg(**{"train.channels_last": True, "train.amp": "bf16"}), device, False)
+    if args.compile:
+        providers["engine bf16 channels_last + compile"] = Engine(
+            with_cfg(**{"train.channels_last": True, "train.amp": "bf16" if not args.no_bf16 else "none"}),
+            device, True)
+
+    batches = make_batches(base, args.iters, device)
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for prov in providers.values():
+        for i in range(args.warmup):
+            prov.step(i, *batches[i % len(batches)])
+        sync(device)
+    for _ in range(args.rounds):
+        for name, prov in providers.items():
+            for i, (s, t) in enumerate(batches):
+                sync(device)
+                t0 = time.perf_counter()
+                prov.step(args.warmup + i, s, t)
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+
+    b = base.data.batch_size
+    eager = statistics.median(next(iter(times.values())))
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"provider": name, "median_s": med, "p10_s": sorted(ts)[len(ts) // 10],
+                     "p90_s": sorted(ts)[(9 * len(ts)) // 10], "images_per_s": 2 * b / med,
+                     "speedup": eager / med})
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    h, w = base.data.crop
+    print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
+          f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "
+          f"weighted-loss backend {ops.resolve_backend('auto', device)!r}, "
+          f"{args.rounds}x{args.iters} timed iterations each")
+    print(f"{'provider':<40} {'median ms':>10} {'p10-p90 ms':>16} {'images/s':>9} {'speedup':>8}")
+    for r in rows:
+        spread = f"{1e3 * r['p10_s']:.0f}-{1e3 * r['p90_s']:.0f}"
+        print(f"{r['provider']:<40} {1e3 * r['median_s']:>10.1f} {spread:>16} {r['images_per_s']:>9.2f} "
+              f"{r['speedup']:>7.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": datetime.date.today().isoformat(), "machine": machine, "device": device.type,
+            "torch": torch.__version__, "preset": args.preset, "batch": b, "crop": [h, w],
+            "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# GPU validation in one command (issue 7): build, GPU tests, copy bandwidth, fused-loss benchmark,
+# train-step benchmark, and a markdown table of results vs the targets, printed last.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh            # on the GPU machine (one H200), from anywhere
+#   bash bench/gpu_check.sh --cpu-dry-run            # same steps on a CPU machine, tiny shapes
+#
+# Every step is time-boxed with `timeout` against one budget (GPU_CHECK_BUDGET_S, default 330 s, so
+# the whole run fits in 6 minutes); a step that fails, times out or has no time left is reported in
+# the table and the script goes on. Files under $OUT (flat, at most 7): build.log, run.log (every other
+# step's output, with "@@step" markers the table is built from), bench_loss.json, bench_step.json,
+# bench_step_compile.json, step_profile.json, summary.md. $OUT defaults to a new temp dir.
+# Python: $PYTHON, else python3 (GPU) / .venv/bin/python when present (dry run).
+# Exit status: 0 when every step ran and exited 0 (targets missed do not fail it), else 1.
+set -uo pipefail
+
+MODE=gpu
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-dry-run) MODE=cpu ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --cpu-dry-run or --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ $MODE == cpu && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+OUT="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
+mkdir -p "$OUT"
+RUNLOG="$OUT/run.log"
+: > "$RUNLOG"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+BUDGET="${GPU_CHECK_BUDGET_S:-330}"
+T0=$SECONDS
+FAILED=0
+
+say() { printf '[%4ds] %s\n' "$((SECONDS - T0))" "$*"; }
+
+# step NAME CAP_S LOGFILE CMD...: run CMD under `timeout` (at most CAP_S, and never past the budget,
+# keeping 10 s for the table), output appended to LOGFILE, "@@step" markers in run.log.
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$((BUDGET - (SECONDS - T0) - 10))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    echo "@@step $name skipped time budget" >> "$RUNLOG"
+    say "$name: skipped (time budget spent)"; FAILED=1; return 0
+  fi
+  echo "@@step $name start limit=${limit}" >> "$RUNLOG"
+  [[ $log != "$RUNLOG" ]] && echo "@@step $name start limit=${limit}" >> "$log"
+  local t=$SECONDS rc
+  timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  echo "@@step $name rc=$rc seconds=$((SECONDS - t)) limit=$limit" >> "$RUNLOG"
+  say "$name: rc=$rc in $((SECONDS - t)) s (limit $limit s)"
+  ((rc != 0)) && FAILED=1
+  return 0
+}
+
+skip() {  # skip NAME REASON
+  echo "@@step $1 skipped $2" >> "$RUNLOG"
+  say "$1: skipped ($2)"
+}
+
+if [[ $MODE == gpu ]]; then
+  DEV=cuda
+  LOSS_ARGS=(--shapes gpu --rounds 20)
+  STEP_ARGS=(--preset paper)
+  TIMING_ARGS=(--iters 3 --rounds 2 --warmup 2)
+  COMPILE_TIMING_ARGS=(--iters 3 --rounds 2 --warmup 3)
+  # Compiled kernels kept in the (ignored) build folder: a rerun on the same machine starts warm.
+  export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/build/inductor_cache}"
+  export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$ROOT/build/triton_cache}"
+else
+  DEV=cpu
+  LOSS_ARGS=(--shapes tiny --rounds 3)
+  STEP_ARGS=(--preset toy --crop 32 64 --batch 1 --threads 1)
+  TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
+  COMPILE_TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
+fi
+say "gpu_check ($MODE) in $ROOT, OUT=$OUT, python=$PYTHON, budget ${BUDGET}s"
+
+# 0. What is here: versions, device, which backends can run (one JSON line after "@@probe").
+step probe 60 "$RUNLOG" "$PYTHON" -c '
+import json, sys, torch
+info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+try:
+    import triton
+    info["triton"] = triton.__version__
+except ImportError as e:
+    info["triton"] = None
+print("@@probe " + json.dumps(info))'
+if [[ $MODE == gpu ]] && ! grep -q '"cuda_available": true' "$RUNLOG"; then
+  say "no CUDA device visible: the GPU steps are skipped (use --cpu-dry-run on a CPU machine)"
+  for s in build gpu_tests bench_loss bench_step step_profile bench_step_compile; do skip $s "no CUDA device"; done
+  FAILED=1
+else
+  # 1. Build the extension in place (sm_90 only, to save time). A stale .so from an earlier build
+  #    is removed first, so a failed build shows as "ext unavailable" rather than testing old code.
+  #    Dry run: evaluate setup.py with the same environment, compile nothing (minutes on 2 cores).
+  if [[ $MODE == gpu ]]; then
+    rm -f pwda_fast/_C*.so
+    step build 150 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+      "$PYTHON" setup.py build_ext --inplace
+  else
+    step build 60 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST=9.0 "$PYTHON" setup.py --name
+  fi
+  # Which backends can run now (after the build): one JSON line after "@@backends".
+  step backends 60 "$RUNLOG" "$PYTHON" -c '
+import json
+from pwda_fast import ops
+devs = ["cpu", "cuda"]
+print("@@backends " + json.dumps({b: {d: ops._PROBLEMS[b](d) for d in devs} for b in ("ext", "triton")}))'
+
+  # 2. GPU tests: every test marked gpu (skipped with a reason without CUDA), collected only from the
+  #    files that have one, so an unrelated module's import problem cannot hide them.
+  mapfile -t GPU_TEST_FILES < <(grep -l "pytest.mark.gpu" tests/test_*.py)
+  step gpu_tests 75 "$RUNLOG" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu "${GPU_TEST_FILES[@]}"
+  if [[ $MODE == cpu ]]; then
+    # Dry run only: the Triton kernel under the CPU interpreter, on its cheap test cases.
+    step triton_interpret 60 "$RUNLOG" env TRITON_INTERPRET=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
+      tests/test_weighted_adv_loss.py -k "triton and (shape1 or low_precision or channels_last or large_logits)"
+  fi
+
+  # 3. Copy bandwidth + fused loss fwd+bwd: eager, torch.compile, ext, triton; fp32 and bf16.
+  step bench_loss 90 "$RUNLOG" "$PYTHON" bench/bench_loss.py --device "$DEV" "${LOSS_ARGS[@]}" \
+    --json "$OUT/bench_loss.json"
+
+  # 4. Train step: eager fp32 NCHW loop vs engine (fp32, bf16); peak memory and FLOPs per provider;
+  #    then again with torch.compile(G) (slowest to warm up, so last: it gets what time is left).
+  step bench_step 90 "$RUNLOG" "$PYTHON" bench/bench_step.py --device "$DEV" "${STEP_ARGS[@]}" \
+    "${TIMING_ARGS[@]}" --json "$OUT/bench_step.json"
+  step step_profile 60 "$RUNLOG" "$PYTHON" bench/step_profile.py --device "$DEV" "${STEP_ARGS[@]}" \
+    --json "$OUT/step_profile.json"
+  step bench_step_compile 200 "$RUNLOG" "$PYTHON" bench/bench_step.py --device "$DEV" "${STEP_ARGS[@]}" \
+    "${COMPILE_TIMING_ARGS[@]}" --compile --json "$OUT/bench_step_compile.json"
+fi
+
+# 5. The table, printed last.
+"$PYTHON" bench/gpu_summary.py --out "$OUT" --mode "$MODE" > /dev/null 2>> "$RUNLOG" || {
+  echo "gpu_summary.py failed; see $RUNLOG" >&2; FAILED=1; }
+say "done in $((SECONDS - T0)) s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo
+cat "$OUT/summary.md" 2>/dev/null
+exit $FAILED

@@ -1,0 +1,271 @@
+"""The results table of bench/gpu_check.sh: reads what the steps left in OUT, writes OUT/summary.md.
+
+    python bench/gpu_summary.py --out DIR --mode gpu|cpu
+
+Inputs (any may be missing; the table says so): run.log ("@@step NAME rc=.. seconds=.." markers,
+"@@probe {json}", "@@backends {json}", pytest's result lines), build.log, bench_loss.json,
+bench_step.json, bench_step_compile.json, step_profile.json. Needs no torch, so the table logic is
+testable anywhere. In cpu (dry-run) mode every row that needs a GPU says "skipped (no GPU)", never
+a pass: the dry run only shows that the steps run and the files parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+COPY_TARGET = 0.80  # fused loss fwd+bwd, fraction of device copy bandwidth (issue 7)
+STEP_TARGET = 3.0  # engine images/s over the eager fp32 loop's (issue 7)
+PRODUCTION_SHAPE = [4, 19, 512, 1024]
+FUSED = ("ext", "triton")
+NO_GPU = "skipped (no GPU)"
+
+_STEP_RE = re.compile(r"^@@step (\S+) (?:rc=(-?\d+) seconds=(\d+) limit=(\d+)|skipped (.*)|start .*)$")
+_PYTEST_RE = re.compile(r"^(?:=+ )?((?:\d+ \w+(?:, )?)+) in [\d.]+s")
+
+
+def parse_run_log(text: str) -> dict:
+    """-> {"steps": {name: {"rc", "seconds", "limit"} | {"skipped": reason}}, "probe", "backends",
+    "pytest": {step name: {"passed": n, ...}}} from run.log."""
+    steps, pytest, probe, backends, current = {}, {}, None, None, None
+    for line in text.splitlines():
+        m = _STEP_RE.match(line)
+        if m:
+            name = m.group(1)
+            if m.group(2) is not None:
+                steps[name] = {"rc": int(m.group(2)), "seconds": int(m.group(3)), "limit": int(m.group(4))}
+                current = None
+            elif m.group(5) is not None:
+                steps[name] = {"skipped": m.group(5)}
+            else:
+                current = name
+            continue
+        if line.startswith("@@probe "):
+            probe = _loads(line[len("@@probe "):])
+        elif line.startswith("@@backends "):
+            backends = _loads(line[len("@@backends "):])
+        elif current is not None and (m := _PYTEST_RE.match(line.strip())):
+            pytest[current] = {w: int(n) for n, w in (part.split() for part in m.group(1).split(", "))}
+    return {"steps": steps, "pytest": pytest, "probe": probe, "backends": backends}
+
+
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def step_status(steps: dict, name: str) -> str | None:
+    """None when the step ran and exited 0; else a short reason for the table."""
+    s = steps.get(name)
+    if s is None:
+        return "not run"
+    if "skipped" in s:
+        return f"skipped ({s['skipped']})"
+    if s["rc"] in (124, 137):
+        return f"TIMEOUT after {s['seconds']} s"
+    if s["rc"] != 0:
+        return f"FAIL (exit {s['rc']})"
+    return None
+
+
+def _ms(row: dict) -> str:
+    return f"{row['provider']} {row['median_ms']:.3f} ms"
+
+
+def loss_rows(bench: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    """Table rows from bench_loss.json: the targets at the production shape (GPU), then each shape."""
+    rows, by_case = [], {}
+    for r in bench.get("rows", []):
+        by_case.setdefault((tuple(r["shape"]), r["dtype"]), {})[r["provider"]] = r
+    copy = bench.get("copy_gb_per_s")
+    if gpu:
+        rows.append(("device copy bandwidth", "measured" if copy else "missing",
+                     f"{copy:.0f} GB/s (1 GiB fp32 clone, read + write)" if copy else "no copy_gb_per_s"))
+        prod = by_case.get((tuple(PRODUCTION_SHAPE), "bf16"), {})
+        fused = {p: r for p, r in prod.items() if p in FUSED}
+        if not fused:
+            rows.append(("fused loss >= 80% of copy bandwidth (4x19x512x1024 bf16)", "missing",
+                         "no ext or triton row at the production shape"))
+        else:
+            best = max(fused.values(), key=lambda r: r.get("fraction_of_copy") or 0)
+            frac = best.get("fraction_of_copy") or 0
+            rows.append(("fused loss >= 80% of copy bandwidth (4x19x512x1024 bf16)",
+                         "MET" if frac >= COPY_TARGET else "NOT MET",
+                         f"best {best['provider']}: {frac:.1%} of copy ({best['gb_per_s']:.0f} GB/s, "
+                         f"{best['median_ms']:.3f} ms); "
+                         + "; ".join(f"{p} {r.get('fraction_of_copy', 0):.1%}" for p, r in fused.items())))
+            comp = prod.get("compile")
+            if comp is None:
+                rows.append(("fused loss faster than torch.compile(reference)", "missing", "no compile row"))
+            else:
+                rows.append(("fused loss faster than torch.compile(reference)",
+                             "MET" if best["median_ms"] < comp["median_ms"] else "NOT MET",
+                             f"{best['provider']} {best['median_ms']:.3f} ms vs compile "
+                             f"{comp['median_ms']:.3f} ms ({comp['median_ms'] / best['median_ms']:.2f}x)"))
+    for (shape, dtype), provs in by_case.items():
+        nums = ", ".join(_ms(r) for r in provs.values())
+        fracs = [f"{p} {r['fraction_of_copy']:.1%}" for p, r in provs.items()
+                 if p in FUSED and r.get("fraction_of_copy") is not None]
+        label = f"fused loss fwd+bwd {'x'.join(map(str, shape))} {dtype}"
+        rows.append((label, "measured" if gpu else "ran (cpu, tiny)",
+                     nums + (f"; of copy: {', '.join(fracs)}" if fracs else "")))
+    return rows
+
+
+def _step_ratio_row(label: str, bench: dict, gpu: bool, compiled: bool) -> tuple[str, str, str]:
+    rows = bench.get("rows", [])
+    eager = next((r for r in rows if r["provider"].startswith("eager")), None)
+    engines = [r for r in rows
+               if r["provider"].startswith("engine") and ("compile" in r["provider"]) == compiled]
+    if eager is None or not engines:
+        return label, "missing", "no eager or engine row in the JSON"
+    best = max(engines, key=lambda r: r["images_per_s"])
+    ratio = best["images_per_s"] / eager["images_per_s"]
+    nums = "; ".join(f"{r['provider']} {r['images_per_s']:.2f} img/s" for r in [eager] + engines)
+    nums += f"; best/eager {ratio:.2f}x"
+    if not gpu:
+        return label, NO_GPU, f"cpu toy dry run (not the target measurement): {nums}"
+    return label, "MET" if ratio >= STEP_TARGET else "NOT MET", nums
+
+
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def profile_rows(profile: dict | None, steps_json: list[dict], gpu: bool,
+                 status: str | None = None) -> list[tuple[str, str, str]]:
+    if profile is None:
+        result = NO_GPU if not gpu else (status or "missing")
+        return [("train step peak memory", result, "no step_profile.json; log: run.log"),
+                ("train step MFU", result, "no step_profile.json; log: run.log")]
+    mem = "; ".join(f"{name} {_gib(b)}" for name, b in profile.get("peak_memory_bytes", {}).items())
+    flops = profile.get("flops_per_iter")
+    peak = profile.get("peak_flops")
+    timed = {}
+    for bench in steps_json:
+        for r in bench.get("rows", []):
+            timed.setdefault(r["provider"], r["median_s"])
+    if flops and peak:
+        mfu = "; ".join(f"{name} {flops / s / peak:.1%}" for name, s in timed.items())
+        mfu += f" (model FLOPs {flops / 1e9:.0f} GFLOP/iter vs {profile.get('peak_note')})"
+    else:
+        mfu = f"model FLOPs {flops / 1e9:.2f} GFLOP/iter; {profile.get('peak_note')}" if flops \
+            else "no FLOP count"
+    if not gpu:
+        return [("train step peak memory", NO_GPU, "cpu dry run: " + mem),
+                ("train step MFU", NO_GPU, "cpu dry run: " + mfu)]
+    return [("train step peak memory", "measured", mem), ("train step MFU", "measured", mfu)]
+
+
+def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
+    gpu = mode == "gpu"
+    log = parse_run_log((out / "run.log").read_text() if (out / "run.log").exists() else "")
+    steps, rows = log["steps"], []
+
+    p = log["probe"] or {}
+    rows.append(("environment", "ok" if p else "missing",
+                 f"python {p.get('python')}, torch {p.get('torch')} (CUDA {p.get('cuda')}), "
+                 f"triton {p.get('triton')}, device {p.get('device_name') or 'cpu only'}" if p
+                 else step_status(steps, "probe") or "no @@probe line"))
+
+    # 1. build
+    b = log["backends"] or {}
+    ext_cuda = (b.get("ext") or {}).get("cuda", "unknown") if b else "unknown"
+    ext_note = "ext CUDA kernel registered" if b and ext_cuda is None else f"ext on cuda: {ext_cuda}"
+    st = step_status(steps, "build")
+    secs = steps.get("build", {}).get("seconds")
+    if gpu:
+        rows.append(("build extension in place (CUDA sm_90)",
+                     st or ("pass" if b and ext_cuda is None else "FAIL (no CUDA kernel)"),
+                     (f"{secs} s; " if secs is not None else "") + ext_note + "; log: build.log"))
+    else:
+        ext_cpu = (b.get("ext") or {}).get("cpu", "unknown") if b else "unknown"
+        rows.append(("build extension in place (CUDA sm_90)", NO_GPU,
+                     "dry run compiles nothing: setup.py evaluated "
+                     + ("OK" if st is None else st) + "; existing pwda_fast._C on cpu: "
+                     + ("loads" if ext_cpu is None else str(ext_cpu))))
+
+    # 2. tests
+    counts = log["pytest"].get("gpu_tests", {})
+    count_txt = ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"
+    st = step_status(steps, "gpu_tests")
+    bad = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
+    if gpu:
+        result = st or ("FAIL" if bad else "pass" if counts.get("passed") else "none ran")
+    else:
+        result = "FAIL" if bad else (st or NO_GPU)
+    rows.append(("GPU tests (pytest -m gpu)", result, count_txt + "; log: run.log"))
+    if not gpu:
+        counts = log["pytest"].get("triton_interpret", {})
+        st = step_status(steps, "triton_interpret")
+        ok = st is None and counts.get("passed") and not counts.get("failed")
+        rows.append(("triton kernel under TRITON_INTERPRET=1 (cpu, cheap cases)",
+                     "pass (cpu interpreter)" if ok else (st or "FAIL"),
+                     ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"))
+
+    # 3. bandwidth and fused loss
+    bench = _read_json(out / "bench_loss.json")
+    st = step_status(steps, "bench_loss")
+    if gpu and bench is None:
+        rows.append(("fused loss benchmark", st or "missing", "no bench_loss.json; log: run.log"))
+    elif not gpu:
+        rows.append(("device copy bandwidth", NO_GPU, "measured on CUDA only"))
+        rows.append(("fused loss >= 80% of copy bandwidth (4x19x512x1024 bf16)", NO_GPU, ""))
+        rows.append(("fused loss faster than torch.compile(reference)", NO_GPU, ""))
+    if bench is not None:
+        rows.extend(r for r in loss_rows(bench, gpu))
+    elif not gpu:
+        rows.append(("fused loss benchmark (cpu, tiny)", st or "missing", "no bench_loss.json"))
+
+    # 4. train step
+    step_jsons = []
+    for name, label, compiled in (("bench_step", "train step engine/eager >= 3x (R101 512x1024)", False),
+                                  ("bench_step_compile", "train step engine+compile/eager >= 3x", True)):
+        data = _read_json(out / f"{name}.json")
+        if data is None:
+            st = step_status(steps, name)
+            rows.append((label, NO_GPU if not gpu else (st or "missing"),
+                         f"no {name}.json" + (f" ({st})" if st and not gpu else "") + "; log: run.log"))
+            continue
+        step_jsons.append(data)
+        rows.append(_step_ratio_row(label, data, gpu, compiled))
+    rows.extend(profile_rows(_read_json(out / "step_profile.json"), step_jsons, gpu,
+                             step_status(steps, "step_profile")))
+    return rows
+
+
+def render(rows, mode: str) -> str:
+    head = ("## gpu_check: " + ("GPU run" if mode == "gpu" else "CPU dry run (no GPU: GPU rows are skipped)")
+            + f"\n\nTargets: fused loss >= {COPY_TARGET:.0%} of copy bandwidth at N=4, C=19, 512x1024 and "
+            f"faster than torch.compile; train step >= {STEP_TARGET:.0f}x the eager fp32 loop.\n\n")
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| check | result | numbers |", "|---|---|---|"]
+    lines += [f"| {esc(c)} | {esc(r)} | {esc(n)} |" for c, r, n in rows]
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
+    args = p.parse_args(argv)
+    text = render(build_table(args.out, args.mode), args.mode)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""bench/gpu_check.sh and its table (bench/gpu_summary.py): the table logic on made-up results for
+both modes, and the whole script's CPU dry run end to end (slow)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+_spec = importlib.util.spec_from_file_location("gpu_summary", BENCH / "gpu_summary.py")
+gpu_summary = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_summary)
+
+GPU_ROWS = ("build extension in place", "GPU tests", "device copy bandwidth",
+            "fused loss >= 80% of copy bandwidth", "fused loss faster than torch.compile",
+            "train step engine/eager", "train step engine+compile/eager", "train step peak memory",
+            "train step MFU")
+
+
+def table_rows(text: str) -> dict[str, tuple[str, str]]:
+    """check -> (result, numbers) from the markdown table."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith(("| check ", "|---")):
+            check, result, numbers = (c.strip() for c in line.strip("|").split(" | ", 2))
+            rows[check] = (result, numbers)
+    return rows
+
+
+def row(rows: dict, prefix: str) -> tuple[str, str]:
+    matches = [v for k, v in rows.items() if k.startswith(prefix)]
+    assert len(matches) == 1, (prefix, list(rows))
+    return matches[0]
+
+
+def loss_row(shape, dtype, provider, ms, frac=None):
+    r = {"shape": shape, "dtype": dtype, "provider": provider, "median_ms": ms, "gb_per_s": 1000.0}
+    if frac is not None:
+        r["fraction_of_copy"] = frac
+    return r
+
+
+def step_json(**images_per_s):
+    return {"rows": [{"provider": p, "images_per_s": v, "median_s": 2 / v} for p, v in images_per_s.items()]}
+
+
+def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected in 9.81s"):
+    """A made-up GPU run: run.log markers, the four JSON files."""
+    log = [
+        "@@step probe start limit=60",
+        '@@probe {"python": "3.12.3", "torch": "2.11.0+cu130", "cuda": "13.0", "cuda_available": true, '
+        '"device_name": "NVIDIA H200", "triton": "3.6.0"}',
+        "@@step probe rc=0 seconds=3 limit=60",
+        f"@@step build rc={build_rc} seconds=80 limit=150",
+        '@@backends {"ext": {"cpu": null, "cuda": null}, "triton": {"cpu": "needs interpret", "cuda": null}}',
+        "@@step backends rc=0 seconds=3 limit=60",
+        "@@step gpu_tests start limit=75",
+        "........", pytest_line,
+        f"@@step gpu_tests rc={0 if 'failed' not in pytest_line else 1} seconds=20 limit=75",
+        "@@step bench_loss rc=0 seconds=50 limit=90",
+        "@@step bench_step rc=0 seconds=40 limit=90",
+        "@@step step_profile rc=0 seconds=20 limit=60",
+        "@@step bench_step_compile skipped time budget",
+    ]
+    (out / "run.log").write_text("\n".join(log) + "\n")
+    prod = [4, 19, 512, 1024]
+    (out / "bench_loss.json").write_text(json.dumps({"copy_gb_per_s": 4000.0, "rows": [
+        loss_row(prod, "bf16", "eager", 2.0), loss_row(prod, "bf16", "compile", 0.5),
+        loss_row(prod, "bf16", "ext", 0.2, 0.70), loss_row(prod, "bf16", "triton", 0.19, 0.85),
+        loss_row(prod, "fp32", "eager", 3.0), loss_row(prod, "fp32", "triton", 0.3, 0.75)]}))
+    (out / "bench_step.json").write_text(json.dumps(step_json(**{
+        "eager fp32 NCHW (AdaptSegNet loop)": 4.0, "engine fp32 channels_last": 6.0,
+        "engine bf16 channels_last": 10.0})))
+    (out / "step_profile.json").write_text(json.dumps({
+        "flops_per_iter": 2e12, "peak_flops": 1e15, "peak_note": "H200 dense bf16",
+        "peak_memory_bytes": {"eager fp32 NCHW (AdaptSegNet loop)": 20 * 2**30,
+                              "engine bf16 channels_last": 10 * 2**30}}))
+
+
+def test_gpu_table_reports_targets_and_failures(tmp_path):
+    write_results(tmp_path, build_rc=1, pytest_line="1 failed, 11 passed, 170 deselected in 9.81s")
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
+    assert row(rows, "environment")[1].startswith("python 3.12.3, torch 2.11.0+cu130")
+    assert row(rows, "build extension")[0] == "FAIL (exit 1)"
+    assert row(rows, "GPU tests")[0] == "FAIL (exit 1)" and "1 failed, 11 passed" in row(rows, "GPU tests")[1]
+    assert row(rows, "device copy bandwidth") == ("measured", "4000 GB/s (1 GiB fp32 clone, read + write)")
+    result, numbers = row(rows, "fused loss >= 80%")
+    assert result == "MET" and numbers.startswith("best triton: 85.0% of copy")
+    assert row(rows, "fused loss faster than torch.compile")[0] == "MET"
+    assert "triton 0.190 ms" in row(rows, "fused loss fwd+bwd 4x19x512x1024 bf16")[1]
+    result, numbers = row(rows, "train step engine/eager")
+    assert result == "NOT MET" and numbers.endswith("best/eager 2.50x")
+    assert row(rows, "train step engine+compile/eager")[0] == "skipped (time budget)"
+    assert row(rows, "train step peak memory")[1] == (
+        "eager fp32 NCHW (AdaptSegNet loop) 20.00 GiB; engine bf16 channels_last 10.00 GiB")
+    # 2 TFLOP per iteration at 0.5 s (eager) on a 1 PFLOP/s device: 0.4%
+    assert "eager fp32 NCHW (AdaptSegNet loop) 0.4%" in row(rows, "train step MFU")[1]
+
+
+def test_gpu_table_passes_and_misses(tmp_path):
+    write_results(tmp_path)
+    data = json.loads((tmp_path / "bench_loss.json").read_text())
+    for r in data["rows"]:
+        if r["provider"] in ("ext", "triton") and r["dtype"] == "bf16":
+            r["fraction_of_copy"], r["median_ms"] = 0.5, 0.6
+    (tmp_path / "bench_loss.json").write_text(json.dumps(data))
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
+    assert row(rows, "build extension")[0] == "pass"
+    assert row(rows, "GPU tests") == ("pass", "12 passed, 170 deselected; log: run.log")
+    assert row(rows, "fused loss >= 80%")[0] == "NOT MET"
+    assert row(rows, "fused loss faster than torch.compile")[0] == "NOT MET"
+
+
+def test_cpu_dry_run_table_never_passes_a_gpu_row(tmp_path):
+    write_results(tmp_path)  # even with numbers that would meet every target
+    (tmp_path / "bench_step.json").write_text(json.dumps(step_json(**{
+        "eager fp32 NCHW (AdaptSegNet loop)": 1.0, "engine bf16 channels_last": 10.0})))
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "cpu"), "cpu"))
+    for prefix in GPU_ROWS:
+        assert row(rows, prefix)[0] == "skipped (no GPU)", prefix
+
+
+def test_missing_files_are_reported_not_crashed_on(tmp_path):
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
+    assert row(rows, "environment")[0] == "missing"
+    assert row(rows, "fused loss benchmark")[0] == "not run"
+    assert row(rows, "train step MFU")[0] == "not run"
+
+
+def test_pytest_result_lines_parse():
+    for line, counts in [("4 skipped, 174 deselected in 3.58s", {"skipped": 4, "deselected": 174}),
+                         ("===== 1 failed, 3 passed in 0.50s =====", {"failed": 1, "passed": 3}),
+                         ("2 passed, 1 warning in 1.00s", {"passed": 2, "warning": 1})]:
+        log = gpu_summary.parse_run_log(f"@@step t start limit=9\n{line}\n@@step t rc=0 seconds=1 limit=9")
+        assert log["pytest"]["t"] == counts and log["steps"]["t"]["rc"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BENCH / "bench_step.py").exists(), reason="bench/bench_step.py is not written yet")
+def test_cpu_dry_run_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--cpu-dry-run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    log = (out / "run.log").read_text() if (out / "run.log").exists() else ""
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:] + log[-4000:]
+    # The table is printed last and is the same as summary.md.
+    summary = (out / "summary.md").read_text()
+    assert run.stdout.rstrip().endswith(summary.rstrip())
+    rows = table_rows(summary)
+    for prefix in GPU_ROWS:
+        assert row(rows, prefix)[0] == "skipped (no GPU)", (prefix, summary)
+    assert row(rows, "triton kernel under TRITON_INTERPRET=1")[0] == "pass (cpu interpreter)"
+    assert row(rows, "fused loss fwd+bwd 1x19x16x32 bf16")[0] == "ran (cpu, tiny)"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+    assert {"summary.md", "run.log", "bench_loss.json", "bench_step.json", "step_profile.json"} <= set(files)

@@ -1,0 +1,54 @@
+"""MetricsLogger: JSON lines on rank 0 only; TensorBoard scalars and pictures, or a clear error."""
+
+import importlib.util
+import json
+
+import pytest
+
+from pwda_fast import config
+from pwda_fast.logger import MetricsLogger
+
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+def test_writes_json_lines_on_rank_zero_only(tmp_path):
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    logger.write({"step": 1, "seg": 2.5, "skipped": 0})
+    logger.write({"step": 1, "eval": True, "miou": 12.0})
+    logger.close()
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "seg": 2.5, "skipped": 0}, {"step": 1, "eval": True, "miou": 12.0}]
+    other = tmp_path / "rank1"
+    other.mkdir()
+    MetricsLogger(other, enabled=False, tensorboard=False).write({"step": 1, "seg": 1.0})
+    assert not (other / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
+def test_missing_tensorboard_is_a_config_error_on_every_rank(tmp_path):
+    for enabled in (True, False):
+        with pytest.raises(config.ConfigError, match=r"log.tensorboard=true needs the tensorboard package"):
+            MetricsLogger(tmp_path, enabled=enabled, tensorboard=True)
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs the tensorboard extra")
+def test_tensorboard_gets_scalars_and_pictures(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pwda_fast.data import build_val
+    from pwda_fast.models import build_networks
+
+    cfg = config.load("toy")
+    g, _, d_aux = build_networks(cfg.model)
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True, images=1)
+    logger.write({"step": 2, "seg": 1.5, "adv": float("nan"), "skipped": 0})
+    logger.write({"step": 2, "eval": True, "miou": 30.0})
+    logger.figures(2, g, d_aux, build_val(cfg.data, log=lambda _: None), cfg)
+    logger.close()
+    assert g.training and d_aux.training  # modes restored after drawing
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/seg", "train/skipped", "eval/miou"} <= set(tags["scalars"])
+    assert "train/adv" not in tags["scalars"]  # non-finite values stay in metrics.jsonl only
+    assert events.Scalars("eval/miou")[0].value == 30.0 and events.Scalars("eval/miou")[0].step == 2
+    assert {"target_0/prediction", "target_0/weighting_maps"} <= set(tags["images"])

@@ -1,0 +1,96 @@
+"""Fast paths of the engine on CPU: bf16 autocast, channels_last, optimizer implementations, compile."""
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import as_argv, tiny_overrides
+
+from pwda_fast import config, distributed, train
+from pwda_fast.adapt import Adapter, Nets
+from pwda_fast.data import build_datasets
+from pwda_fast.data.loader import train_loader
+from pwda_fast.models import build_networks
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread only adds contention
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    cfg = config.load("toy", {"data.crop": [48, 96]})
+    data = build_datasets(cfg.data, None, lambda msg: None)
+    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
+    return [(next(src), next(tgt)) for _ in range(2)]
+
+
+def _losses(batches, **overrides) -> list[dict]:
+    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.backend": "torch", **overrides})
+    torch.manual_seed(0)
+    g, d, d_aux = build_networks(cfg.model)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for net in (g, d, d_aux):
+        net.to(memory_format=fmt).train()
+    opts = train.build_optimizers(cfg, g, d, d_aux, CPU)
+    adapter = Adapter(cfg, Nets(g, d, d_aux), *opts, "torch", CPU, distributed.Dist())
+    out = []
+    for step, (s, t) in enumerate(batches):
+        losses, stepped = adapter.step(step, s, t)
+        assert stepped
+        out.append(losses)
+    assert all(p.dtype == torch.float32 for p in g.parameters())  # fp32 master weights
+    return out
+
+
+def test_channels_last_matches_contiguous_fp32(batches):
+    want = _losses(batches)
+    got = _losses(batches, **{"train.channels_last": True})
+    for w, g in zip(want, got):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-6)
+
+
+def test_bf16_autocast_with_channels_last_is_finite_and_close_to_fp32(batches):
+    want = _losses(batches)
+    got = _losses(batches, **{"train.amp": "bf16", "train.channels_last": True})
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert set(g) == set(w)
+        for name in w:
+            assert torch.isfinite(torch.tensor(g[name])), f"step {step} {name} = {g[name]}"
+            # bf16 keeps 8 bits of mantissa: about 0.4 % per rounding, a few % through the network
+            assert g[name] == pytest.approx(w[name], rel=0.05, abs=1e-3), f"step {step} {name}"
+
+
+def test_optimizers_foreach_on_cpu_plain_torch_on_request():
+    cfg = config.load("toy")
+    nets = build_networks(cfg.model)
+    for opt in train.build_optimizers(cfg, *nets, CPU):
+        assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    cfg = config.load("toy", {"optim.impl": "torch"})
+    for opt in train.build_optimizers(cfg, *nets, CPU):
+        assert not opt.defaults["foreach"] and not opt.defaults.get("fused")
+
+
+def test_apex_without_apex_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "apex", None)  # "import apex.optimizers" now fails, installed or not
+    cfg = config.load("toy", {"optim.impl": "apex"})
+    with pytest.raises(config.ConfigError, match="optim.impl=apex needs NVIDIA apex.*use optim.impl=auto"):
+        train.build_optimizers(cfg, *build_networks(cfg.model), CPU)
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"optim.impl": "apex"}))) == train.EXIT_CONFIG
+    assert "optim.impl=apex needs NVIDIA apex" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_two_steps(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.compile": True, "train.iters": 2, "data.batch_size": 1,
+                                            "train.eval_images": 1})
+    assert train.main(as_argv(overrides)) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines() if "seg" in ln]
+    assert [ln["step"] for ln in lines] == [1, 2] and all(ln["skipped"] == 0 for ln in lines)
