@@ -5,6 +5,9 @@
 // d = floor if p* > T else exp(-p*); w = (d + mu) * sigmoid(a); bce = max(z,0) - z*y + log1p(exp(-|z|)).
 // Outputs: loss = mean(w * bce) (fp32 scalar) and grad_disc = w * (sigmoid(z) - y) / (N*H*W), i.e.
 // dL/dz for an upstream gradient of 1, fp32 (N, 1, H, W) contiguous.
+// disc and aux may be (N, 1, h, w) with h <= H, w <= W: z and a are then sampled bilinearly
+// (align_corners=True, aten's index and weight rule) at each output pixel, so the full-resolution maps
+// are never written, and grad_disc is dL/dz_up w.r.t. the upsampled map (ops.py applies the adjoint).
 
 #include <Python.h>
 
@@ -89,13 +92,96 @@ __attribute__((always_inline)) inline float fast_log1p_unit(float t) {
   return d == 0.0f ? t : log_u * (t / d);
 }
 
+// A (N, 1, h, w) logit map read at the (H, W) output grid. Without upsampling (h == H, w == W) pixel
+// (n, y, x) is at n*sn + y*sh + x*sw; with it, output row y blends rows row0[y] and row1[y] (element
+// offsets, already times sh) with weight row_l[y] on row1, and column x likewise with col*.
+struct Map {
+  int64_t sn, sh, sw;
+  bool up;
+  const int64_t* row0;
+  const int64_t* row1;
+  const float* row_l;
+  const int64_t* col0;
+  const int64_t* col1;
+  const float* col_l;
+};
+
 struct Params {
   int64_t C, H, W;
   int64_t seg_sn, seg_sc, seg_sh, seg_sw;
-  int64_t disc_sn, disc_sh, disc_sw;
-  int64_t aux_sn, aux_sh, aux_sw;
+  Map disc, aux;
   float label, threshold, floor, mu, inv_count;
 };
+
+// aten's bilinear align_corners=True source indices along one axis (compute_source_index_and_lambda):
+// src = x * (in - 1) / (out - 1) in float (0 when out == 1); i0 = min(floor(src), in - 1),
+// i1 = i0 + (i0 < in - 1), lambda1 = clamp(src - i0, 0, 1); an axis of equal sizes is the identity.
+void axis_table(int64_t in, int64_t out, int64_t stride, std::vector<int64_t>& i0, std::vector<int64_t>& i1,
+                std::vector<float>& l1) {
+  i0.resize(out);
+  i1.resize(out);
+  l1.resize(out);
+  const float ratio = out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.0f;
+  for (int64_t x = 0; x < out; ++x) {
+    int64_t a = x;
+    float lam = 0.0f;
+    int64_t b = x;
+    if (in != out) {
+      const float src = ratio * static_cast<float>(x);
+      a = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+      lam = std::min(std::max(src - static_cast<float>(a), 0.0f), 1.0f);
+      b = a + (a < in - 1 ? 1 : 0);
+    }
+    i0[x] = a * stride;
+    i1[x] = b * stride;
+    l1[x] = lam;
+  }
+}
+
+// Owns the index tables a Map points into.
+struct MapTables {
+  std::vector<int64_t> row0, row1, col0, col1;
+  std::vector<float> row_l, col_l;
+
+  Map build(const at::Tensor& t, int64_t H, int64_t W) {
+    Map m{t.stride(0), t.stride(2), t.stride(3), t.size(2) != H || t.size(3) != W,
+          nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    if (m.up) {
+      axis_table(t.size(2), H, t.stride(2), row0, row1, row_l);
+      axis_table(t.size(3), W, t.stride(3), col0, col1, col_l);
+      m.row0 = row0.data();
+      m.row1 = row1.data();
+      m.row_l = row_l.data();
+      m.col0 = col0.data();
+      m.col1 = col1.data();
+      m.col_l = col_l.data();
+    }
+    return m;
+  }
+};
+
+// out[i] = the map's value at output pixel (n, h, w + i), i < len, as float.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void load_map(const scalar_t* base, const Map& m, int64_t n, int64_t h,
+                                                    int64_t w, int64_t len, float* out) {
+  const scalar_t* b = base + n * m.sn;
+  if (!m.up) {
+    const scalar_t* r = b + h * m.sh + w * m.sw;
+    for (int64_t i = 0; i < len; ++i) out[i] = static_cast<float>(r[i * m.sw]);
+    return;
+  }
+  const scalar_t* r0 = b + m.row0[h];
+  const scalar_t* r1 = b + m.row1[h];
+  const float l1 = m.row_l[h], l0 = 1.0f - l1;
+  const int64_t* c0 = m.col0 + w;
+  const int64_t* c1 = m.col1 + w;
+  const float* k = m.col_l + w;
+  for (int64_t i = 0; i < len; ++i) {
+    const float k1 = k[i], k0 = 1.0f - k1;
+    out[i] = l0 * (k0 * static_cast<float>(r0[c0[i]]) + k1 * static_cast<float>(r0[c1[i]])) +
+             l1 * (k0 * static_cast<float>(r1[c0[i]]) + k1 * static_cast<float>(r1[c1[i]]));
+  }
+}
 
 // One tile: `len` pixels of row (n, h) starting at column w; grad points at the tile's first pixel.
 // Returns the tile's sum of w * bce. kUnitW lets the compiler see contiguous loads for NCHW input.
@@ -119,8 +205,10 @@ __attribute__((always_inline)) inline double tile(const scalar_t* seg, const sca
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) s[i] += fast_exp(static_cast<float>(xc[i * sw]) - m[i]);
   }
-  const scalar_t* z_ptr = disc + n * p.disc_sn + h * p.disc_sh + w * p.disc_sw;
-  const scalar_t* a_ptr = kAux ? aux + n * p.aux_sn + h * p.aux_sh + w * p.aux_sw : nullptr;
+  float zv[kTile];
+  float av[kTile];
+  load_map(disc, p.disc, n, h, w, len, zv);
+  if (kAux) load_map(aux, p.aux, n, h, w, len, av);
   // A float sum over one tile (64 terms) vectorises; tiles and blocks are then summed in double.
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -128,11 +216,11 @@ __attribute__((always_inline)) inline double tile(const scalar_t* seg, const sca
     const float p_max = 1.0f / s[i];
     float weight = (__builtin_isgreater(p_max, p.threshold) ? p.floor : fast_exp(-p_max)) + p.mu;
     if (kAux) {
-      const float a = static_cast<float>(a_ptr[i * p.aux_sw]);
+      const float a = av[i];
       const float ea = fast_exp(-std::fabs(a));
       weight *= (__builtin_isgreaterequal(a, 0.0f) ? 1.0f : ea) / (1.0f + ea);
     }
-    const float z = static_cast<float>(z_ptr[i * p.disc_sw]);
+    const float z = zv[i];
     const float ez = fast_exp(-std::fabs(z));
     const float bce = (__builtin_isgreater(z, 0.0f) ? z : 0.0f) - z * p.label + fast_log1p_unit(ez);
     const float sig = (__builtin_isgreaterequal(z, 0.0f) ? 1.0f : ez) / (1.0f + ez);
@@ -215,15 +303,19 @@ void check_weighted_adv_loss_inputs(const at::Tensor& seg, const at::Tensor& dis
   const auto dt = seg.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "seg_logits must be float32, bfloat16 or float16; got ", dt);
-  const std::vector<int64_t> want{seg.size(0), 1, seg.size(2), seg.size(3)};
-  TORCH_CHECK(disc.sizes() == at::IntArrayRef(want), "disc_logits must be (N, 1, H, W) like seg_logits ",
+  // A D / D_aux map is (N, 1, h, w) with 1 <= h <= H, 1 <= w <= W; smaller ones are upsampled in-kernel.
+  const auto map_ok = [&](const at::Tensor& t) {
+    return t.dim() == 4 && t.size(0) == seg.size(0) && t.size(1) == 1 && t.size(2) >= 1 &&
+           t.size(2) <= seg.size(2) && t.size(3) >= 1 && t.size(3) <= seg.size(3);
+  };
+  TORCH_CHECK(map_ok(disc), "disc_logits must be (N, 1, h, w) with h <= H, w <= W of seg_logits ",
               seg.sizes(), "; got ", disc.sizes());
   TORCH_CHECK(disc.scalar_type() == dt, "disc_logits must have seg_logits' dtype ", dt, "; got ",
               disc.scalar_type());
   TORCH_CHECK(disc.device() == seg.device(), "disc_logits must be on seg_logits' device ", seg.device(),
               "; got ", disc.device());
   if (aux.has_value()) {
-    TORCH_CHECK(aux->sizes() == at::IntArrayRef(want), "aux_logits must be (N, 1, H, W) like seg_logits ",
+    TORCH_CHECK(map_ok(*aux), "aux_logits must be (N, 1, h, w) with h <= H, w <= W of seg_logits ",
                 seg.sizes(), "; got ", aux->sizes());
     TORCH_CHECK(aux->scalar_type() == dt, "aux_logits must have seg_logits' dtype ", dt, "; got ",
                 aux->scalar_type());
@@ -241,11 +333,13 @@ std::tuple<at::Tensor, at::Tensor> weighted_adv_loss_fwd_cpu(const at::Tensor& s
   TORCH_CHECK(seg.device().is_cpu(), "seg_logits must be a CPU tensor for the CPU kernel; got ", seg.device());
   const int64_t pixels = seg.size(0) * seg.size(2) * seg.size(3);
   auto grad = at::empty({seg.size(0), 1, seg.size(2), seg.size(3)}, seg.options().dtype(at::kFloat));
-  const bool has_aux = aux.has_value();
+  MapTables disc_tables, aux_tables;
+  const Map disc_map = disc_tables.build(disc, seg.size(2), seg.size(3));
+  const Map aux_map = aux.has_value() ? aux_tables.build(*aux, seg.size(2), seg.size(3))
+                                      : Map{0, 0, 0, false, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   Params p{seg.size(1), seg.size(2), seg.size(3),
            seg.stride(0), seg.stride(1), seg.stride(2), seg.stride(3),
-           disc.stride(0), disc.stride(2), disc.stride(3),
-           has_aux ? aux->stride(0) : 0, has_aux ? aux->stride(2) : 0, has_aux ? aux->stride(3) : 0,
+           disc_map, aux_map,
            static_cast<float>(label), static_cast<float>(threshold), static_cast<float>(floor),
            static_cast<float>(mu), static_cast<float>(1.0 / static_cast<double>(pixels))};
   float* g = grad.data_ptr<float>();

@@ -76,9 +76,13 @@ class Adapter:
                 group["lr"] = poly_lr(o.lr_d, step, iters, o.power)
 
     def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float) -> torch.Tensor:
-        """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L."""
+        """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L.
+
+        disc_logits and aux_logits come at D's and D_aux's native resolution: BCE upsamples D's map
+        to the image size first, the fused weighted loss samples both maps bilinearly in-kernel.
+        """
         if self.a.weighting == "none":
-            return reference.domain_bce(disc_logits, label)
+            return reference.domain_bce(upsample(disc_logits, seg_logits.shape[2:]), label)
         return ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
                                      threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu,
                                      backend=self.backend)
@@ -135,15 +139,16 @@ class Adapter:
         with self.autocast():
             aux_t, main_t, feat_t = self.nets.g(x_t)
             main_t = upsample(main_t.float(), size)
-            z_t = upsample(d(torch.softmax(main_t, dim=1)).float(), size)
-            a_t = upsample(d_aux(feat_t).float(), size) if self.use_aux else None
-        # The weighting map is a constant: seg and aux logits enter the loss detached.
-        weight_aux = a_t.detach() if a_t is not None else None
+            z_t = d(torch.softmax(main_t, dim=1)).float()  # D's native resolution
+            a_low = d_aux(feat_t).float() if self.use_aux else None
+        # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
+        # loss takes D's and D_aux's maps at their native resolution and upsamples them in-kernel.
+        weight_aux = a_low.detach() if a_low is not None else None
         loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE)
         loss_g = self.a.lambda_adv * loss_adv
         losses["adv"] = loss_adv.detach()
         if self.use_aux:
-            loss_adv_aux = reference.domain_bce(a_t, SOURCE)
+            loss_adv_aux = reference.domain_bce(upsample(a_low, size), SOURCE)
             loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
             losses["adv_aux"] = loss_adv_aux.detach()
         aux_t = upsample(aux_t.float(), size)
@@ -164,9 +169,8 @@ class Adapter:
         n_s, size = src["main"].shape[0], tuple(src["main"].shape[2:])
         probs = torch.cat([torch.softmax(src["main"], 1), torch.softmax(tgt["main"], 1)])
         with self.autocast():
-            z = self.nets.d(probs.contiguous(memory_format=self.memory_format))
-        z = upsample(z.float(), size)
-        loss_d = reference.domain_bce(z[:n_s], SOURCE) + self._adv_loss(
+            z = self.nets.d(probs.contiguous(memory_format=self.memory_format)).float()
+        loss_d = reference.domain_bce(upsample(z[:n_s], size), SOURCE) + self._adv_loss(
             tgt["main"], z[n_s:], tgt["weight_aux"], TARGET)
         losses["d"] = loss_d.detach()
         if self.use_aux:

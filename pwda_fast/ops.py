@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from pwda_fast import reference
 
@@ -32,9 +33,11 @@ def _check_logits(name: str, t: torch.Tensor, like: torch.Tensor | None = None) 
             raise ValueError(f"{name} must be a non-empty (N, C, H, W) tensor; got {tuple(t.shape)}")
         return
     n, _, h, w = like.shape
-    if t.dim() != 4 or t.shape[0] != n or t.shape[1] != 1 or tuple(t.shape[2:]) != (h, w):
-        raise ValueError(f"{name} must be (N, 1, H, W) like seg_logits {tuple(like.shape)}, "
-                         f"i.e. ({n}, 1, {h}, {w}); got {tuple(t.shape)}")
+    if (t.dim() != 4 or t.shape[0] != n or t.shape[1] != 1 or not 1 <= t.shape[2] <= h
+            or not 1 <= t.shape[3] <= w):
+        raise ValueError(f"{name} must be (N, 1, H, W) like seg_logits {tuple(like.shape)}, or a "
+                         f"lower-resolution (N, 1, h, w) with 1 <= h <= H, 1 <= w <= W, i.e. "
+                         f"({n}, 1, <={h}, <={w}); got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} must be on seg_logits' device {like.device}; got {t.device}")
 
@@ -127,7 +130,11 @@ def _forward_of(backend: str):
 def _weighted_adv_loss_op(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                           aux_logits: torch.Tensor | None, label: float, threshold: float,
                           floor: float, mu: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz (N, 1, H, W) fp32)."""
+    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz_up (N, 1, H, W) fp32).
+
+    disc_logits / aux_logits may be (N, 1, h, w) with h <= H, w <= W: the kernel samples them bilinearly
+    (align_corners=True) per output pixel, and dL/dz_up is the gradient w.r.t. the upsampled map.
+    """
     return _forward_of(backend)(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
 
 
@@ -141,13 +148,25 @@ def _(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu, backend)
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.disc_dtype = inputs[1].dtype
+    ctx.disc_shape = tuple(inputs[1].shape)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_disc):
     # grad_disc is a by-product, not a function of the inputs anyone differentiates: its cotangent
     # is ignored. The weights are constants (DESIGN.md §2), so seg and aux get no gradient.
     (grad_disc,) = ctx.saved_tensors
-    return None, (grad_loss * grad_disc).to(ctx.disc_dtype), None, None, None, None, None, None
+    grad = grad_loss * grad_disc
+    if tuple(grad.shape) != ctx.disc_shape:
+        # Low-resolution D map: the adjoint of the in-kernel bilinear (align_corners=True) upsampling,
+        # i.e. autograd of F.interpolate (aten.upsample_bilinear2d_backward when eager; called through
+        # autograd because that op's meta kernel rejects symbolic sizes under torch.compile). On CPU
+        # it is deterministic (one thread per (n, c) plane); on CUDA aten accumulates with atomicAdd,
+        # so the low-res gradient may differ in the last bits from run to run (the loss does not).
+        with torch.enable_grad():
+            low = grad.new_zeros(ctx.disc_shape).requires_grad_()
+            up = F.interpolate(low, size=grad.shape[2:], mode="bilinear", align_corners=True)
+            (grad,) = torch.autograd.grad(up, low, grad)
+    return None, grad.to(ctx.disc_dtype), None, None, None, None, None, None
 
 
 _weighted_adv_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -170,8 +189,10 @@ _register_ext_fake()
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,
                   threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1) -> torch.Tensor:
-    """seg_logits (N, C, H, W), aux_logits (N, 1, H, W) or None -> weights (N, H, W) float32."""
+    """seg_logits (N, C, H, W), aux_logits (N, 1, ha, wa) or None -> weights (N, H, W) float32."""
     check_inputs(seg_logits, None, aux_logits, None, threshold, floor, mu)
+    if aux_logits is not None:  # a lower-resolution D_aux map is upsampled like in weighted_adv_loss
+        aux_logits = reference.upsample_to(aux_logits, seg_logits.shape[2:])
     return reference.pixel_weights(seg_logits, aux_logits, threshold=threshold, floor=floor, mu=mu)
 
 
@@ -181,7 +202,9 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                       backend: str = "auto") -> torch.Tensor:
     """Mean over N*H*W of w * BCE(disc_logits, label); gradient into disc_logits only.
 
-    seg_logits (N, C, H, W); disc_logits, aux_logits (N, 1, H, W) -> () float32.
+    seg_logits (N, C, H, W); disc_logits (N, 1, h, w), aux_logits (N, 1, ha, wa) or None -> () float32.
+    Maps smaller than (H, W) are upsampled bilinearly (align_corners=True) inside the fused kernel, so
+    the full-resolution maps are never materialised; the gradient reaches the low-res disc_logits.
     """
     check_inputs(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
     backend = resolve_backend(backend, seg_logits.device)

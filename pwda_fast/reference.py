@@ -4,7 +4,9 @@ Each function here is the plain, readable form of one equation of the paper (Tia
 "Unsupervised Pixel-Wise Weighted Adversarial Domain Adaptation"), as written in DESIGN.md §2.
 Fast backends (`csrc/`, `kernels/`) keep the same names and must agree with these functions.
 
-Shapes: seg logits x (N, C, H, W); discriminator logit z and auxiliary logit a (N, 1, H, W).
+Shapes: seg logits x (N, C, H, W); discriminator logit z and auxiliary logit a (N, 1, H, W), or
+(N, 1, h, w) with h <= H, w <= W: weighted_adv_loss then upsamples them bilinearly (align_corners=True)
+to (H, W) first, as DESIGN.md §2 prescribes for D's and D_aux's outputs.
 """
 
 from __future__ import annotations
@@ -46,13 +48,25 @@ def bce_with_logits(logits: torch.Tensor, label: float) -> torch.Tensor:
     return z.clamp_min(0) - z * label + torch.log1p(torch.exp(-z.abs()))
 
 
+def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear, align_corners=True to `size` (AdaptSegNet / CLAN); x itself when already that size."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
 def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                       aux_logits: torch.Tensor | None = None, *, label: float,
                       threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1) -> torch.Tensor:
     """L = mean over N*H*W pixels of w * BCE(z, y); gradient flows into disc_logits only.
 
-    seg_logits (N, C, H, W), disc_logits (N, 1, H, W), aux_logits (N, 1, H, W) or None -> () float32.
+    seg_logits (N, C, H, W), disc_logits (N, 1, h, w), aux_logits (N, 1, ha, wa) or None -> () float32.
+    Lower-resolution D / D_aux maps are first upsampled to (H, W) with `upsample_to`.
     """
+    size = seg_logits.shape[2:]
+    disc_logits = upsample_to(disc_logits, size)
+    if aux_logits is not None:
+        aux_logits = upsample_to(aux_logits.detach(), size)
     w = pixel_weights(seg_logits, aux_logits, threshold=threshold, floor=floor, mu=mu)
     return (w * bce_with_logits(disc_logits[:, 0], label)).mean()
 

@@ -179,7 +179,10 @@ class Trainer:
         self._trim_metrics(start)
         self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, cfg.log.images,
                                     purge_step=start)
-        self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
+        try:  # layout, validation and decoding problems: messages that name the files, no traceback
+            self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
+        except (ValueError, OSError) as e:
+            raise config.ConfigError(f"data: {e}") from e
         self.log(f"data: {len(self.datasets['source'])} source, {len(self.datasets['target'])} target, "
                  f"{len(self.datasets['val'])} target-val images")
 

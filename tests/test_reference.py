@@ -117,7 +117,8 @@ def test_ops_torch_backend_matches_reference_and_weights_api():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(z=torch.randn(2, 1, 3, 3)), r"disc_logits must be \(N, 1, H, W\) like seg_logits"),
+    (dict(z=torch.randn(2, 1, 8, 9)), r"disc_logits must be \(N, 1, H, W\) like seg_logits"),
+    (dict(z=torch.randn(2, 1, 3, 10)), r"disc_logits must be .* 1 <= w <= W"),
     (dict(z=torch.randn(2, 2, 7, 9)), r"disc_logits must be \(N, 1, H, W\)"),
     (dict(a=torch.randn(1, 1, 7, 9)), r"aux_logits must be \(N, 1, H, W\)"),
     (dict(x=torch.randn(19, 7, 9)), r"seg_logits must be a non-empty \(N, C, H, W\)"),

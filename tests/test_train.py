@@ -154,3 +154,11 @@ def test_resume_refuses_other_world_size(tmp_path, capsys):
     checkpoint.save(tmp_path, 1, state)
     assert run(tiny_overrides(tmp_path, **{"train.iters": 3})) == train.EXIT_CONFIG
     assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
+
+
+def test_missing_dataset_exits_2_showing_the_layout(tmp_path, capsys):
+    code = run(tiny_overrides(tmp_path / "run", **{"data.source": "gta5",
+                                                   "data.source_root": str(tmp_path / "nowhere")}))
+    assert code == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("error: data: ") and "nowhere" in err and "images" in err

@@ -196,3 +196,191 @@ def test_cuda_matches_reference(backend, dtype, layout):
                     <= 2 * (ref_grad.double() - exact_grad).abs().max() + 1e-5 * exact_grad.abs().max())
         again = loss_and_grad(backend, seg, disc, a, label)
         assert torch.equal(again[0], loss_and_grad(backend, seg, disc, a, label)[0])
+
+
+# Low-resolution D / D_aux maps: the kernels upsample them bilinearly (align_corners=True) in-kernel.
+
+def make_lowres(shape, disc_hw, aux_hw, dtype=torch.float32, scale=3.0, seed=0, device="cpu"):
+    """seg (N, C, H, W), disc (N, 1, *disc_hw), aux (N, 1, *aux_hw) or None when aux_hw is None."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    seg = (torch.randn(shape, generator=g) * scale).to(device, dtype)
+    disc = (torch.randn((n, 1, *disc_hw), generator=g) * scale).to(device, dtype)
+    a = None if aux_hw is None else (torch.randn((n, 1, *aux_hw), generator=g) * scale).to(device, dtype)
+    return seg, disc, a
+
+
+def upsample(x, size):
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def explicit_upsample_reference(seg, disc, aux, label, **kw):
+    """reference.weighted_adv_loss on maps upsampled outside it -> loss, grad w.r.t. low-res z."""
+    z = disc.detach().clone().requires_grad_()
+    size = seg.shape[2:]
+    a = None if aux is None else upsample(aux, size).detach()
+    loss = reference.weighted_adv_loss(seg, upsample(z, size), a, label=label, **{**KW, **kw})
+    loss.backward()
+    return loss.detach(), z.grad.float()
+
+
+def fp64_lowres_reference(seg, disc, aux, label, threshold=0.9, floor=0.01, mu=0.1):
+    """DESIGN.md §2 in float64, upsampling in float64 too: loss and dL/dz w.r.t. the low-res map."""
+    size = seg.shape[2:]
+    z64 = disc.double().requires_grad_()
+    a64 = None if aux is None else upsample(aux.double(), size)
+    p_max = torch.softmax(seg.double(), dim=1).amax(dim=1)
+    w = torch.where(p_max > threshold, torch.full_like(p_max, floor), torch.exp(-p_max)) + mu
+    if a64 is not None:
+        w = w * torch.sigmoid(a64[:, 0])
+    z = upsample(z64, size)[:, 0]
+    loss = (w * (z.clamp_min(0) - z * label + torch.log1p(torch.exp(-z.abs())))).mean()
+    (grad,) = torch.autograd.grad(loss, z64)
+    return loss.detach(), grad
+
+
+LOWRES_CASES = [  # (seg shape, disc (h, w), aux (h, w) or None)
+    ((1, 19, 97, 131), (4, 5), (13, 17)),
+    ((1, 19, 97, 131), (97, 131), (13, 17)),
+    ((1, 19, 97, 131), (4, 5), (97, 131)),
+    ((2, 19, 33, 40), (33, 7), (5, 40)),
+    ((2, 3, 5, 7), (1, 1), (1, 1)),
+    ((2, 3, 5, 7), (2, 3), None),
+    ((1, 19, 1, 1), (1, 1), (1, 1)),
+    ((3, 2, 1, 9), (1, 2), (1, 9)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+@pytest.mark.parametrize("case", LOWRES_CASES, ids=str)
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_lowres_maps_fp32_match_reference(backend, case, label):
+    seg, disc, a = make_lowres(*case)
+    loss, grad = loss_and_grad(backend, seg, disc, a, label)
+    ref_loss, ref_grad = explicit_upsample_reference(seg, disc, a, label)
+    assert grad.shape == disc.shape
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=2e-5 * ref_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_lowres_channels_last_strided_large_logits_floor_off(backend):
+    seg, disc, a = make_lowres((2, 19, 33, 40), (5, 6), (9, 11))
+    assert_matches_reference(backend, seg.to(memory_format=torch.channels_last),
+                             disc.to(memory_format=torch.channels_last),
+                             a.to(memory_format=torch.channels_last), 1.0)
+    _, disc2, a2 = make_lowres((2, 19, 33, 40), (5, 12), (9, 22), seed=1)
+    assert_matches_reference(backend, seg, disc2[..., ::2], a2[..., 1::2], 0.0)
+    assert_matches_reference(backend, seg, disc2.transpose(2, 3)[:, :, :5, :9].transpose(2, 3),
+                             a2[:, :, :, :11], 1.0)
+    seg, disc, a = make_lowres((1, 19, 17, 23), (3, 4), (6, 7), scale=1e4)
+    assert_matches_reference(backend, seg, disc, a, 1.0)
+    assert_matches_reference(backend, seg, disc, a, 0.0)
+    seg, disc, a = make_lowres((1, 19, 17, 23), (3, 4), (6, 7), scale=0.5)
+    assert_matches_reference(backend, seg, disc, a, 0.0, threshold=1.0)
+    assert_matches_reference(backend, seg, disc, a, 1.0, threshold=1.0, floor=0.0, mu=0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lowres_low_precision_within_2x_of_reference(backend, dtype):
+    seg, disc, a = make_lowres((1, 19, 97, 131), (4, 5), (13, 17), dtype=dtype)
+    exact_loss, exact_grad = fp64_lowres_reference(seg, disc, a, 1.0)
+    loss, grad = loss_and_grad(backend, seg, disc, a, 1.0)
+    ref_loss, ref_grad = loss_and_grad("torch", seg, disc, a, 1.0)
+    assert (loss.double() - exact_loss).abs() <= 2 * (ref_loss.double() - exact_loss).abs() + 1e-6
+    g_err = (grad.double() - exact_grad).abs().max()
+    ref_g_err = (ref_grad.double() - exact_grad).abs().max()
+    assert g_err <= 2 * ref_g_err + 1e-5 * exact_grad.abs().max()
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_lowres_inputs_unchanged_deterministic_and_mixed_dtypes(backend):
+    seg, disc, a = make_lowres((2, 19, 29, 31), (4, 4), (8, 9))
+    before = [t.clone() for t in (seg, disc, a)]
+    first = loss_and_grad(backend, seg, disc, a, 1.0)
+    second = loss_and_grad(backend, seg, disc, a, 1.0)
+    for t, b in zip((seg, disc, a), before, strict=True):
+        assert torch.equal(t, b)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    loss = ops.weighted_adv_loss(seg.bfloat16(), disc, a, label=1.0, backend=backend)
+    ref = explicit_upsample_reference(seg.bfloat16(), disc, a, 1.0)[0]
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda s, d, a: (s, torch.zeros(2, 1, 9, 4), a), "disc_logits must be"),
+    (lambda s, d, a: (s, torch.zeros(2, 1, 4, 9), a), "disc_logits must be"),
+    (lambda s, d, a: (s, torch.zeros(2, 1, 0, 4), a), "disc_logits must be"),
+    (lambda s, d, a: (s, d[:, :, :3, :3].repeat(1, 2, 1, 1), a), "disc_logits must be"),
+    (lambda s, d, a: (s, d[:1, :, :3, :3], a), "disc_logits must be"),
+    (lambda s, d, a: (s, d[:, :, :3, :3], torch.zeros(2, 1, 8, 9)), "aux_logits must be"),
+    (lambda s, d, a: (s, d[:, :, :3, :3], a[:1, :, :2, :2]), "aux_logits must be"),
+])
+@pytest.mark.parametrize("backend", ["torch"] + CPU_FAST)
+def test_lowres_malformed_maps_name_the_tensor(backend, bad, message):
+    seg, disc, a = bad(*make((2, 19, 8, 8)))
+    with pytest.raises(ValueError, match=message):
+        ops.weighted_adv_loss(seg, disc, a, label=1.0, backend=backend)
+
+
+def test_pixel_weights_lowres_aux():
+    seg, _, a = make_lowres((2, 19, 11, 13), (1, 1), (3, 4))
+    torch.testing.assert_close(ops.pixel_weights(seg, a),
+                               reference.pixel_weights(seg, upsample(a, seg.shape[2:])))
+
+
+@pytest.mark.parametrize("backend", CPU_FAST)
+def test_lowres_opcheck(backend):
+    seg, disc, a = make_lowres((2, 5, 6, 7), (2, 3), (3, 2))
+    for aux in (a, None):
+        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1, backend)
+        torch.library.opcheck(ops._weighted_adv_loss_op, args)
+    if backend == "ext":
+        torch.library.opcheck(torch.ops.pwda_fast.weighted_adv_loss_fwd,
+                              (seg, disc.detach(), a, 0.0, 0.9, 0.01, 0.1))
+
+
+@pytest.mark.skipif("ext" not in CPU_FAST, reason="pwda_fast._C is not built")
+def test_lowres_torch_compile_fullgraph_matches_eager():
+    seg, disc, a = make_lowres((2, 19, 16, 24), (2, 3), (5, 6))
+
+    def step(seg, disc, aux):
+        return 2.0 * ops.weighted_adv_loss(seg, disc, aux, label=1.0, backend="ext")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1, z2 = disc.clone().requires_grad_(), disc.clone().requires_grad_()
+    eager_loss, compiled_loss = step(seg, z1, a), compiled(seg, z2, a)
+    eager_loss.backward()
+    compiled_loss.backward()
+    assert torch.equal(eager_loss, compiled_loss)
+    # The traced adjoint of the upsampling is aten's decomposition, which may round differently.
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [b for b in FAST if ops._PROBLEMS[b]("cuda") is None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_cuda_lowres_matches_reference(backend, dtype, layout):
+    for (shape, disc_hw, aux_hw), label in zip(LOWRES_CASES + [((4, 19, 64, 128), (2, 4), (9, 17))],
+                                               [1.0, 0.0] * 5, strict=False):
+        seg, disc, a = make_lowres(shape, disc_hw, aux_hw, dtype=dtype, device="cuda")
+        seg = seg.contiguous(memory_format=layout)
+        if dtype == torch.float32:
+            loss, grad = loss_and_grad(backend, seg, disc, a, label)
+            ref_loss, ref_grad = explicit_upsample_reference(seg, disc, a, label)
+            torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=1e-7)
+            torch.testing.assert_close(grad, ref_grad, rtol=2e-5, atol=2e-5 * ref_grad.abs().max().item())
+        else:
+            exact_loss, exact_grad = fp64_lowres_reference(seg, disc, a, label)
+            loss, grad = loss_and_grad(backend, seg, disc, a, label)
+            ref_loss, ref_grad = loss_and_grad("torch", seg, disc, a, label)
+            assert (loss.double() - exact_loss).abs() <= 2 * (ref_loss.double() - exact_loss).abs() + 1e-6
+            assert ((grad.double() - exact_grad).abs().max()
+                    <= 2 * (ref_grad.double() - exact_grad).abs().max() + 1e-5 * exact_grad.abs().max())
+        # The loss is deterministic; the low-res gradient goes through aten's atomicAdd adjoint on CUDA.
+        assert torch.equal(loss_and_grad(backend, seg, disc, a, label)[0],
+                           loss_and_grad(backend, seg, disc, a, label)[0])

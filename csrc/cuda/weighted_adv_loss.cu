@@ -5,6 +5,9 @@
 // channel load of a warp is one coalesced 128-byte transaction. Each block writes one partial sum;
 // a second single-block kernel adds the partials in a fixed order. No atomics on the loss, so the
 // result is bitwise reproducible for a given shape.
+// disc and aux may be (N, 1, h, w) with h <= H, w <= W: each thread then samples its pixel's z and a
+// bilinearly (align_corners=True, aten's index and weight rule) from the low-res map, so the
+// full-resolution maps are never written; grad is dL/dz_up w.r.t. the upsampled map.
 
 // c10/cuda only: ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers the bare toolkit may lack.
 #include <c10/cuda/CUDAException.h>
@@ -22,13 +25,61 @@ namespace {
 constexpr int kThreads = 256;        // pixels per block of the main kernel
 constexpr int kReduceThreads = 1024;  // the one block of the final reduction
 
+// A (N, 1, h, w) logit map read at the (H, W) output grid; ratio_* = (in - 1) / (out - 1), 0 if out == 1.
+struct Map {
+  int64_t sn, sh, sw, h, w;
+  float ratio_h, ratio_w;
+};
+
 struct Params {
   int64_t C, H, W;
   int64_t seg_sn, seg_sc, seg_sh, seg_sw;
-  int64_t disc_sn, disc_sh, disc_sw;
-  int64_t aux_sn, aux_sh, aux_sw;
+  Map disc, aux;
   float label, threshold, floor, mu, inv_count;
 };
+
+Map make_map(const at::Tensor& t, int64_t H, int64_t W) {
+  const auto ratio = [](int64_t in, int64_t out) {
+    return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.0f;
+  };
+  return Map{t.stride(0), t.stride(2), t.stride(3), t.size(2), t.size(3),
+             ratio(t.size(2), H), ratio(t.size(3), W)};
+}
+
+// One axis of aten's compute_source_index_and_lambda for align_corners=True: output index x reads
+// input indices i0, i1 with weight l1 on i1; equal sizes are the identity.
+struct Tap {
+  int64_t i0, i1;
+  float l1;
+};
+
+__device__ __forceinline__ Tap source_index(int64_t x, int64_t in, int64_t out, float ratio) {
+  Tap t{x, x, 0.0f};
+  if (in != out) {
+    const float src = ratio * static_cast<float>(x);
+    const int64_t f = static_cast<int64_t>(floorf(src));
+    t.i0 = f < in - 1 ? f : in - 1;
+    t.l1 = fminf(fmaxf(src - static_cast<float>(t.i0), 0.0f), 1.0f);
+    t.i1 = t.i0 + (t.i0 < in - 1 ? 1 : 0);
+  }
+  return t;
+}
+
+// The map's value at output pixel (n, y, x) of the (H, W) grid, as float.
+template <typename scalar_t>
+__device__ __forceinline__ float sample(const scalar_t* __restrict__ base, const Map m, int64_t H, int64_t W,
+                                        int64_t n, int64_t y, int64_t x) {
+  const scalar_t* b = base + n * m.sn;
+  if (m.h == H && m.w == W) return static_cast<float>(b[y * m.sh + x * m.sw]);
+  const Tap ty = source_index(y, m.h, H, m.ratio_h);
+  const Tap tx = source_index(x, m.w, W, m.ratio_w);
+  const float v00 = static_cast<float>(b[ty.i0 * m.sh + tx.i0 * m.sw]);
+  const float v01 = static_cast<float>(b[ty.i0 * m.sh + tx.i1 * m.sw]);
+  const float v10 = static_cast<float>(b[ty.i1 * m.sh + tx.i0 * m.sw]);
+  const float v11 = static_cast<float>(b[ty.i1 * m.sh + tx.i1 * m.sw]);
+  const float kx0 = 1.0f - tx.l1;
+  return (1.0f - ty.l1) * (kx0 * v00 + tx.l1 * v01) + ty.l1 * (kx0 * v10 + tx.l1 * v11);
+}
 
 // Fixed-order tree sum of buf[0..n) (n a power of two) into buf[0]; every thread must call it.
 template <int n>
@@ -64,11 +115,11 @@ __global__ void __launch_bounds__(kThreads)
     const float p_max = 1.0f / s;
     float weight = (p_max > p.threshold ? p.floor : __expf(-p_max)) + p.mu;
     if (kAux) {
-      const float a = static_cast<float>(aux[n * p.aux_sn + h * p.aux_sh + w * p.aux_sw]);
+      const float a = sample(aux, p.aux, p.H, p.W, n, h, w);
       const float ea = __expf(-fabsf(a));
       weight *= (a >= 0.0f ? 1.0f : ea) / (1.0f + ea);
     }
-    const float z = static_cast<float>(disc[n * p.disc_sn + h * p.disc_sh + w * p.disc_sw]);
+    const float z = sample(disc, p.disc, p.H, p.W, n, h, w);
     // exp(-|z|) is in (0, 1]: the BCE and the sigmoid stay finite for |z| up to 1e4 and beyond.
     const float ez = __expf(-fabsf(z));
     const float bce = fmaxf(z, 0.0f) - z * p.label + log1pf(ez);
@@ -125,11 +176,12 @@ std::tuple<at::Tensor, at::Tensor> weighted_adv_loss_fwd_cuda(const at::Tensor& 
   auto grad = at::empty({seg.size(0), 1, seg.size(2), seg.size(3)}, seg.options().dtype(at::kFloat));
   auto partial = at::empty({blocks}, seg.options().dtype(at::kDouble));
   auto loss = at::empty({}, seg.options().dtype(at::kFloat));
-  const bool has_aux = aux.has_value();
-  const Params p{seg.size(1), seg.size(2), seg.size(3),
+  const int64_t H = seg.size(2), W = seg.size(3);
+  const Params p{seg.size(1), H, W,
                  seg.stride(0), seg.stride(1), seg.stride(2), seg.stride(3),
-                 disc.stride(0), disc.stride(2), disc.stride(3),
-                 has_aux ? aux->stride(0) : 0, has_aux ? aux->stride(2) : 0, has_aux ? aux->stride(3) : 0,
+                 make_map(disc, H, W),
+                 // Unread without aux. (nvcc 13.0's cicc segfaults on `has ? make_map(..) : Map{..}` here.)
+                 make_map(aux.has_value() ? *aux : disc, H, W),
                  static_cast<float>(label), static_cast<float>(threshold), static_cast<float>(floor),
                  static_cast<float>(mu), static_cast<float>(1.0 / static_cast<double>(pixels))};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
