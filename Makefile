@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "torch>=2.11,<=2.14.1" numpy pillow tqdm pytest pytest-benchmark ruff
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard]"
 	touch $(STAMP)
 
 train: setup
