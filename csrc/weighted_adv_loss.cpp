@@ -256,6 +256,13 @@ __attribute__((target("avx2,fma"))) double block_avx2(const scalar_t* seg, const
 }
 
 template <typename scalar_t, bool kUnitW, bool kAux>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
+double block_avx512(const scalar_t* seg, const scalar_t* disc, const scalar_t* aux, float* grad,
+                    const Params& p, int64_t begin, int64_t end) {
+  return block_body<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end);
+}
+
+template <typename scalar_t, bool kUnitW, bool kAux>
 double block_default(const scalar_t* seg, const scalar_t* disc, const scalar_t* aux, float* grad,
                      const Params& p, int64_t begin, int64_t end) {
   return block_body<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end);
@@ -265,13 +272,16 @@ template <typename scalar_t, bool kUnitW, bool kAux>
 double run_blocks(const scalar_t* seg, const scalar_t* disc, const scalar_t* aux, float* grad,
                   const Params& p, int64_t pixels) {
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
   const int64_t blocks = (pixels + kBlock - 1) / kBlock;
   std::vector<double> partial(blocks, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t begin = b * kBlock, end = std::min(begin + kBlock, pixels);
-      partial[b] = avx2 ? block_avx2<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end)
-                        : block_default<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end);
+      partial[b] = avx512 ? block_avx512<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end)
+                   : avx2   ? block_avx2<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end)
+                            : block_default<scalar_t, kUnitW, kAux>(seg, disc, aux, grad, p, begin, end);
     }
   });
   double total = 0.0;
