@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "torch>=2.11,<=2.14.1" numpy pillow tqdm pytest pytest-benchmark ruff
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard]"
+	# Only its label table is used, by a cross-check test; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps cityscapesscripts
 	touch $(STAMP)
 
 train: setup
