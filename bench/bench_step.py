@@ -31,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pwda_fast import config, distributed, ops, reference, train  # noqa: E402
-from pwda_fast.adapt import SOURCE, TARGET, Adapter, Nets, set_requires_grad, upsample  # noqa: E402
+from pwda_fast.adapt import SOURCE, TARGET, Adapter, Nets, set_requires_grad  # noqa: E402
 from pwda_fast.models import build_networks  # noqa: E402
+from pwda_fast.reference import upsample_to  # noqa: E402
 
 PRESETS = {"toy": "toy", "paper": "gta5_to_cityscapes"}
 
@@ -82,13 +83,13 @@ class EagerLoop:
         set_requires_grad(self.d, False)
         set_requires_grad(self.d_aux, False)
         aux_s, main_s, feat_s = self.g(x_s)
-        main_s = upsample(main_s, size)
-        loss_seg = reference.multi_level_seg_loss(upsample(aux_s, size), main_s, y_s, a.lambda_seg)
+        main_s = upsample_to(main_s, size)
+        loss_seg = reference.multi_level_seg_loss(upsample_to(aux_s, size), main_s, y_s, a.lambda_seg)
         loss_seg.backward()
         _, main_t, feat_t = self.g(x_t)
-        main_t = upsample(main_t, size)
-        z_t = upsample(self.d(torch.softmax(main_t, 1)), size)
-        a_t = upsample(self.d_aux(feat_t), size)
+        main_t = upsample_to(main_t, size)
+        z_t = upsample_to(self.d(torch.softmax(main_t, 1)), size)
+        a_t = upsample_to(self.d_aux(feat_t), size)
         loss_adv = (a.lambda_adv * self._weighted(main_t.detach(), z_t, a_t.detach(), SOURCE)
                     + a.lambda_aux * reference.domain_bce(a_t, SOURCE))
         loss_adv.backward()
@@ -96,11 +97,11 @@ class EagerLoop:
         set_requires_grad(self.d, True)
         set_requires_grad(self.d_aux, True)
         main_s, main_t, feat_s, feat_t = main_s.detach(), main_t.detach(), feat_s.detach(), feat_t.detach()
-        (reference.domain_bce(upsample(self.d(torch.softmax(main_s, 1)), size), SOURCE) / 2).backward()
-        z_t = upsample(self.d(torch.softmax(main_t, 1)), size)
+        (reference.domain_bce(upsample_to(self.d(torch.softmax(main_s, 1)), size), SOURCE) / 2).backward()
+        z_t = upsample_to(self.d(torch.softmax(main_t, 1)), size)
         (self._weighted(main_t, z_t, a_t.detach(), TARGET) / 2).backward()
-        (reference.domain_bce(upsample(self.d_aux(feat_s), size), SOURCE) / 2).backward()
-        (reference.domain_bce(upsample(self.d_aux(feat_t), size), TARGET) / 2).backward()
+        (reference.domain_bce(upsample_to(self.d_aux(feat_s), size), SOURCE) / 2).backward()
+        (reference.domain_bce(upsample_to(self.d_aux(feat_t), size), TARGET) / 2).backward()
         self.opt_g.step()
         self.opt_d.step()
         self.opt_d_aux.step()

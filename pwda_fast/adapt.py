@@ -15,17 +15,12 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pwda_fast import distributed, ops, reference
+from pwda_fast.reference import upsample_to
 
 SOURCE, TARGET = 0.0, 1.0
-
-
-def upsample(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear, align_corners=True (AdaptSegNet's PyTorch >= 0.4 code and CLAN)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -82,7 +77,7 @@ class Adapter:
         to the image size first, the fused weighted loss samples both maps bilinearly in-kernel.
         """
         if self.a.weighting == "none":
-            return reference.domain_bce(upsample(disc_logits, seg_logits.shape[2:]), label)
+            return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
         return ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
                                      threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu,
                                      backend=self.backend)
@@ -119,8 +114,8 @@ class Adapter:
         with g.no_sync() if self.adapt and self.dist.enabled else contextlib.nullcontext():
             with self.autocast():
                 aux_s, main_s, feat_s = g(x_s)
-            main_s = upsample(main_s.float(), size)
-            loss_seg = reference.multi_level_seg_loss(upsample(aux_s.float(), size), main_s, y_s,
+            main_s = upsample_to(main_s.float(), size)
+            loss_seg = reference.multi_level_seg_loss(upsample_to(aux_s.float(), size), main_s, y_s,
                                                       self.a.lambda_seg)
             loss_seg.backward()
         losses["seg"] = loss_seg.detach()
@@ -138,7 +133,7 @@ class Adapter:
         set_requires_grad(d_aux, False)
         with self.autocast():
             aux_t, main_t, feat_t = self.nets.g(x_t)
-            main_t = upsample(main_t.float(), size)
+            main_t = upsample_to(main_t.float(), size)
             z_t = d(torch.softmax(main_t, dim=1)).float()  # D's native resolution
             a_low = d_aux(feat_t).float() if self.use_aux else None
         # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
@@ -148,10 +143,10 @@ class Adapter:
         loss_g = self.a.lambda_adv * loss_adv
         losses["adv"] = loss_adv.detach()
         if self.use_aux:
-            loss_adv_aux = reference.domain_bce(upsample(a_low, size), SOURCE)
+            loss_adv_aux = reference.domain_bce(upsample_to(a_low, size), SOURCE)
             loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
             losses["adv_aux"] = loss_adv_aux.detach()
-        aux_t = upsample(aux_t.float(), size)
+        aux_t = upsample_to(aux_t.float(), size)
         if self.a.memory:
             loss_mem = reference.memory_kl(aux_t, main_t)
             loss_g = loss_g + self.a.lambda_mem * loss_mem
@@ -170,13 +165,13 @@ class Adapter:
         probs = torch.cat([torch.softmax(src["main"], 1), torch.softmax(tgt["main"], 1)])
         with self.autocast():
             z = self.nets.d(probs.contiguous(memory_format=self.memory_format)).float()
-        loss_d = reference.domain_bce(upsample(z[:n_s], size), SOURCE) + self._adv_loss(
+        loss_d = reference.domain_bce(upsample_to(z[:n_s], size), SOURCE) + self._adv_loss(
             tgt["main"], z[n_s:], tgt["weight_aux"], TARGET)
         losses["d"] = loss_d.detach()
         if self.use_aux:
             with self.autocast():
                 a = self.nets.d_aux(torch.cat([src["feat"], tgt["feat"]]))
-            a = upsample(a.float(), size)
+            a = upsample_to(a.float(), size)
             loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
             losses["d_aux"] = loss_d_aux.detach()
             loss_d = loss_d + loss_d_aux

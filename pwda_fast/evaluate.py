@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -30,6 +29,7 @@ from pwda_fast.data.labels import CLASSES, SYNTHIA_13, SYNTHIA_16
 from pwda_fast.data.loader import val_loader
 from pwda_fast.data.validate import describe
 from pwda_fast.models import DeepLabV2
+from pwda_fast.reference import upsample_to
 
 
 def format_result(result: dict, title: str = "") -> str:
@@ -61,7 +61,7 @@ def predict(g: torch.nn.Module, image: torch.Tensor, size, amp: str = "none") ->
     """image (N, 3, H, W) -> main-head logits (N, K, *size), bilinear align_corners=True, fp32."""
     with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         _, main, _ = g(image)
-    return F.interpolate(main.float(), size=size, mode="bilinear", align_corners=True)
+    return upsample_to(main.float(), size)
 
 
 @torch.no_grad()

@@ -30,14 +30,18 @@ def _summary_writer_class():
 class MetricsLogger:
     """Appends one JSON line per record to run_dir/metrics.jsonl and mirrors numbers to TensorBoard.
 
-    purge_step: on a resume, the step the run continues from; TensorBoard drops the events a crashed
-    run wrote past it, as Trainer._trim_metrics does for metrics.jsonl.
+    purge_step: the step the run continues from (0 for a fresh run); metrics.jsonl lines and
+    TensorBoard events a crashed run wrote past it are dropped, so each step is logged once.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, images: int = 1,
                  purge_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled, self.images, self.writer = enabled, images, None
+        if enabled and purge_step is not None and self.path.is_file():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] <= purge_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
         if tensorboard:
             writer_class = _summary_writer_class()
             if enabled:

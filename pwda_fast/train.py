@@ -135,16 +135,6 @@ class Trainer:
         self.log(f"resumed from {path} at step {state['step']}")
         return state["step"]
 
-    def write_metrics(self, record: dict) -> None:
-        self.logger.write(record)
-
-    def _trim_metrics(self, step: int) -> None:
-        """After a resume, drop log lines of steps the crashed run did past its last checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.dist.main and path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-
     def evaluate(self, step: int) -> dict | None:
         result = None
         if self.dist.main:
@@ -152,7 +142,7 @@ class Trainer:
             if self.cfg.train.eval_images:
                 val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
             result = evaluate.evaluate_model(self.g, val, self.device, self.cfg.train.amp)
-            self.write_metrics({"step": step, "eval": True, "miou": result["miou"]})
+            self.logger.write({"step": step, "eval": True, "miou": result["miou"]})
             self.logger.figures(step, self.g, self.d_aux, self.datasets["val"], self.cfg)
         distributed.barrier(self.dist)
         return result
@@ -176,7 +166,6 @@ class Trainer:
         optimizers = build_optimizers(cfg, self.g, self.d, self.d_aux, self.device)
         self.skipped = 0
         start = self.resume(optimizers)
-        self._trim_metrics(start)
         self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, cfg.log.images,
                                     purge_step=start)
         try:  # layout, validation and decoding problems: messages that name the files, no traceback
@@ -228,7 +217,7 @@ class Trainer:
                 bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
                 if step % cfg.train.log_every == 0 or step == cfg.train.iters:
                     rate = (step - start) / (time.perf_counter() - t0)
-                    self.write_metrics({"step": step, "lr": adapter.opt_g.param_groups[0]["lr"],
+                    self.logger.write({"step": step, "lr": adapter.opt_g.param_groups[0]["lr"],
                                         **losses, "skipped": self.skipped, "it_s": round(rate, 3)})
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.iters:
                     result = self.evaluate(step)

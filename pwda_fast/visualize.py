@@ -25,7 +25,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pwda_fast import checkpoint, config, evaluate, ops, reference
-from pwda_fast.adapt import upsample
 from pwda_fast.data import build_val
 from pwda_fast.data.labels import IGNORE, colorize
 from pwda_fast.data.loader import MEAN, STD, SegmentationDataset
@@ -133,8 +132,8 @@ def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.
     """
     size = tuple(image.shape[2:])
     _, main, feat = g(image)
-    logits = upsample(main.float(), size)
-    aux = upsample(d_aux(feat).float(), size)
+    logits = reference.upsample_to(main.float(), size)
+    aux = reference.upsample_to(d_aux(feat).float(), size)
     t, floor, mu = adapt_cfg.threshold, adapt_cfg.floor, adapt_cfg.mu
     weight = ops.pixel_weights(logits, aux if adapt_cfg.weighting == "gen+dis" else None,
                                threshold=t, floor=floor, mu=mu)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pwda_fast.data import dali, toy
 from pwda_fast.data.datasets import Domain, open_domain, stored_domain
 from pwda_fast.data.loader import SegmentationDataset, train_loader
@@ -11,11 +9,6 @@ from pwda_fast.data.validate import validate, write_report
 
 # The dataset split each role reads.
 SPLITS = {"source": "source", "target": "train", "val": "val"}
-
-
-def domain_files(name: str, root: str, split: str) -> list[tuple[Path, Path | None]]:
-    """(image, label or None) pairs of one split ("source", "train" or "val") of one dataset."""
-    return open_split(name, root, split).pairs
 
 
 def open_split(name: str, root: str, split: str, prepared_root: str = "") -> Domain:

@@ -48,13 +48,18 @@ def _channel0_16bit(path: Path) -> np.ndarray:
     return (high << 8) | np.asarray(low_img)[..., 0]
 
 
-def read_label_ids(path: Path) -> np.ndarray:
-    """An 8-bit label of class ids (GTA5 palette PNG, Cityscapes labelIds) -> (H, W) uint8 ids."""
+def _read_8bit(path: Path, what: str, hint: str) -> np.ndarray:
+    """A palette or grayscale PNG -> (H, W) uint8 values as stored; other modes name the file."""
     img = Image.open(path)
     if img.mode not in ("P", "L"):
-        raise ValueError(f"{path}: expected a palette or grayscale PNG of class ids, got mode "
-                         f"{img.mode}; colour-coded labels (e.g. *_color.png) cannot be used")
+        raise ValueError(f"{path}: expected {what}, got mode {img.mode}; {hint}")
     return np.asarray(img)
+
+
+def read_label_ids(path: Path) -> np.ndarray:
+    """An 8-bit label of class ids (GTA5 palette PNG, Cityscapes labelIds) -> (H, W) uint8 ids."""
+    return _read_8bit(path, "a palette or grayscale PNG of class ids",
+                      "colour-coded labels (e.g. *_color.png) cannot be used")
 
 
 def read_synthia_ids(path: Path) -> np.ndarray:
@@ -64,11 +69,7 @@ def read_synthia_ids(path: Path) -> np.ndarray:
 
 def read_stored_train_ids(path: Path) -> np.ndarray:
     """An 8-bit trainId PNG (prepared or toy) -> (H, W) uint8 trainIds as stored."""
-    img = Image.open(path)
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"{path}: expected an 8-bit trainId label PNG, got mode {img.mode}; "
-                         f"rerun python -m pwda_fast.data.prepare")
-    return np.asarray(img)
+    return _read_8bit(path, "an 8-bit trainId label PNG", "rerun python -m pwda_fast.data.prepare")
 
 
 def to_train_ids(path: Path, read=read_stored_train_ids, lut: np.ndarray = TRAIN_ID_TO_TRAIN) -> Image.Image:
