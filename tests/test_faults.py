@@ -105,8 +105,12 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
 
 # -- SIGTERM --------------------------------------------------------------------------------------
 
+# Long enough that the signal, sent after step 2, lands before the end even on an idle machine where
+# a toy step takes a few tens of milliseconds (with 20 steps, torchrun's forwarding sometimes lost).
+SIGTERM_ITERS = 100
+
 def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_continues(tmp_path):
-    cmd = _python(tmp_path, **{"train.iters": 20})
+    cmd = _python(tmp_path, **{"train.iters": SIGTERM_ITERS})
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     _wait_for_step(proc, tmp_path, 2)
@@ -116,19 +120,19 @@ def test_sigterm_finishes_the_step_checkpoints_and_the_rerun_continues(tmp_path)
     assert proc.returncode == 0, out
     assert time.monotonic() - sent < 30
     stopped = checkpoint.load(checkpoint.latest(tmp_path))["step"]
-    assert 2 <= stopped < 20 and f"stopped at step {stopped} (SIGTERM)" in out
+    assert 2 <= stopped < SIGTERM_ITERS and f"stopped at step {stopped} (SIGTERM)" in out
     assert _steps(tmp_path) == list(range(1, stopped + 1))
 
     done = _run(cmd)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"at step {stopped}" in done.stdout + done.stderr  # "resumed from ... at step k"
-    assert _steps(tmp_path) == list(range(1, 21))
+    assert _steps(tmp_path) == list(range(1, SIGTERM_ITERS + 1))
     assert (tmp_path / "final.json").is_file()
 
 
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_both_ranks_cleanly_and_the_rerun_finishes(tmp_path):
-    cmd = _torchrun(tmp_path, **{"train.iters": 20})
+    cmd = _torchrun(tmp_path, **{"train.iters": SIGTERM_ITERS})
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     _wait_for_step(proc, tmp_path, 2, timeout=120)
@@ -137,13 +141,13 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly_and_the_rerun_finishes(tmp
     out = proc.communicate(timeout=90)[0]
     assert time.monotonic() - sent < 30, out
     stopped = checkpoint.load(checkpoint.latest(tmp_path))["step"]
-    assert 2 <= stopped < 20, out
+    assert 2 <= stopped < SIGTERM_ITERS, out
     assert out.count(f"stopped at step {stopped} (SIGTERM)") == 1, out  # rank 0 alone logs
     assert "Traceback" not in out.partition("stopped at step")[0], out
 
-    done = _run(_torchrun(tmp_path, **{"train.iters": 20}))
+    done = _run(_torchrun(tmp_path, **{"train.iters": SIGTERM_ITERS}))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _steps(tmp_path) == list(range(1, 21))  # one line per step: rank 0 alone writes
+    assert _steps(tmp_path) == list(range(1, SIGTERM_ITERS + 1))  # one line per step: rank 0 alone writes
     assert checkpoint.load(checkpoint.latest(tmp_path))["world_size"] == 2
 
 
