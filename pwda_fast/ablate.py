@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pwda_fast import checkpoint, evaluate, train, visualize
+from pwda_fast import checkpoint, pictures, train
 from pwda_fast.data import build_val
 from pwda_fast.data.labels import colorize
 
@@ -66,23 +66,23 @@ def render_rows(run_dirs: dict[str, Path], out: Path, image_index: int, zoom: in
     run_dirs: {panel title: run_dir of that row's first seed}. Also writes out/<run_dir name>.png with
     the prediction alone per row. Returns the path of the side-by-side picture.
     """
-    loaded = {title: evaluate.load_generator(checkpoint.latest(run_dir), torch.device("cpu"))
+    loaded = {title: checkpoint.load_networks(checkpoint.latest(run_dir), torch.device("cpu"))
               for title, run_dir in run_dirs.items()}
     # Every row trains on the same data, so the first row's config names the val set for all.
     cfg = next(iter(loaded.values()))[1]
     val = build_val(cfg.data, log=lambda _: None)
-    item = visualize.drop_empty_label(val[min(image_index, len(val) - 1)])
+    item = pictures.drop_empty_label(val[min(image_index, len(val) - 1)])
     image = item["image"][None]  # (1, 3, H, W)
     size = tuple(image.shape[2:])
-    zoom = zoom or visualize.auto_zoom(size[0])
-    panels = [visualize.Panel("target image", visualize.to_rgb(item["image"]))]
+    zoom = zoom or pictures.auto_zoom(size[0])
+    panels = [pictures.Panel("target image", pictures.to_rgb(item["image"]))]
     if item["label"] is not None:
-        panels.append(visualize.Panel("ground truth", colorize(visualize.label_at(item["label"], size))))
-    for title, (g, _) in loaded.items():
-        pred = visualize.Panel(title, colorize(visualize.predict_ids(g, image)[0]))
-        visualize.compose([pred], zoom)[0].save(out / f"{run_dirs[title].name}.png")
+        panels.append(pictures.Panel("ground truth", colorize(pictures.label_at(item["label"], size))))
+    for title, (nets, _) in loaded.items():
+        pred = pictures.Panel(title, colorize(pictures.predict_ids(nets.g, image)[0]))
+        pictures.compose([pred], zoom)[0].save(out / f"{run_dirs[title].name}.png")
         panels.append(pred)
-    figure, _ = visualize.compose(panels, zoom)
+    figure, _ = pictures.compose(panels, zoom)
     figure.save(out / "ablation.png")
     return out / "ablation.png"
 
@@ -111,12 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             argv_run = ["--config", args.config, f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
             argv_run += [f"--train.iters={args.iters}"] if args.iters else []
             argv_run += extra
-            print(f"\n=== {name}, seed {seed}: {shlex.join(['python', '-m', 'pwda_fast.train', *argv_run])}",
-                  flush=True)
-            code = train.main(argv_run)
+            code, final = train.run_for_result(argv_run, f"{name}, seed {seed}")
             if code != 0:
                 return code
-            results.setdefault(name, {})[seed] = json.loads((run_dir / "final.json").read_text())["miou"]
+            results.setdefault(name, {})[seed] = final["miou"]
             first_runs.setdefault(f"{name}: {results[name][seed]:.1f}", run_dir)
     summary = summarise(results)
     # Quoted so that it reruns as printed (list overrides such as --data.crop=[48, 96] hold spaces).

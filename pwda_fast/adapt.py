@@ -1,4 +1,4 @@
-"""One PWDA iteration: the paper's three stages, in AdaptSegNet's order (DESIGN.md §2).
+"""One PWDA iteration: the paper's three stages, in AdaptSegNet's order (docs/METHOD.md).
 
 1. Segmenter: CE on the labelled source batch, main head + lambda_seg * aux head.
 2. Generator: D and D_aux frozen; on the target batch G minimises lambda_adv * L(y=0), the pixel-
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pwda_fast import distributed, ops, reference
+from pwda_fast.config import AdaptConfig, OptimConfig
 from pwda_fast.reference import upsample_to
 
 SOURCE, TARGET = 0.0, 1.0
@@ -42,33 +43,57 @@ class Nets:
     d: nn.Module
     d_aux: nn.Module
 
+    def __iter__(self):
+        return iter((self.g, self.d, self.d_aux))
+
+
+@dataclass
+class Schedule:
+    """Learning rates by step: poly decay over `iters` (all three networks), after an optional linear
+    warm-up of G from warmup_start * lr over warmup_iters (MRNet's recipe; docs/METHOD.md)."""
+    optim: OptimConfig
+    iters: int
+
+    def lr_g(self, step: int) -> float:
+        o = self.optim
+        if step < o.warmup_iters:
+            return o.lr * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)
+        return poly_lr(o.lr, step, self.iters, o.power)
+
+    def lr_d(self, step: int) -> float:
+        return poly_lr(self.optim.lr_d, step, self.iters, self.optim.power)
+
 
 class Adapter:
-    """Runs one iteration over a source and a target batch; owns nothing but references."""
+    """Runs one iteration over a source and a target batch; owns nothing but references.
 
-    def __init__(self, cfg, nets: Nets, opt_g, opt_d, opt_d_aux, backend: str, device: torch.device,
-                 dist_info: distributed.Dist):
-        self.cfg, self.nets, self.backend, self.device, self.dist = cfg, nets, backend, device, dist_info
-        self.opt_g, self.opt_d, self.opt_d_aux = opt_g, opt_d, opt_d_aux
-        self.a = cfg.adapt
-        self.adapt = cfg.adapt.mode == "adapt"
-        self.use_aux = self.adapt and cfg.adapt.weighting == "gen+dis"
-        amp = cfg.train.amp == "bf16"
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp \
+    nets may be DDP-wrapped or compiled; optimizers hold the bare networks' parameters.
+    restore_bn: BatchNorm running statistics change in the forward pass (model.bn "train" and
+    "stats"), before the finite check, so a skipped step puts them back.
+    """
+
+    def __init__(self, nets: Nets, optimizers, adapt_cfg: AdaptConfig, schedule: Schedule, *,
+                 amp: str = "none", channels_last: bool = False, restore_bn: bool = False,
+                 backend: str = "torch", device: torch.device | None = None,
+                 dist: distributed.Dist | None = None):
+        self.nets, self.opt, self.a, self.schedule = nets, optimizers, adapt_cfg, schedule
+        device = device or torch.device("cpu")
+        self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
+        self.adapt = adapt_cfg.mode == "adapt"
+        self.use_aux = self.adapt and adapt_cfg.weighting == "gen+dis"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" \
             else contextlib.nullcontext
-        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-        # BN running statistics change in the forward pass, before the finite check: a skipped step
-        # restores them, or one inf activation would poison every later step.
-        self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] \
-            if cfg.model.bn == "train" else []
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # One inf activation would otherwise poison every later step through the running statistics.
+        self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] if restore_bn else []
 
     def set_lr(self, step: int) -> None:
-        o, iters = self.cfg.optim, self.cfg.train.iters
-        for group in self.opt_g.param_groups:
-            group["lr"] = poly_lr(o.lr, step, iters, o.power) * group.get("lr_mult", 1.0)
-        for opt in (self.opt_d, self.opt_d_aux):
+        lr_g, lr_d = self.schedule.lr_g(step), self.schedule.lr_d(step)
+        for group in self.opt.g.param_groups:
+            group["lr"] = lr_g * group.get("lr_mult", 1.0)
+        for opt in (self.opt.d, self.opt.d_aux):
             for group in opt.param_groups:
-                group["lr"] = poly_lr(o.lr_d, step, iters, o.power)
+                group["lr"] = lr_d
 
     def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float) -> torch.Tensor:
         """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L.
@@ -85,7 +110,7 @@ class Adapter:
     def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
         """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
         self.set_lr(step)
-        for opt in (self.opt_g, self.opt_d, self.opt_d_aux):
+        for opt in self.opt:
             opt.zero_grad(set_to_none=True)
         saved = [b.clone() for b in self.bn_buffers]
         losses = {}
@@ -95,10 +120,10 @@ class Adapter:
             self.discriminator_stage(src, tgt, losses)
         means, finite = self._reduce(losses)
         if finite:
-            self.opt_g.step()
+            self.opt.g.step()
             if self.adapt:
-                self.opt_d.step()
-                self.opt_d_aux.step()
+                self.opt.d.step()
+                self.opt.d_aux.step()
         elif saved:
             torch._foreach_copy_(self.bn_buffers, saved)
         return means, finite
@@ -181,8 +206,8 @@ class Adapter:
         """-> ({name: mean over ranks}, every loss and gradient finite on every rank); one all-reduce."""
         values = torch.stack([v.float() for v in losses.values()])
         total = values.sum()
-        grads = [p.grad for opt in (self.opt_g, self.opt_d, self.opt_d_aux)
-                 for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for opt in self.opt for group in opt.param_groups for p in group["params"]
+                 if p.grad is not None]
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
         means, finite = distributed.step_summary(values, torch.isfinite(total), self.dist)

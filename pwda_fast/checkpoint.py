@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from pwda_fast import config
+from pwda_fast.adapt import Nets
+from pwda_fast.models import build_networks
+
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
@@ -84,3 +88,61 @@ def load(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".strip()) from e
+
+
+def training_state(engine, step: int, cfg, world_size: int, skipped: int) -> dict:
+    """Everything a resumed run needs to continue bit for bit (the config travels with it)."""
+    return {
+        "step": step,
+        **{name: net.state_dict() for name, net in zip(("g", "d", "d_aux"), engine.nets)},
+        **engine.optimizers.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "config": cfg.to_dict(), "backend": engine.backend, "world_size": world_size,
+        "data": {"samples_per_rank": step * cfg.data.batch_size},
+        "skipped": skipped,
+    }
+
+
+def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]:
+    """Load the latest checkpoint of run_dir into `engine` -> (step, skipped); (0, 0) when none.
+
+    Rank 0 takes the saved random streams; the other ranks reseed from (seed, rank, step), so they
+    stay distinct and reproducible.
+    """
+    path = latest(run_dir)
+    if path is None:
+        return 0, 0
+    state = load(path)
+    if state["world_size"] != dist.world and not cfg.train.allow_world_size_change:
+        raise config.ConfigError(
+            f"{path} was written by {state['world_size']} processes, this run has {dist.world}; "
+            "the data order would change. Relaunch with the same number of processes, or pass "
+            "--train.allow_world_size_change=true to continue anyway")
+    for name, net in zip(("g", "d", "d_aux"), engine.nets):
+        net.load_state_dict(state[name])
+    engine.optimizers.load_state_dict(state)
+    if dist.main:
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+    else:
+        torch.manual_seed((cfg.train.seed + dist.rank) * 1_000_003 + state["step"])
+    log(f"resumed from {path} at step {state['step']}")
+    return state["step"], state.get("skipped", 0)
+
+
+def load_networks(path: str | Path, device: torch.device):
+    """A training checkpoint -> (Nets in eval mode on `device`, the config it was trained with).
+
+    G must be in the file; D and D_aux are loaded when present (a generator-only file evaluates).
+    """
+    state = load(path)
+    cfg = config.from_dict(state["config"])
+    cfg.model.init_weights = ""  # the checkpoint holds every weight; the init file need not exist here
+    nets = Nets(*build_networks(cfg.model))
+    for name, net in zip(("g", "d", "d_aux"), nets):
+        if name == "g" or name in state:
+            net.load_state_dict(state[name])
+        net.to(device).eval()
+    return nets, cfg

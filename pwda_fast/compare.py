@@ -9,7 +9,6 @@ rerunning resumes or, when finished, just reprints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,11 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.runs) / f"toy-{flags[0].split('=')[1]}-s{args.seed}"
         argv_run = ["--config", "toy", f"--train.seed={args.seed}", f"--train.run_dir={run_dir}", *flags]
         argv_run += [f"--train.iters={args.iters}"] if args.iters else []
-        print(f"\n=== {name}: python -m pwda_fast.train {' '.join(argv_run + extra)}", flush=True)
-        code = train.main(argv_run + extra)
+        code, results[name] = train.run_for_result(argv_run + extra, name)
         if code != 0:
             return code
-        results[name] = json.loads((run_dir / "final.json").read_text())
     names = list(results)
     print(f"\ntarget-val IoU (%) on the toy domains, seed {args.seed}")
     print(f"  {'class':<14}" + "".join(f"{n:>16}" for n in names))

@@ -15,6 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,7 +32,7 @@ class ModelConfig:
     """Channels of the stem; every stage scales with it (64 = the standard ResNet)."""
     num_classes: int = 19
     """Segmentation classes (19 Cityscapes trainIds)."""
-    bn: str = "frozen"
+    bn: Literal["frozen", "train"] = "frozen"
     """BatchNorm mode: "frozen" (affine and statistics fixed, for a pretrained init) or "train"."""
     init_weights: str = ""
     """Local file with ImageNet / DeepLab initial weights (torchvision or "Scale." layout); "" = random."""
@@ -43,9 +44,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "toy"
+    source: Literal["toy", "gta5", "synthia"] = "toy"
     """Source (labelled) domain: "toy", "gta5" or "synthia"."""
-    target: str = "toy"
+    target: Literal["toy", "cityscapes"] = "toy"
     """Target (unlabelled) domain: "toy" or "cityscapes"."""
     source_root: str = ""
     """Root folder of the source dataset ("" = the toy cache)."""
@@ -55,7 +56,7 @@ class DataConfig:
     """Where `pwda_fast.data.prepare --out` put the source's trainId labels ("" = source_root)."""
     target_prepared: str = ""
     """Where `pwda_fast.data.prepare --out` put the target's trainId labels ("" = target_root)."""
-    loader: str = "auto"
+    loader: Literal["auto", "torch", "dali"] = "auto"
     """Input pipeline: "torch", "dali" or "auto" (DALI on a GPU when installed; exact resume: torch only)."""
     source_size: list[int] = field(default_factory=lambda: [1280, 720])
     """Source images are resized to this (width, height) before cropping."""
@@ -75,7 +76,7 @@ class DataConfig:
     """Skip unreadable or mismatched files (reported) instead of stopping."""
     max_bad_fraction: float = 0.01
     """Stop even with skip_bad when more than this fraction of files is bad."""
-    validate: str = "header"
+    validate: Literal["header", "full"] = "header"
     """Pre-flight file check: "header" (sizes, label modes; seconds) or "full" (decode, label values)."""
 
 
@@ -95,15 +96,21 @@ class OptimConfig:
     """Adam learning rate of D and D_aux."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     """Adam betas of D and D_aux."""
-    impl: str = "auto"
+    nesterov: bool = False
+    """Nesterov momentum for G's SGD (MRNet uses it; AdaptSegNet does not)."""
+    warmup_iters: int = 0
+    """Linear warm-up of G's learning rate over this many iterations before the poly decay (0 = none)."""
+    warmup_start: float = 0.1
+    """G's warm-up starts at this fraction of optim.lr (MRNet: 0.1)."""
+    impl: Literal["auto", "torch", "apex"] = "auto"
     """Optimizer implementation: "auto" (fused on CUDA, foreach on CPU), "torch" or "apex"."""
 
 
 @dataclass
 class AdaptConfig:
-    mode: str = "adapt"
+    mode: Literal["adapt", "source_only"] = "adapt"
     """"adapt" (three-stage PWDA loop) or "source_only" (stage 1 only, the baseline)."""
-    weighting: str = "gen+dis"
+    weighting: Literal["none", "gen", "gen+dis"] = "gen+dis"
     """Pixel weighting: "none" (AdaptSegNet), "gen" (GenMap) or "gen+dis" (GenMap + DisMap)."""
     threshold: float = 0.9
     """Confidence threshold T of eq. (3); >= 1 turns the floor off."""
@@ -139,9 +146,9 @@ class TrainConfig:
     """Checkpoints kept in run_dir."""
     log_every: int = 10
     """Append a metrics.jsonl line every this many iterations."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
-    amp: str = "none"
+    amp: Literal["none", "bf16"] = "none"
     """Autocast precision: "none" (fp32) or "bf16"."""
     channels_last: bool = False
     """Run networks and inputs in channels_last memory format."""
@@ -159,7 +166,7 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"
+    backend: Literal["auto", "torch", "ext", "triton"] = "auto"
     """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA) or "triton"."""
 
 
@@ -188,21 +195,6 @@ class Config:
         return json.dumps(self.to_dict(), indent=2)
 
 
-CHOICES = {
-    "model.bn": ("frozen", "train"),
-    "data.source": ("toy", "gta5", "synthia"),
-    "data.target": ("toy", "cityscapes"),
-    "data.loader": ("auto", "torch", "dali"),
-    "data.validate": ("header", "full"),
-    "optim.impl": ("auto", "torch", "apex"),
-    "adapt.mode": ("adapt", "source_only"),
-    "adapt.weighting": ("none", "gen", "gen+dis"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16"),
-    "kernels.backend": ("auto", "torch", "ext", "triton"),
-}
-
-
 def _sections(cfg: Config) -> dict[str, object]:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
@@ -210,6 +202,11 @@ def _sections(cfg: Config) -> dict[str, object]:
 def _coerce(key: str, value, typ):
     """Check `value` against the annotated type; ints are accepted where floats are expected."""
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        allowed = typing.get_args(typ)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}; got {value!r}")
+        return value
     if origin is list:
         (item,) = typing.get_args(typ)
         if not isinstance(value, list):
@@ -233,8 +230,6 @@ def _apply(cfg: Config, key: str, value) -> None:
         raise ConfigError(f"unknown config key {key!r}; valid keys in [{parts[0]}]: "
                           f"{', '.join(sorted(hints))}")
     value = _coerce(key, value, hints[parts[1]])
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key} must be one of {CHOICES[key]}; got {value!r}")
     setattr(section, parts[1], value)
 
 
@@ -337,24 +332,27 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-README_START, README_END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+def reference_markdown() -> str:
+    """docs/CONFIG.md: every key with its default and docstring, generated from the dataclasses."""
+    return ("# Configuration reference\n\n"
+            "Generated from `pwda_fast/config.py` by `python -m pwda_fast.config --update-docs docs/CONFIG.md`"
+            " (a test keeps it current). Set a key in a TOML file (`[section]` then `key = value`) or on the "
+            "command line (`--section.key=value`); the command line wins.\n\n" + describe())
 
 
-def update_readme(path: str | Path) -> bool:
-    """Rewrite the README's configuration reference between its markers; True if it changed."""
+def update_reference(path: str | Path) -> bool:
+    """Rewrite the generated reference at `path`; True if it changed."""
     path = Path(path)
-    text = path.read_text()
-    head, _, rest = text.partition(README_START)
-    _, _, tail = rest.partition(README_END)
-    new = f"{head}{README_START}\n{describe()}\n{README_END}{tail}"
+    new = reference_markdown()
+    old = path.read_text() if path.is_file() else ""
     path.write_text(new)
-    return new != text
+    return new != old
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] == ["--update-readme"]:
-        print("updated" if update_readme(sys.argv[2]) else "already current")
+    if sys.argv[1:2] == ["--update-docs"]:
+        print("updated" if update_reference(sys.argv[2]) else "already current")
     else:
         print(describe())

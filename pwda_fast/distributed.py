@@ -24,6 +24,15 @@ class Dist:
         return self.rank == 0
 
 
+def choose_device(name: str) -> torch.device:
+    """"auto" | "cpu" | "cuda" -> a device; ValueError when CUDA is asked for and none is visible."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA device is visible; use auto or cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def setup(device_kind: str) -> Dist:
     """Join the process group when torchrun set RANK (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ:

@@ -23,37 +23,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pwda_fast import checkpoint, config, metrics
+from pwda_fast import checkpoint, distributed, metrics
 from pwda_fast.data import build_val, open_split
-from pwda_fast.data.labels import CLASSES, SYNTHIA_13, SYNTHIA_16
+from pwda_fast.data.labels import CLASSES
 from pwda_fast.data.loader import val_loader
 from pwda_fast.data.validate import describe
-from pwda_fast.models import DeepLabV2
 from pwda_fast.reference import upsample_to
-
-
-def format_result(result: dict, title: str = "") -> str:
-    """The per-class table, then mIoU16 / mIoU13 where the result has them."""
-    lines = [metrics.format_table(result, title)]
-    width = max((len(n) for n in result["iou"]), default=4)
-    lines += [f"  {label:<{width}}  {result[key]:6.2f}"
-              for key, label in (("miou16", "mIoU16"), ("miou13", "mIoU13")) if key in result]
-    return "\n".join(lines)
-
-
-def with_protocols(result: dict, source: str) -> dict:
-    """Add miou16 and miou13 (the SYNTHIA protocols) to an iou_table result when source is synthia.
-
-    Both average the 19-class IoUs of their classes, as AdaptSegNet and ADVENT report them; classes
-    absent from the ground truth are left out, as in the 19-class mIoU.
-    """
-    if source != "synthia":
-        return result
-    out = dict(result)
-    for key, classes in (("miou16", SYNTHIA_16), ("miou13", SYNTHIA_13)):
-        values = [result["iou"][c] for c in classes if c in result["iou"]]
-        out[key] = round(sum(values) / len(values), 2) if values else 0.0
-    return out
 
 
 @torch.no_grad()
@@ -70,23 +45,14 @@ def evaluate_model(g: torch.nn.Module, dataset, device: torch.device, amp: str =
     """Confusion over the whole dataset (labels at their stored resolution) -> iou table."""
     was_training = g.training
     g.eval()
-    conf = torch.zeros(19, 19, dtype=torch.int64, device=device)
+    k = len(CLASSES)
+    conf = torch.zeros(k, k, dtype=torch.int64, device=device)
     for batch in tqdm(val_loader(dataset), disable=not progress, desc="evaluate", leave=False):
         label = batch["label"].to(device)
         logits = predict(g, batch["image"].to(device), tuple(label.shape[1:]), amp)
-        conf += metrics.confusion(logits.argmax(1), label, 19)
+        conf += metrics.confusion(logits.argmax(1), label, k)
     g.train(was_training)
     return metrics.iou_table(conf)
-
-
-def load_generator(path: str, device: torch.device) -> tuple[DeepLabV2, config.Config]:
-    """The generator of a training checkpoint, with the config it was trained with."""
-    state = checkpoint.load(path)
-    cfg = config.from_dict(state["config"])
-    m = cfg.model
-    g = DeepLabV2(m.num_classes, m.depth, m.width, m.bn)
-    g.load_state_dict(state["g"])
-    return g.to(device).eval(), cfg
 
 
 def _find_prediction(pred_dir: Path, image: Path) -> Path | None:
@@ -147,25 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.predictions and not args.root or args.dataset and not args.root:
         parser.error("--predictions and --dataset need --root (the Cityscapes folder)")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
     try:
+        device = distributed.choose_device(args.device)
         if args.predictions:
             result = score_predictions(args.predictions, args.root, device, progress=True)
             source = args.source
             title = f"{args.predictions} on Cityscapes val ({args.root})"
         else:
-            g, cfg = load_generator(args.checkpoint, device)
+            nets, cfg = checkpoint.load_networks(args.checkpoint, device)
             if args.dataset:
                 cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
-            result = evaluate_model(g, build_val(cfg.data), device, progress=True)
+            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True)
             source = args.source or cfg.data.source
             title = f"{args.checkpoint} on the {cfg.data.target} target val set"
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = with_protocols(result, source)
-    print(format_result(result, title))
+    result = metrics.with_protocols(result, source)
+    print(metrics.format_result(result, title))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,4 +1,4 @@
-"""Training logs: metrics.jsonl always, TensorBoard scalars and pictures when log.tensorboard=true.
+"""Training logs: metrics.jsonl always, TensorBoard scalars and images when log.tensorboard=true.
 
 Only rank 0 writes (`enabled`); every rank still checks that TensorBoard can be imported, so a missing
 package stops all processes with the same error instead of leaving the others waiting at a barrier.
@@ -12,16 +12,17 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from pwda_fast import config
+
+class LoggerError(RuntimeError):
+    """A logging set-up that cannot work here (a missing package); the message says what to do."""
 
 
 def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise config.ConfigError(
+        raise LoggerError(
             "log.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
             f"(or pip install tensorboard), or set log.tensorboard=false (import error: {e})") from None
     return SummaryWriter
@@ -34,10 +35,9 @@ class MetricsLogger:
     TensorBoard events a crashed run wrote past it are dropped, so each step is logged once.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, images: int = 1,
-                 purge_step: int | None = None):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, purge_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled, self.images, self.writer = enabled, images, None
+        self.enabled, self.writer = enabled, None
         if enabled and purge_step is not None and self.path.is_file():
             keep = [ln for ln in self.path.read_text().splitlines()
                     if ln and json.loads(ln)["step"] <= purge_step]
@@ -64,28 +64,17 @@ class MetricsLogger:
         if group == "eval":  # evaluations are rare: make them visible without waiting for the flush timer
             self.writer.flush()
 
-    def figures(self, step: int, g: torch.nn.Module, d_aux: torch.nn.Module, val_dataset, cfg) -> None:
-        """Predictions and Fig. 2 weighting maps of the first `images` target-val images, to TensorBoard.
+    @property
+    def tensorboard(self) -> bool:
+        """True where pictures would be recorded (rank 0 with log.tensorboard on)."""
+        return self.writer is not None
 
-        g and d_aux are the bare (not DDP-wrapped) networks; their train/eval modes are restored.
-        """
-        if self.writer is None or not self.images:
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """{tag: (H, W, 3) uint8} -> TensorBoard images at `step`."""
+        if self.writer is None:
             return
-        from pwda_fast import visualize  # drawing code is needed only when pictures are logged
-
-        modes = (g.training, d_aux.training)
-        g.eval()
-        d_aux.eval()
-        try:
-            for i in range(min(self.images, len(val_dataset))):
-                item = visualize.drop_empty_label(val_dataset[i])
-                pred_fig, maps_fig, _, _ = visualize.render_image(g, d_aux, cfg, item)
-                self.writer.add_image(f"target_{i}/prediction", np.asarray(pred_fig), step, dataformats="HWC")
-                self.writer.add_image(f"target_{i}/weighting_maps", np.asarray(maps_fig), step,
-                                      dataformats="HWC")
-        finally:
-            g.train(modes[0])
-            d_aux.train(modes[1])
+        for tag, rgb in images.items():
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pwda_fast.data.labels import CLASSES, IGNORE
+from pwda_fast.data.labels import CLASSES, IGNORE, SYNTHIA_13, SYNTHIA_16
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, num_classes: int = len(CLASSES)) -> torch.Tensor:
@@ -31,3 +31,27 @@ def format_table(result: dict, title: str = "") -> str:
     lines += [f"  {name:<{width}}  {value:6.2f}" for name, value in result["iou"].items()]
     lines.append(f"  {'mIoU':<{width}}  {result['miou']:6.2f}")
     return "\n".join(lines)
+
+
+def format_result(result: dict, title: str = "") -> str:
+    """The per-class table, then mIoU16 / mIoU13 where the result has them."""
+    lines = [format_table(result, title)]
+    width = max((len(n) for n in result["iou"]), default=4)
+    lines += [f"  {label:<{width}}  {result[key]:6.2f}"
+              for key, label in (("miou16", "mIoU16"), ("miou13", "mIoU13")) if key in result]
+    return "\n".join(lines)
+
+
+def with_protocols(result: dict, source: str) -> dict:
+    """Add miou16 and miou13 (the SYNTHIA protocols) to an iou_table result when source is synthia.
+
+    Both average the 19-class IoUs of their classes, as AdaptSegNet and ADVENT report them; classes
+    absent from the ground truth are left out, as in the 19-class mIoU.
+    """
+    if source != "synthia":
+        return result
+    out = dict(result)
+    for key, classes in (("miou16", SYNTHIA_16), ("miou13", SYNTHIA_13)):
+        values = [result["iou"][c] for c in classes if c in result["iou"]]
+        out[key] = round(sum(values) / len(values), 2) if values else 0.0
+    return out

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -11,16 +12,10 @@ def toy_data_root(tmp_path_factory):
     return os.environ["PWDA_FAST_DATA"]
 
 
-def tiny_overrides(run_dir, **extra) -> dict:
-    """A toy run small enough for a test: few steps, 2-image batches, no worker processes."""
-    overrides = {"train.run_dir": str(run_dir), "train.iters": 4, "train.eval_every": 0,
-                 "train.ckpt_every": 2, "train.log_every": 1, "data.batch_size": 2, "data.workers": 0,
-                 "data.crop": [48, 96]}
-    overrides.update(extra)
-    return overrides
-
-
-def as_argv(overrides: dict) -> list[str]:
-    import json
-
-    return ["--config", "toy"] + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on the 2 shared cores a second one only adds contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,10 +5,10 @@ import statistics
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from PIL import Image
 
-from pwda_fast import ablate, config, visualize
+from pwda_fast import ablate, config, pictures
 
 
 def test_rows_are_the_papers_table_3_settings():
@@ -45,7 +45,7 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
     for slug, _, _ in ablate.ROWS:
         saved = json.loads((out / f"{slug}-s1234" / "config.json").read_text())
         assert saved["train"]["iters"] == 2 and saved["train"]["seed"] == 1234
-        assert Image.open(out / f"{slug}-s1234.png").size == (2 * 192, visualize.TITLE_H + 2 * 96)
+        assert Image.open(out / f"{slug}-s1234.png").size == (2 * 192, pictures.TITLE_H + 2 * 96)
     text = (out / "ablation.md").read_text()
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
     assert [r.split(" | ")[0][2:] for r in rows] == [name for _, name, _ in ablate.ROWS]
@@ -57,7 +57,7 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
     assert text.strip() in capsys.readouterr().out
     picture = np.asarray(Image.open(out / "ablation.png"))
     panels = 2 + len(ablate.ROWS)  # image, ground truth, one prediction per row
-    assert picture.shape[1] == panels * 2 * 192 + (panels - 1) * visualize.GAP
+    assert picture.shape[1] == panels * 2 * 192 + (panels - 1) * pictures.GAP
 
 
 def _slug(name: str) -> str:

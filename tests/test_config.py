@@ -88,9 +88,7 @@ def test_every_field_is_documented():
             assert not line.rstrip().endswith("|  |"), f"undocumented: {line}"
 
 
-def test_readme_configuration_reference_is_current():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.partition(config.README_START)[2].partition(config.README_END)[0]
-    assert section.strip() == config.describe().strip(), (
-        "README's configuration reference is stale: run "
-        "python -m pwda_fast.config --update-readme README.md")
+def test_configuration_reference_is_current():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert docs == config.reference_markdown(), (
+        "docs/CONFIG.md is stale: run python -m pwda_fast.config --update-docs docs/CONFIG.md")

@@ -18,11 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pwda_fast import config, distributed, train
-from pwda_fast.adapt import Adapter, Nets
+from pwda_fast import config, distributed, engine
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
-from pwda_fast.models import build_networks
 
 STEPS = 3
 
@@ -38,15 +36,8 @@ def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] |
     cfg = config.load("toy", {"model.bn": bn, "data.batch_size": batch, "data.workers": 0,
                               "data.crop": [48, 96], "kernels.backend": "torch", "train.iters": 100})
     info = distributed.Dist(rank, rank, world)
-    torch.manual_seed(0)
-    g, d, d_aux = build_networks(cfg.model)
-    for net in (g, d, d_aux):
-        net.train()  # DeepLabV2.train() is what puts frozen BatchNorm into eval mode
-    opts = train.build_optimizers(cfg, g, d, d_aux, torch.device("cpu"))
-    nets = Nets(g, d, d_aux)
-    if world > 1:
-        nets = Nets(*(torch.nn.parallel.DistributedDataParallel(m) for m in (g, d, d_aux)))
-    adapter = Adapter(cfg, nets, *opts, "torch", torch.device("cpu"), info)
+    eng = engine.build(cfg, torch.device("cpu"), info)  # DDP-wrapped when world > 1
+    adapter, (g, d, d_aux) = eng.adapter, eng.nets
     data = build_datasets(cfg.data, None, lambda msg: None)
     src = train_loader(data["source"], batch, 7, rank, world, 0, 0)
     tgt = train_loader(data["target"], batch, 8, rank, world, 0, 0)
@@ -80,14 +71,6 @@ def _spawn(batch: int, bn: str = "frozen", nan_at=None) -> list[dict]:
         results = manager.dict()
         mp.spawn(_worker, args=(2, _free_port(), results, batch, bn, nan_at), nprocs=2)
         return [results[0], results[1]]
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread only adds contention
-    yield
-    torch.set_num_threads(before)
 
 
 def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(one_thread):

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pwda_fast import config
-from pwda_fast.logger import MetricsLogger
+from pwda_fast import config, pictures
+from pwda_fast.logger import LoggerError, MetricsLogger
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
@@ -25,11 +25,11 @@ def test_writes_json_lines_on_rank_zero_only(tmp_path):
     assert not (other / "metrics.jsonl").exists()
 
 
-def test_missing_tensorboard_is_a_config_error_on_every_rank(tmp_path, monkeypatch):
+def test_missing_tensorboard_is_a_clear_error_on_every_rank(tmp_path, monkeypatch):
     # A None entry in sys.modules makes the import fail as if the package were not installed.
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     for enabled in (True, False):
-        with pytest.raises(config.ConfigError, match=r"log.tensorboard=true needs the tensorboard package"):
+        with pytest.raises(LoggerError, match=r"log.tensorboard=true needs the tensorboard package"):
             MetricsLogger(tmp_path, enabled=enabled, tensorboard=True)
 
 
@@ -42,10 +42,11 @@ def test_tensorboard_gets_scalars_and_pictures(tmp_path):
 
     cfg = config.load("toy")
     g, _, d_aux = build_networks(cfg.model)
-    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True, images=1)
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
     logger.write({"step": 2, "seg": 1.5, "adv": float("nan"), "skipped": 0})
     logger.write({"step": 2, "eval": True, "miou": 30.0})
-    logger.figures(2, g, d_aux, build_val(cfg.data, log=lambda _: None), cfg)
+    val = build_val(cfg.data, log=lambda _: None)
+    logger.images(2, pictures.training_figures(g, d_aux, val, cfg.adapt, 1))
     logger.close()
     assert g.training and d_aux.training  # modes restored after drawing
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()

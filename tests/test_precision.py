@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
-from conftest import as_argv, tiny_overrides
+from helpers import as_argv, tiny_overrides
 
-from pwda_fast import config, distributed, train
-from pwda_fast.adapt import Adapter, Nets
+from pwda_fast import config, engine, train
+from pwda_fast.adapt import Nets
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
 from pwda_fast.models import build_networks
@@ -17,11 +17,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: a second intra-op thread only adds contention
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +31,13 @@ def batches():
 
 def _losses(batches, **overrides) -> list[dict]:
     cfg = config.load("toy", {"data.crop": [48, 96], "kernels.backend": "torch", **overrides})
-    torch.manual_seed(0)
-    g, d, d_aux = build_networks(cfg.model)
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    for net in (g, d, d_aux):
-        net.to(memory_format=fmt).train()
-    opts = train.build_optimizers(cfg, g, d, d_aux, CPU)
-    adapter = Adapter(cfg, Nets(g, d, d_aux), *opts, "torch", CPU, distributed.Dist())
+    eng = engine.build(cfg, CPU)
     out = []
     for step, (s, t) in enumerate(batches):
-        losses, stepped = adapter.step(step, s, t)
+        losses, stepped = eng.adapter.step(step, s, t)
         assert stepped
         out.append(losses)
-    assert all(p.dtype == torch.float32 for p in g.parameters())  # fp32 master weights
+    assert all(p.dtype == torch.float32 for p in eng.nets.g.parameters())  # fp32 master weights
     return out
 
 
@@ -70,11 +61,11 @@ def test_bf16_autocast_with_channels_last_is_finite_and_close_to_fp32(batches):
 
 def test_optimizers_foreach_on_cpu_plain_torch_on_request():
     cfg = config.load("toy")
-    nets = build_networks(cfg.model)
-    for opt in train.build_optimizers(cfg, *nets, CPU):
+    nets = Nets(*build_networks(cfg.model))
+    for opt in engine.build_optimizers(cfg.optim, nets, CPU):
         assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
     cfg = config.load("toy", {"optim.impl": "torch"})
-    for opt in train.build_optimizers(cfg, *nets, CPU):
+    for opt in engine.build_optimizers(cfg.optim, nets, CPU):
         assert not opt.defaults["foreach"] and not opt.defaults.get("fused")
 
 
@@ -82,7 +73,7 @@ def test_apex_without_apex_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "apex", None)  # "import apex.optimizers" now fails, installed or not
     cfg = config.load("toy", {"optim.impl": "apex"})
     with pytest.raises(config.ConfigError, match="optim.impl=apex needs NVIDIA apex.*use optim.impl=auto"):
-        train.build_optimizers(cfg, *build_networks(cfg.model), CPU)
+        engine.build_optimizers(cfg.optim, Nets(*build_networks(cfg.model)), CPU)
     assert train.main(as_argv(tiny_overrides(tmp_path, **{"optim.impl": "apex"}))) == train.EXIT_CONFIG
     assert "optim.impl=apex needs NVIDIA apex" in capsys.readouterr().err
 

@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import as_argv, tiny_overrides
+from helpers import as_argv, tiny_overrides
 
-from pwda_fast import checkpoint, config, distributed, evaluate, ops, reference, train
-from pwda_fast.adapt import Adapter, Nets
+from pwda_fast import checkpoint, config, engine, evaluate, ops, reference, train
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
-from pwda_fast.models import build_networks
 
 
 def run(overrides: dict) -> int:
@@ -39,10 +37,7 @@ def test_few_iterations_write_metrics_checkpoint_and_final(tmp_path, capsys):
 def _adapter(weighting="gen+dis", **extra):
     cfg = config.load("toy", {"adapt.weighting": weighting, "data.batch_size": 2, "data.workers": 0,
                               "data.crop": [48, 96], **extra})
-    torch.manual_seed(0)
-    g, d, d_aux = build_networks(cfg.model)
-    opts = train.build_optimizers(cfg, g, d, d_aux, torch.device("cpu"))
-    adapter = Adapter(cfg, Nets(g, d, d_aux), *opts, "torch", torch.device("cpu"), distributed.Dist())
+    adapter = engine.build(cfg, torch.device("cpu"), backend="torch").adapter
     data = build_datasets(cfg.data)
     src = next(train_loader(data["source"], 2, 0, 0, 1, 0, 0))
     tgt = next(train_loader(data["target"], 2, 1, 0, 1, 0, 0))
@@ -162,3 +157,27 @@ def test_missing_dataset_exits_2_showing_the_layout(tmp_path, capsys):
     assert code == train.EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.startswith("error: data: ") and "nowhere" in err and "images" in err
+
+
+def test_compare_entry_runs_both_modes_and_prints_the_table(tmp_path, capsys):
+    """`make train`'s entry on a tiny budget: two ordinary runs, then the side-by-side table."""
+    from pwda_fast import compare
+
+    extra = [f"--{k}={json.dumps(v)}" for k, v in tiny_overrides(tmp_path).items()
+             if k not in ("train.run_dir", "train.iters")]
+    assert compare.main(["--iters", "2", "--runs", str(tmp_path), "--seed", "5", *extra]) == 0
+    out = capsys.readouterr().out
+    finals = {m: json.loads((tmp_path / f"toy-{m}-s5" / "final.json").read_text())
+              for m in ("source_only", "adapt")}
+    assert f"{finals['source_only']['miou']:>16.2f}{finals['adapt']['miou']:>16.2f}" in out
+    gain = finals["adapt"]["miou"] - finals["source_only"]["miou"]
+    assert f"adaptation {'gains' if gain >= 0 else 'loses'} {abs(gain):.2f} mIoU" in out
+
+
+def test_evaluation_during_training_logs_miou_at_its_cadence(tmp_path, capsys):
+    assert run(tiny_overrides(tmp_path, **{"train.eval_every": 2, "train.eval_images": 2})) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [ln for ln in lines if ln.get("eval")]
+    assert [ln["step"] for ln in evals] == [2, 4]  # the cadence, then the final evaluation
+    assert 0.0 <= evals[0]["miou"] <= 100.0
+    assert f"step 2: target mIoU {evals[0]['miou']:.2f}" in capsys.readouterr().out

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import as_argv, tiny_overrides
+from helpers import as_argv, tiny_overrides
 from PIL import Image
 
-from pwda_fast import checkpoint, ops, reference, train, visualize
+from pwda_fast import checkpoint, curves, ops, pictures, reference, train, visualize
 from pwda_fast.data.labels import PALETTE, colorize
 
 
@@ -23,9 +23,9 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
-    g, d_aux, cfg = visualize.load_networks(tiny_run[1], torch.device("cpu"))
+    nets, cfg = checkpoint.load_networks(tiny_run[1], torch.device("cpu"))
     (name, item), = visualize.target_images(cfg, ["1"])
-    return g, d_aux, cfg, item
+    return nets.g, nets.d_aux, cfg, item
 
 
 def _crop(figure: Image.Image, corner, h: int, w: int) -> np.ndarray:
@@ -41,14 +41,14 @@ def test_prediction_figure_has_palette_colours_exactly_where_predicted(loaded):
     g, d_aux, cfg, item = loaded
     image = item["image"][None]
     h, w = image.shape[2:]
-    maps = visualize.weighting_maps(g, d_aux, image, cfg.adapt)
+    maps = pictures.weighting_maps(g, d_aux, image, cfg.adapt)
     adapted = maps["logits"].argmax(1)[0].numpy().astype(np.uint8)
-    label = visualize.label_at(item["label"], (h, w))
-    source = visualize.predict_ids(g, image)[0]
+    label = pictures.label_at(item["label"], (h, w))
+    source = pictures.predict_ids(g, image)[0]
     zoom = 2
-    panels = visualize.prediction_panels(item["image"], label, adapted, source)
-    figure, corners = visualize.compose(panels, zoom)
-    assert figure.size == (4 * w * zoom + 3 * visualize.GAP, visualize.TITLE_H + h * zoom)
+    panels = pictures.prediction_panels(item["image"], label, adapted, source)
+    figure, corners = pictures.compose(panels, zoom)
+    assert figure.size == (4 * w * zoom + 3 * pictures.GAP, pictures.TITLE_H + h * zoom)
     for corner, ids in zip(corners[1:], (label, source, adapted)):
         panel = _crop(figure, corner, h * zoom, w * zoom)
         assert np.array_equal(panel, _zoomed(colorize(ids), zoom))
@@ -65,7 +65,7 @@ def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting):
     a.weighting = weighting
     image = item["image"][None]
     size = tuple(image.shape[2:])
-    maps = visualize.weighting_maps(g, d_aux, image, a)
+    maps = pictures.weighting_maps(g, d_aux, image, a)
     with torch.no_grad():  # recomputed here the way adapt.generator_stage computes them
         _, main, feat = g(image)
         logits = F.interpolate(main, size=size, mode="bilinear", align_corners=True)
@@ -83,15 +83,15 @@ def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting):
         torch.testing.assert_close(maps["weight"], (maps["gen"] + a.mu) * maps["dis"])
 
     zoom = 1
-    figure, corners = visualize.compose(visualize.map_panels(maps, a), zoom)
+    figure, corners = pictures.compose(pictures.map_panels(maps, a), zoom)
     h, w = size
-    assert figure.size == (3 * w + 2 * visualize.GAP, visualize.TITLE_H + h + visualize.BAR_H)
+    assert figure.size == (3 * w + 2 * pictures.GAP, pictures.TITLE_H + h + pictures.BAR_H)
     rendered = _crop(figure, corners[2], h, w)
-    assert np.array_equal(rendered, visualize.colormap(maps["weight"][0].numpy(), 0.0, 1.0 + a.mu))
+    assert np.array_equal(rendered, pictures.colormap(maps["weight"][0].numpy(), 0.0, 1.0 + a.mu))
 
 
 def test_colormap_runs_dark_to_bright_and_clips():
-    ramp = visualize.colormap(np.array([[-1.0, 0.0, 0.5, 1.0, 2.0]]), 0.0, 1.0)[0]
+    ramp = pictures.colormap(np.array([[-1.0, 0.0, 0.5, 1.0, 2.0]]), 0.0, 1.0)[0]
     assert (ramp[0] == ramp[1]).all() and (ramp[3] == ramp[4]).all()
     assert tuple(ramp[1]) == (68, 1, 84) and tuple(ramp[3]) == (253, 231, 37)
     assert ramp[1].astype(int).sum() < ramp[2].astype(int).sum() < ramp[3].astype(int).sum()
@@ -106,10 +106,10 @@ def test_cli_writes_prediction_maps_and_curves(tiny_run, tmp_path):
     preds, maps = sorted(out.glob("*_pred.png")), sorted(out.glob("*_maps.png"))
     assert len(preds) == len(maps) == 2
     h, w = 96, 192  # the toy target_size; auto zoom doubles it
-    assert Image.open(preds[0]).size == (4 * 2 * w + 3 * visualize.GAP, visualize.TITLE_H + 2 * h)
-    curves = Image.open(out / "curves.png")
-    assert curves.size[0] == 2 * visualize.CURVE_W and curves.size[1] > 3 * visualize.CURVE_H
-    assert len(np.unique(np.asarray(curves).reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
+    assert Image.open(preds[0]).size == (4 * 2 * w + 3 * pictures.GAP, pictures.TITLE_H + 2 * h)
+    chart = Image.open(out / "curves.png")
+    assert chart.size[0] == 2 * curves.CURVE_W and chart.size[1] > 3 * curves.CURVE_H
+    assert len(np.unique(np.asarray(chart).reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
 
 
 def test_image_paths_outside_the_val_set_render_without_ground_truth(tiny_run, tmp_path):
@@ -118,6 +118,6 @@ def test_image_paths_outside_the_val_set_render_without_ground_truth(tiny_run, t
     Image.fromarray(np.full((50, 100, 3), 90, np.uint8)).save(photo)
     out = tmp_path / "pictures"
     assert visualize.main(["--checkpoint", str(ckpt), "--images", str(photo), "--out", str(out)]) == 0
-    assert Image.open(out / "street_pred.png").size == (2 * 2 * 192 + visualize.GAP, visualize.TITLE_H + 192)
+    assert Image.open(out / "street_pred.png").size == (2 * 2 * 192 + pictures.GAP, pictures.TITLE_H + 192)
     assert visualize.main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "nope.png"),
                            "--out", str(out)]) == 2

@@ -1,0 +1,86 @@
+"""Training curves from a run's metrics.jsonl: one chart per loss and one of the target mIoU (PIL only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from pwda_fast.pictures import _VIRIDIS, BACKGROUND, INK, _font
+
+LOSS_KEYS = ("seg", "adv", "adv_aux", "d", "d_aux", "mem")
+CURVE_W, CURVE_H, MARGIN_L, MARGIN_B = 360, 200, 58, 22
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl -> (training lines, eval lines), each sorted by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; --curves needs the run_dir of a pwda_fast.train run")
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    train = sorted((r for r in lines if not r.get("eval")), key=lambda r: r["step"])
+    evals = sorted((r for r in lines if r.get("eval")), key=lambda r: r["step"])
+    return train, evals
+
+
+def _plot(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str, xs: list, ys: list,
+          colour: tuple, font) -> None:
+    """One line chart in the CURVE_W x CURVE_H box at (x0, y0): axes, min/max ticks, the polyline."""
+    points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+    draw.text((x0 + MARGIN_L, y0 + 2), title, fill=INK, font=font)
+    left, right, top, bottom = x0 + MARGIN_L, x0 + CURVE_W - 10, y0 + 20, y0 + CURVE_H - MARGIN_B
+    draw.line([(left, top), (left, bottom), (right, bottom)], fill=INK)
+    if not points:
+        draw.text((left + 8, (top + bottom) // 2), "no finite values", fill=INK, font=font)
+        return
+    (x_lo, x_hi), (y_lo, y_hi) = ((min(v), max(v)) for v in zip(*points))
+    if y_hi - y_lo < 1e-12:  # a flat series: centre it instead of dividing by zero
+        y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1.0), y_hi + 0.5 * (abs(y_hi) or 1.0)
+    x_span = (x_hi - x_lo) or 1
+
+    def at(x, y):
+        return (left + (x - x_lo) / x_span * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    # Enough significant digits that the three ticks differ (d_aux sits near 1.386 for long stretches).
+    digits = 3 + max(0, math.ceil(math.log10(max(abs(y_lo), abs(y_hi)) / (y_hi - y_lo))))
+    for value in (y_lo, (y_lo + y_hi) / 2, y_hi):
+        _, py = at(x_lo, value)
+        draw.line([(left - 3, py), (left, py)], fill=INK)
+        text = f"{value:.{digits}g}"
+        draw.text((left - 5 - draw.textlength(text, font=font), py - 6), text, fill=INK, font=font)
+    for step in sorted({x_lo, x_hi}):
+        px, _ = at(step, y_lo)
+        text = str(step)
+        draw.text((px - draw.textlength(text, font=font) / 2, bottom + 4), text, fill=INK, font=font)
+    xy = [at(x, y) for x, y in points]
+    if len(xy) > 1:
+        draw.line(xy, fill=colour, width=2)
+    for px, py in xy if len(xy) <= 30 else []:  # dots only where they stay readable
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+
+
+def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
+    """metrics.jsonl of `run_dir` -> out/curves.png: one chart per loss and one of target mIoU."""
+    train, evals = read_metrics(run_dir)
+    charts = [(f"loss {k}", [r["step"] for r in train if k in r], [float(r[k]) for r in train if k in r])
+              for k in LOSS_KEYS if any(k in r for r in train)]
+    charts.append(("target mIoU (%)", [r["step"] for r in evals], [float(r["miou"]) for r in evals]))
+    cols = 2
+    rows = math.ceil(len(charts) / cols)
+    canvas = Image.new("RGB", (cols * CURVE_W, rows * CURVE_H + 24), BACKGROUND)
+    draw, font = ImageDraw.Draw(canvas), _font()
+    draw.text((6, 4), f"{run_dir}  (x: training step)", fill=INK, font=font)
+    palette = [tuple(int(c) for c in _VIRIDIS[i]) for i in (0, 2, 4, 6, 1, 3, 5)]
+    for k, (title, xs, ys) in enumerate(charts):
+        r, c = divmod(k, cols)
+        colour = (200, 30, 30) if title.startswith("target") else palette[k % len(palette)]
+        _plot(draw, c * CURVE_W, 24 + r * CURVE_H, title, xs, ys, colour, font)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    canvas.save(out / "curves.png")
+    return out / "curves.png"
+
+

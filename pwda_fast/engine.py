@@ -1,0 +1,105 @@
+"""The objects of one training run, built one way for the entry point, the benchmarks and the tests.
+
+    config -> seed -> networks (device, memory format) -> optimizers -> DDP / compile -> Adapter
+
+`build` returns an Engine: the bare networks (what checkpoints hold), their optimizers, the resolved
+weighted-loss backend and the Adapter that runs one iteration on the (possibly wrapped) networks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pwda_fast import config, distributed, ops
+from pwda_fast.adapt import Adapter, Nets, Schedule
+from pwda_fast.models import build_networks
+
+
+@dataclass
+class Optimizers:
+    """SGD for G, Adam for D and D_aux; they always step (or skip) together."""
+    g: torch.optim.Optimizer
+    d: torch.optim.Optimizer
+    d_aux: torch.optim.Optimizer
+
+    def __iter__(self):
+        return iter((self.g, self.d, self.d_aux))
+
+    def state_dict(self) -> dict:
+        return {"opt_g": self.g.state_dict(), "opt_d": self.d.state_dict(),
+                "opt_d_aux": self.d_aux.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for opt, key in zip(self, ("opt_g", "opt_d", "opt_d_aux")):
+            opt.load_state_dict(state[key])
+
+
+def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets, device: torch.device) -> Optimizers:
+    """SGD for G (heads at head_lr_mult), Adam for D and D_aux; fused on CUDA, foreach on CPU."""
+    o = optim_cfg
+    groups = nets.g.param_groups(o.lr, o.head_lr_mult)
+    sgd = {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "nesterov": o.nesterov}
+    adam = {"lr": o.lr_d, "betas": tuple(o.betas)}
+    if o.impl == "apex":
+        try:
+            import apex.optimizers as apex_opt
+        except ImportError as e:
+            raise config.ConfigError("optim.impl=apex needs NVIDIA apex built from source with its "
+                                     f"CUDA extensions (import apex.optimizers failed: {e}); "
+                                     "use optim.impl=auto") from None
+        return Optimizers(apex_opt.FusedSGD(groups, **sgd), apex_opt.FusedAdam(nets.d.parameters(), **adam),
+                          apex_opt.FusedAdam(nets.d_aux.parameters(), **adam))
+    if o.impl == "torch":
+        fast = {}  # torch's own default per device
+    else:
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return Optimizers(torch.optim.SGD(groups, **sgd, **fast),
+                      torch.optim.Adam(nets.d.parameters(), **adam, **fast),
+                      torch.optim.Adam(nets.d_aux.parameters(), **adam, **fast))
+
+
+@dataclass
+class Engine:
+    nets: Nets
+    """The bare networks: what checkpoints hold and evaluation runs."""
+    optimizers: Optimizers
+    adapter: Adapter
+    """Runs one iteration on the networks as training wraps them (DDP, torch.compile)."""
+    backend: str
+    """The weighted-loss backend `kernels.backend` resolved to on this device."""
+
+
+def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distributed.Dist, log) -> Nets:
+    if dist.enabled:
+        g = nets.g
+        if cfg.model.bn == "train" and device.type == "cuda":
+            g = nn.SyncBatchNorm.convert_sync_batchnorm(g)
+        elif cfg.model.bn == "train":  # torch's SyncBatchNorm raises on CPU tensors
+            log("model.bn=train on CPU: BatchNorm statistics are per process (no SyncBatchNorm)")
+        ids = [device.index] if device.type == "cuda" else None
+        nets = Nets(*(nn.parallel.DistributedDataParallel(m, device_ids=ids)
+                      for m in (g, nets.d, nets.d_aux)))
+    if cfg.train.compile:
+        nets = Nets(torch.compile(nets.g), nets.d, nets.d_aux)
+    return nets
+
+
+def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | None = None, *,
+          backend: str | None = None, log=lambda msg: None) -> Engine:
+    """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend."""
+    dist = dist or distributed.Dist()
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
+    nets = Nets(*build_networks(cfg.model))
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for net in nets:
+        net.to(device, memory_format=fmt).train()
+    optimizers = build_optimizers(cfg.optim, nets, device)
+    adapter = Adapter(_wrap(cfg, nets, device, dist, log), optimizers, cfg.adapt,
+                      Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
+                      channels_last=cfg.train.channels_last, restore_bn=cfg.model.bn != "frozen",
+                      backend=backend, device=device, dist=dist)
+    return Engine(nets, optimizers, adapter, backend)
