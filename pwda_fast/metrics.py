@@ -15,13 +15,16 @@ def confusion(pred: torch.Tensor, label: torch.Tensor, num_classes: int = len(CL
 
 
 def iou_table(conf: torch.Tensor, class_names=CLASSES) -> dict:
-    """{"miou": float, "iou": {name: float}} over classes that occur (union > 0), in percent."""
+    """{"miou": float, "iou": {name: float}} over classes that occur (union > 0), in percent.
+
+    Full precision: rounding is for display only (format_table), so the mIoU is the mean of the
+    exact IoUs, not of rounded ones.
+    """
     conf = conf.double().cpu()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
-    iou = {name: round(100 * float(tp[i] / union[i]), 2)
-           for i, name in enumerate(class_names) if union[i] > 0}
-    miou = round(sum(iou.values()) / len(iou), 2) if iou else 0.0
+    iou = {name: 100 * float(tp[i] / union[i]) for i, name in enumerate(class_names) if union[i] > 0}
+    miou = sum(iou.values()) / len(iou) if iou else 0.0
     return {"miou": miou, "iou": iou}
 
 
@@ -53,5 +56,5 @@ def with_protocols(result: dict, source: str) -> dict:
     out = dict(result)
     for key, classes in (("miou16", SYNTHIA_16), ("miou13", SYNTHIA_13)):
         values = [result["iou"][c] for c in classes if c in result["iou"]]
-        out[key] = round(sum(values) / len(values), 2) if values else 0.0
+        out[key] = sum(values) / len(values) if values else 0.0
     return out

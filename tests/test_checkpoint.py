@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pwda_fast import checkpoint
 
@@ -120,3 +121,44 @@ def test_latest_checkpoint_cannot_be_a_link_out_of_the_run_folder(tmp_path):
     (run_dir / "latest").write_text("ckpt_00000007.pt")
     with pytest.raises(checkpoint.CheckpointError, match="outside"):
         checkpoint.latest(run_dir)
+
+
+def test_save_creates_nested_run_folders_and_keep_last_zero_keeps_all(tmp_path):
+    run_dir = tmp_path / "a" / "b"
+    for step in (1, 2, 3):
+        checkpoint.save(run_dir, step, {"step": step}, keep_last=0)
+    assert sorted(p.name for p in run_dir.glob("ckpt_*.pt")) == [f"ckpt_{s:08d}.pt" for s in (1, 2, 3)]
+
+
+def test_latest_without_a_usable_pointer_is_the_newest_checkpoint(tmp_path):
+    assert checkpoint.latest(tmp_path / "missing") is None
+    assert checkpoint.latest(tmp_path) is None
+    for step in (3, 12, 7):
+        checkpoint.save(tmp_path, step, {"step": step}, keep_last=0)
+    (tmp_path / "ckpt_1.pt").write_bytes(b"")  # not a checkpoint name: ignored
+    (tmp_path / "latest").unlink()
+    assert checkpoint.latest(tmp_path).name == "ckpt_00000012.pt"  # by step, not by write order
+    (tmp_path / "latest").write_text("ckpt_00000099.pt")  # names a file that is gone
+    assert checkpoint.latest(tmp_path).name == "ckpt_00000012.pt"
+    (tmp_path / "latest").write_text("ckpt_00000003.pt")
+    assert checkpoint.latest(tmp_path).name == "ckpt_00000003.pt"  # the pointer wins when it is valid
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the pickle ran"))
+
+
+def test_load_refuses_code_and_names_the_file_and_the_cause(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"step": 1, "g": _Payload(marker)}, tmp_path / "ckpt_00000001.pt")
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"cannot load checkpoint .*ckpt_00000001.pt: UnpicklingError: "):
+        checkpoint.load(tmp_path / "ckpt_00000001.pt")
+    assert not marker.exists()
+    (tmp_path / "ckpt_00000002.pt").write_bytes(b"not a zip")
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt_00000002.pt: \w+Error: "):
+        checkpoint.load(tmp_path / "ckpt_00000002.pt")

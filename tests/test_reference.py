@@ -1,5 +1,6 @@
 """The pure-torch reference against hand-computed cases and an independent float64 formulation."""
 
+import inspect
 import math
 
 import pytest
@@ -136,3 +137,19 @@ def test_unknown_backend_raises():
     x, z = torch.randn(1, 3, 2, 2), torch.randn(1, 1, 2, 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.weighted_adv_loss(x, z, label=0.0, backend="cuda")
+
+
+def test_defaults_are_the_papers_values():
+    """T = 0.9, floor = 0.01, mu = 0.1 (paper §5.2) wherever a caller leaves them out."""
+    for fn in (reference.generation_confidence, reference.pixel_weights, reference.weighted_adv_loss,
+               ops.pixel_weights, ops.weighted_adv_loss):
+        params = inspect.signature(fn).parameters
+        got = {k: params[k].default for k in ("threshold", "floor", "mu") if k in params}
+        assert got == {k: v for k, v in {"threshold": 0.9, "floor": 0.01, "mu": 0.1}.items()
+                       if k in params}, fn.__qualname__
+    x = torch.randn(2, 19, 5, 6) * 4
+    z = torch.randn(2, 1, 5, 6)
+    assert torch.equal(reference.weighted_adv_loss(x, z, label=1.0),
+                       reference.weighted_adv_loss(x, z, label=1.0, threshold=0.9, floor=0.01, mu=0.1))
+    floor_taken = reference.pixel_weights(x, threshold=0.05, floor=0.3, mu=0.0)
+    assert torch.allclose(floor_taken, torch.full_like(floor_taken, 0.3))  # every p* > 0.05
