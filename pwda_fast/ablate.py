@@ -75,7 +75,7 @@ def render_rows(run_dirs: dict[str, Path], out: Path, image_index: int, zoom: in
     image = item["image"][None]  # (1, 3, H, W)
     size = tuple(image.shape[2:])
     zoom = zoom or pictures.auto_zoom(size[0])
-    panels = [pictures.Panel("target image", pictures.to_rgb(item["image"]))]
+    panels = [pictures.Panel("target image", pictures.to_rgb(item["image"], cfg.data.normalize))]
     if item["label"] is not None:
         panels.append(pictures.Panel("ground truth", colorize(pictures.label_at(item["label"], size))))
     for title, (nets, _) in loaded.items():

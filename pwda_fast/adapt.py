@@ -49,8 +49,9 @@ class Nets:
 
 @dataclass
 class Schedule:
-    """Learning rates by step: poly decay over `iters` (all three networks), after an optional linear
-    warm-up of G from warmup_start * lr over warmup_iters (MRNet's recipe; docs/METHOD.md)."""
+    """Learning rates by step: poly decay over optim.poly_iters or `iters` (all three networks), after
+    an optional linear warm-up of G from warmup_start * lr over warmup_iters (MRNet's recipe, where
+    the decay is not re-based after the warm-up; docs/METHOD.md)."""
     optim: OptimConfig
     iters: int
 
@@ -58,10 +59,15 @@ class Schedule:
         o = self.optim
         if step < o.warmup_iters:
             return o.lr * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)
-        return poly_lr(o.lr, step, self.iters, o.power)
+        return poly_lr(o.lr, step, self.horizon, o.power)
 
     def lr_d(self, step: int) -> float:
-        return poly_lr(self.optim.lr_d, step, self.iters, self.optim.power)
+        return poly_lr(self.optim.lr_d, step, self.horizon, self.optim.power)
+
+    @property
+    def horizon(self) -> int:
+        """The poly decay's length: optim.poly_iters, or train.iters when that is 0."""
+        return self.optim.poly_iters or self.iters
 
 
 class Adapter:
@@ -75,7 +81,7 @@ class Adapter:
     def __init__(self, nets: Nets, optimizers, adapt_cfg: AdaptConfig, schedule: Schedule, *,
                  amp: str = "none", channels_last: bool = False, restore_bn: bool = False,
                  backend: str = "torch", device: torch.device | None = None,
-                 dist: distributed.Dist | None = None):
+                 dist: distributed.Dist | None = None, num_classes: int = 19):
         self.nets, self.opt, self.a, self.schedule = nets, optimizers, adapt_cfg, schedule
         device = device or torch.device("cpu")
         self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
@@ -86,6 +92,16 @@ class Adapter:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # One inf activation would otherwise poison every later step through the running statistics.
         self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] if restore_bn else []
+        # MRNet's running "often" class weight (adapt.often_balance); part of the checkpoint.
+        self.often = (torch.ones(num_classes, device=device)
+                      if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
+
+    def state_dict(self) -> dict:
+        return {"often": self.often}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.often is not None and state.get("often") is not None:
+            self.often.copy_(state["often"])
 
     def set_lr(self, step: int) -> None:
         lr_g, lr_d = self.schedule.lr_g(step), self.schedule.lr_d(step)
@@ -112,11 +128,12 @@ class Adapter:
         self.set_lr(step)
         for opt in self.opt:
             opt.zero_grad(set_to_none=True)
-        saved = [b.clone() for b in self.bn_buffers]
+        state = self.bn_buffers + ([self.often] if self.often is not None else [])
+        saved = [b.clone() for b in state]
         losses = {}
         src = self.segmenter_stage(source, losses)
         if self.adapt:
-            tgt = self.generator_stage(target, losses)
+            tgt = self.generator_stage(target, losses, step)
             self.discriminator_stage(src, tgt, losses)
         means, finite = self._reduce(losses)
         if finite:
@@ -125,7 +142,7 @@ class Adapter:
                 self.opt.d.step()
                 self.opt.d_aux.step()
         elif saved:
-            torch._foreach_copy_(self.bn_buffers, saved)
+            torch._foreach_copy_(state, saved)
         return means, finite
 
     def _input(self, batch: dict) -> torch.Tensor:
@@ -140,14 +157,25 @@ class Adapter:
             with self.autocast():
                 aux_s, main_s, feat_s = g(x_s)
             main_s = upsample_to(main_s.float(), size)
+            weights = None
+            if self.a.class_balance:
+                weights, often = reference.class_balance_weights(y_s, main_s.shape[1],
+                                                                 self.a.class_balance_max, self.often)
+                if often is not None:
+                    self.often.copy_(often)
             loss_seg = reference.multi_level_seg_loss(upsample_to(aux_s.float(), size), main_s, y_s,
-                                                      self.a.lambda_seg)
+                                                      self.a.lambda_seg, weights, self.a.hard_pixels)
             loss_seg.backward()
         losses["seg"] = loss_seg.detach()
         return {"main": main_s.detach(), "feat": feat_s.detach()}
 
-    def generator_stage(self, target: dict, losses: dict) -> dict:
-        """Stage 2: G fools the frozen D (pixel-weighted, eq. 6) and F fools the frozen D_aux.
+    def _d_aux(self, d_aux: nn.Module, feat: torch.Tensor, size) -> torch.Tensor:
+        """D_aux's logits: at image size (adapt.aux_at = "image", the paper) or at feature size."""
+        return d_aux(feat, size) if self.a.aux_at == "image" else d_aux(feat)
+
+    def generator_stage(self, target: dict, losses: dict, step: int = 0) -> dict:
+        """Stage 2: G fools the frozen D (pixel-weighted, eq. 6) and F fools the frozen D_aux; the
+        memory term (MRNet) counts from adapt.memory_start on.
 
         D and D_aux are called unwrapped, so DDP does not wait for gradients they do not get here.
         """
@@ -160,9 +188,9 @@ class Adapter:
             aux_t, main_t, feat_t = self.nets.g(x_t)
             main_t = upsample_to(main_t.float(), size)
             z_t = d(torch.softmax(main_t, dim=1)).float()  # D's native resolution
-            a_low = d_aux(feat_t).float() if self.use_aux else None
+            a_low = self._d_aux(d_aux, feat_t, size).float() if self.use_aux else None
         # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
-        # loss takes D's and D_aux's maps at their native resolution and upsamples them in-kernel.
+        # loss takes D's map (and D_aux's with aux_at=feature) at native resolution, upsampled in-kernel.
         weight_aux = a_low.detach() if a_low is not None else None
         loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE)
         loss_g = self.a.lambda_adv * loss_adv
@@ -173,8 +201,9 @@ class Adapter:
             losses["adv_aux"] = loss_adv_aux.detach()
         aux_t = upsample_to(aux_t.float(), size)
         if self.a.memory:
+            # Logged from the first step; weighted from memory_start on (MRNet: lambda 0 before 15k).
             loss_mem = reference.memory_kl(aux_t, main_t)
-            loss_g = loss_g + self.a.lambda_mem * loss_mem
+            loss_g = loss_g + (self.a.lambda_mem if step >= self.a.memory_start else 0.0) * loss_mem
             losses["mem"] = loss_mem.detach()
         else:
             # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
@@ -195,7 +224,7 @@ class Adapter:
         losses["d"] = loss_d.detach()
         if self.use_aux:
             with self.autocast():
-                a = self.nets.d_aux(torch.cat([src["feat"], tgt["feat"]]))
+                a = self._d_aux(self.nets.d_aux, torch.cat([src["feat"], tgt["feat"]]), size)
             a = upsample_to(a.float(), size)
             loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
             losses["d_aux"] = loss_d_aux.detach()

@@ -8,6 +8,7 @@ would run code is refused before any of it runs.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -83,11 +84,23 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely (weights_only=True); a malicious or corrupt file raises."""
+    """Load a checkpoint safely (weights_only=True); a malicious or corrupt file raises CheckpointError
+    in our words (torch's own message advises weights_only=False, the one thing not to do with a file
+    one did not write)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # no code was refused: a damaged or foreign file
+            raise CheckpointError(f"cannot load checkpoint {path}: UnpicklingError: the file is truncated, "
+                                  "damaged or not a PyTorch checkpoint") from e
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: UnpicklingError: it holds Python objects other than tensors "
+            "and plain containers, which could run code when loaded, so it is refused; pwda_fast never "
+            "writes such files: it was written by something else or modified") from e
     except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}".strip()) from e
+        first = next((ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln), "")
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: the file is truncated, "
+                              f"damaged or not a PyTorch checkpoint ({first[:160]})".strip()) from e
 
 
 def training_state(engine, step: int, cfg, world_size: int, skipped: int) -> dict:
@@ -96,6 +109,7 @@ def training_state(engine, step: int, cfg, world_size: int, skipped: int) -> dic
         "step": step,
         **{name: net.state_dict() for name, net in zip(("g", "d", "d_aux"), engine.nets)},
         **engine.optimizers.state_dict(),
+        "adapter": engine.adapter.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "config": cfg.to_dict(), "backend": engine.backend, "world_size": world_size,
@@ -104,24 +118,57 @@ def training_state(engine, step: int, cfg, world_size: int, skipped: int) -> dic
     }
 
 
-def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]:
-    """Load the latest checkpoint of run_dir into `engine` -> (step, skipped); (0, 0) when none.
+def _newest_loadable(run_dir: Path, main: bool, log) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads, `latest` first. Unloadable newer ones are kept, renamed
+    <name>.corrupt (rank 0), with a warning; when none loads, CheckpointError lists why each failed."""
+    first = latest(run_dir)
+    if first is None:
+        return None
+    older = sorted((p for p in run_dir.glob("ckpt_*.pt") if _NAME.match(p.name) and p != first), reverse=True)
+    failed = []
+    for path in [first, *older]:
+        try:
+            state = load(path)
+        except (CheckpointError, OSError) as e:
+            failed.append((path, e))
+            continue
+        for bad, why in failed:
+            log(f"warning: {why}; resuming from the older {path.name}, keeping the bad file as "
+                f"{bad.name}.corrupt")
+            if main:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+        return path, state
+    raise CheckpointError(f"no checkpoint in {run_dir} loads: {'; '.join(str(e) for _, e in failed)}. "
+                          "Move the folder away to start afresh, or restore a good checkpoint into it")
 
-    Rank 0 takes the saved random streams; the other ranks reseed from (seed, rank, step), so they
-    stay distinct and reproducible.
+
+def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]:
+    """Load the newest loadable checkpoint of run_dir into `engine` -> (step, skipped); (0, 0) when
+    there is none.
+
+    Refused (ConfigError) when it was written by another number of processes (unless
+    train.allow_world_size_change) or with a config that differs in a key that changes results
+    (unless train.resume = "force"); differences in result-neutral keys are logged. Rank 0 takes the
+    saved random streams; the other ranks reseed from (seed, rank, step), distinct and reproducible.
     """
-    path = latest(run_dir)
-    if path is None:
+    found = _newest_loadable(Path(run_dir), dist.main, log)
+    if found is None:
         return 0, 0
-    state = load(path)
+    path, state = found
     if state["world_size"] != dist.world and not cfg.train.allow_world_size_change:
         raise config.ConfigError(
             f"{path} was written by {state['world_size']} processes, this run has {dist.world}; "
             "the data order would change. Relaunch with the same number of processes, or pass "
             "--train.allow_world_size_change=true to continue anyway")
+    _check_same_run(path, state, cfg, log)
     for name, net in zip(("g", "d", "d_aux"), engine.nets):
-        net.load_state_dict(state[name])
+        try:
+            net.load_state_dict(state[name])
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{path} does not fit this run's {name} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}); use another train.run_dir") from None
     engine.optimizers.load_state_dict(state)
+    engine.adapter.load_state_dict(state.get("adapter", {}))
     if dist.main:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -130,6 +177,28 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]
         torch.manual_seed((cfg.train.seed + dist.rank) * 1_000_003 + state["step"])
     log(f"resumed from {path} at step {state['step']}")
     return state["step"], state.get("skipped", 0)
+
+
+def _check_same_run(path: Path, state: dict, cfg, log) -> None:
+    try:
+        saved = config.from_dict(state["config"])
+    except (config.ConfigError, KeyError) as e:
+        raise CheckpointError(f"{path} holds a config this version cannot read ({e}); "
+                              "use another train.run_dir") from None
+    diff = config.differences(saved, cfg)
+    changed = {k: v for k, v in diff.items() if k not in config.RESULT_NEUTRAL}
+    neutral = {k: v for k, v in diff.items() if k in config.RESULT_NEUTRAL}
+    listing = lambda d: ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())  # noqa: E731
+    if neutral:
+        log(f"resuming with changed settings that do not change results: {listing(neutral)}")
+    if not changed:
+        return
+    if cfg.train.resume != "force":
+        raise config.ConfigError(
+            f"{path.parent} holds a run trained with a different config ({listing(changed)}). "
+            "To start a new run pass another --train.run_dir; to continue this one with the new values "
+            "pass --train.resume=force")
+    log(f"warning: train.resume=force: continuing {path} with changed settings: {listing(changed)}")
 
 
 def load_networks(path: str | Path, device: torch.device):

@@ -33,6 +33,20 @@ def choose_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_budget(threads: int, workers: int) -> tuple[int, int]:
+    """(intra-op threads, loader workers) for this process; 0 threads / -1 workers = auto.
+
+    The cores available to this process (sched_getaffinity: a container or taskset may allow fewer than
+    the machine has) are shared by the local ranks. On 1-2 cores a loader worker only competes with the
+    compute threads (toy adaptation: 1.46 it/s with one worker, 2.23 it/s with none, 2 cores).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_rank = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if workers < 0:
+        workers = 0 if per_rank <= 2 else min(4, per_rank // 2)
+    return threads or per_rank, workers
+
+
 def setup(device_kind: str) -> Dist:
     """Join the process group when torchrun set RANK (NCCL on CUDA, gloo on CPU)."""
     if "RANK" not in os.environ:

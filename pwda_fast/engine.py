@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pwda_fast import config, distributed, ops
+from pwda_fast import config, distributed, models, ops
 from pwda_fast.adapt import Adapter, Nets, Schedule
-from pwda_fast.models import build_networks
 
 
 @dataclass
@@ -87,13 +86,26 @@ def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distribute
     return nets
 
 
+def resolve(cfg: config.Config) -> config.Config:
+    """Make the settings that follow model.init_weights concrete (in place; returns cfg): the bottleneck
+    stride placement and the input normalisation of the weights' layout ("caffe" for DeepLab-v2 /
+    AdaptSegNet / MRNet weights, "imagenet" for torchvision's or without weights)."""
+    if "auto" in (cfg.model.stride_on, cfg.data.normalize):
+        layout = models.weights_layout(cfg.model.init_weights)
+        cfg.model = models.resolve_model(cfg.model)
+        if cfg.data.normalize == "auto":
+            cfg.data.normalize = "caffe" if layout == "caffe" else "imagenet"
+    return cfg
+
+
 def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | None = None, *,
           backend: str | None = None, log=lambda msg: None) -> Engine:
     """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend."""
+    resolve(cfg)
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
-    nets = Nets(*build_networks(cfg.model))
+    nets = Nets(*models.build_networks(cfg.model))
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for net in nets:
         net.to(device, memory_format=fmt).train()
@@ -101,5 +113,5 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     adapter = Adapter(_wrap(cfg, nets, device, dist, log), optimizers, cfg.adapt,
                       Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
                       channels_last=cfg.train.channels_last, restore_bn=cfg.model.bn != "frozen",
-                      backend=backend, device=device, dist=dist)
+                      backend=backend, device=device, dist=dist, num_classes=cfg.model.num_classes)
     return Engine(nets, optimizers, adapter, backend)

@@ -1,12 +1,16 @@
 """Target-domain evaluation: per-class IoU and mIoU of a generator, a checkpoint or saved predictions.
 
-    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--json FILE]
+    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE --dataset cityscapes --root DIR [--json FILE]
     python -m pwda_fast.evaluate --predictions DIR --root DIR [--source synthia] [--json FILE]
 
 Scores are over the 19 Cityscapes classes at the labels' full resolution (2048x1024 for Cityscapes
 val). For SYNTHIA-trained models (the checkpoint's data.source, or --source synthia) the 16- and
 13-class protocols are added as miou16 / miou13, averaged from the same 19-class confusion.
+A checkpoint's predictions come from one of two test protocols (--protocol, default the
+checkpoint's train.eval_protocol): "single", the main head's argmax at the val size, or "mrnet",
+MRNet's fusion of both heads over two scales and flips (fused_probabilities); the result's
+"protocol" names it.
 Saved predictions are 8-bit trainId PNGs named like the val images (<city>_<seq>_<frame>_leftImg8bit.png),
 in DIR or in DIR/<city>/.
 """
@@ -16,17 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from pwda_fast import checkpoint, distributed, metrics
 from pwda_fast.data import build_val, open_split
 from pwda_fast.data.labels import CLASSES
-from pwda_fast.data.loader import val_loader
+from pwda_fast.data.loader import SegmentationDataset, val_loader
 from pwda_fast.data.validate import describe
 from pwda_fast.reference import upsample_to
 
@@ -39,20 +45,76 @@ def predict(g: torch.nn.Module, image: torch.Tensor, size, amp: str = "none") ->
     return upsample_to(main.float(), size)
 
 
+PROTOCOLS = ("single", "mrnet")
+MRNET_SCALES = (1.0, 1.25)  # evaluate_cityscapes.py: 1024x512 and 1280x640 inputs (its 0.9 is unused)
+
+
+@torch.no_grad()
+def fused_probabilities(g: torch.nn.Module, images: Sequence[torch.Tensor], size,
+                        amp: str = "none") -> torch.Tensor:
+    """MRNet's test-time fusion: [(N, 3, h_s, w_s)] one input per scale -> (N, K, *size) summed
+    class probabilities, fp32.
+
+    For each input and each of (as is, mirrored): softmax(0.5 * aux + main) of the generator's two
+    heads, the mirrored pass's logits mirrored back first, upsampled to `size` (bilinear,
+    align_corners=True) after the softmax; the maps are summed with equal weights. This is what
+    MRNet's evaluate_cityscapes.py does on Cityscapes val: inputs resized from the image files to
+    1024x512 and 1280x640 (bicubic, mean-subtracted BGR), model(x) and fliplr(model(fliplr(x)))
+    per scale, nn.Upsample((1024, 2048), bilinear, align_corners=True) of each softmax, argmax of
+    the sum of the four maps.
+    """
+    total = None
+    for image in images:
+        for mirrored in (False, True):
+            x = image.flip(-1) if mirrored else image
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                aux, main, _ = g(x)
+            logits = 0.5 * aux.float() + main.float()  # (N, K, h, w)
+            if mirrored:
+                logits = logits.flip(-1)
+            probs = upsample_to(logits.softmax(1), size)
+            total = probs if total is None else total.add_(probs)
+    return total
+
+
+def rescaled(dataset, factor: float):
+    """The val set with its images resized `factor` times larger from their files (labels as they
+    are, same normalisation and interpolation); a Subset keeps its indices."""
+    if isinstance(dataset, Subset):
+        return Subset(rescaled(dataset.dataset, factor), dataset.indices)
+    if not isinstance(dataset, SegmentationDataset) or not dataset.size:
+        raise ValueError(f"the mrnet protocol needs a val set resized to a fixed size (data.target_size) "
+                         f"to scale it by {factor:g}; got {type(dataset).__name__} with size "
+                         f"{getattr(dataset, 'size', None)}")
+    w, h = dataset.size
+    return dataset.at_size((int(w * factor + 0.5), int(h * factor + 0.5)))
+
+
 @torch.no_grad()
 def evaluate_model(g: torch.nn.Module, dataset, device: torch.device, amp: str = "none",
-                   progress: bool = False) -> dict:
-    """Confusion over the whole dataset (labels at their stored resolution) -> iou table."""
+                   progress: bool = False, protocol: str = "single") -> dict:
+    """Confusion over the whole dataset (labels at their stored resolution) -> iou table with
+    "protocol": "single" (main head, argmax at the dataset's size) or "mrnet" (fused_probabilities
+    over the dataset at MRNET_SCALES, each scale read from the image files)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    scales = MRNET_SCALES if protocol == "mrnet" else (1.0,)
+    loaders = [val_loader(dataset if s == 1.0 else rescaled(dataset, s)) for s in scales]
     was_training = g.training
     g.eval()
     k = len(CLASSES)
     conf = torch.zeros(k, k, dtype=torch.int64, device=device)
-    for batch in tqdm(val_loader(dataset), disable=not progress, desc="evaluate", leave=False):
-        label = batch["label"].to(device)
-        logits = predict(g, batch["image"].to(device), tuple(label.shape[1:]), amp)
-        conf += metrics.confusion(logits.argmax(1), label, k)
+    for batches in tqdm(zip(*loaders), total=len(dataset), disable=not progress, desc="evaluate",
+                        leave=False):
+        label = batches[0]["label"].to(device)
+        size = tuple(label.shape[1:])
+        if protocol == "mrnet":
+            scores = fused_probabilities(g, [b["image"].to(device) for b in batches], size, amp)
+        else:
+            scores = predict(g, batches[0]["image"].to(device), size, amp)
+        conf += metrics.confusion(scores.argmax(1), label, k)
     g.train(was_training)
-    return metrics.iou_table(conf)
+    return {**metrics.iou_table(conf), "protocol": protocol}
 
 
 def _find_prediction(pred_dir: Path, image: Path) -> Path | None:
@@ -108,11 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="the Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--source", choices=("gta5", "synthia", "toy"),
                         help="the model's source domain (default: the checkpoint's); synthia adds miou16/13")
-    parser.add_argument("--json", help="also write {miou, iou[, miou16, miou13]} to this file")
+    parser.add_argument("--protocol", choices=PROTOCOLS,
+                        help="how a checkpoint is scored: single (main head, one scale) or mrnet "
+                             "(fused heads, scales 1 and 1.25, flips); default: its train.eval_protocol")
+    parser.add_argument("--json", help="also write {miou, iou[, protocol, miou16, miou13]} to this file")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     if args.predictions and not args.root or args.dataset and not args.root:
         parser.error("--predictions and --dataset need --root (the Cityscapes folder)")
+    if args.predictions and args.protocol:
+        parser.error("--protocol scores a --checkpoint; saved predictions are scored as they are")
     try:
         device = distributed.choose_device(args.device)
         if args.predictions:
@@ -123,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             nets, cfg = checkpoint.load_networks(args.checkpoint, device)
             if args.dataset:
                 cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
-            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True)
+            protocol = args.protocol or cfg.train.eval_protocol
+            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True, protocol=protocol)
             source = args.source or cfg.data.source
-            title = f"{args.checkpoint} on the {cfg.data.target} target val set"
+            title = f"{args.checkpoint} on the {cfg.data.target} target val set ({protocol} protocol)"
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pwda_fast import evaluate, ops, reference
+from pwda_fast.data import normalization
 from pwda_fast.data.labels import IGNORE, colorize
-from pwda_fast.data.loader import MEAN, STD
 
 TITLE_H, GAP, BAR_H = 18, 4, 28  # pixels: panel title strip, space between panels, colour bar + labels
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
@@ -83,9 +83,10 @@ def auto_zoom(height: int) -> int:
     return max(1, 192 // height)
 
 
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """A normalised (3, H, W) network input -> (H, W, 3) uint8, undoing the loader's mean/std."""
-    pixels = image.detach().cpu().float().numpy().transpose(1, 2, 0) * STD + MEAN
+def to_rgb(image: torch.Tensor, normalize: str) -> np.ndarray:
+    """A (3, H, W) network input normalised by `normalize` (the run's data.normalize) -> (H, W, 3)
+    uint8 RGB: a "caffe" input is BGR, so undoing the wrong normalisation would swap red and blue."""
+    pixels = normalization.undo(image.detach().cpu().float().numpy().transpose(1, 2, 0), normalize)
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
@@ -100,7 +101,7 @@ def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.
     """The maps of the paper's Fig. 2 for a batch of target images, as training computes them.
 
     image (N, 3, H, W) -> {"logits": (N, C, H, W) main-head logits upsampled to the image,
-    "aux": (N, 1, H, W) D_aux logits of the layer4 features upsampled the same way,
+    "aux": (N, 1, H, W) D_aux logits at image size, as adapt.aux_at has training compute them,
     "gen": (N, H, W) d of eq. 3, "dis": (N, H, W) sigmoid(aux), "weight": (N, H, W) w of eq. 6}.
     The weight uses sigmoid(aux) only when the run trained with it (adapt.weighting = "gen+dis"),
     so it is exactly the map that weighted this run's adversarial loss.
@@ -108,7 +109,8 @@ def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.
     size = tuple(image.shape[2:])
     _, main, feat = g(image)
     logits = reference.upsample_to(main.float(), size)
-    aux = reference.upsample_to(d_aux(feat).float(), size)
+    aux = d_aux(feat, size) if adapt_cfg.aux_at == "image" else d_aux(feat)
+    aux = reference.upsample_to(aux.float(), size)
     t, floor, mu = adapt_cfg.threshold, adapt_cfg.floor, adapt_cfg.mu
     weight = ops.pixel_weights(logits, aux if adapt_cfg.weighting == "gen+dis" else None,
                                threshold=t, floor=floor, mu=mu)
@@ -132,9 +134,9 @@ def map_panels(maps: dict[str, torch.Tensor], adapt_cfg, index: int = 0) -> list
 
 
 def prediction_panels(image: torch.Tensor, label: np.ndarray | None, adapted: np.ndarray,
-                      source_only: np.ndarray | None = None) -> list[Panel]:
-    """image (3, H, W) normalised; label and predictions (H, W) trainIds -> Fig. 4's row."""
-    panels = [Panel("target image", to_rgb(image))]
+                      source_only: np.ndarray | None = None, *, normalize: str) -> list[Panel]:
+    """image (3, H, W) normalised by `normalize`; label and predictions (H, W) trainIds -> Fig. 4's row."""
+    panels = [Panel("target image", to_rgb(image, normalize))]
     if label is not None:
         panels.append(Panel("ground truth", colorize(label)))
     if source_only is not None:
@@ -155,10 +157,11 @@ def drop_empty_label(item: dict) -> dict:
     return {"image": item["image"], "label": None if bool((label == IGNORE).all()) else label}
 
 
-def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 0):
+def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 0, *, normalize: str):
     """One target image -> (prediction figure, maps figure, maps dict, adapted (H, W) trainIds).
 
-    item: {"image": (3, H, W) normalised, "label": (h0, w0) trainIds or None}; zoom 0 = auto_zoom.
+    item: {"image": (3, H, W) normalised by `normalize` (the run's data.normalize), "label": (h0, w0)
+    trainIds or None}; zoom 0 = auto_zoom.
     """
     device = next(g.parameters()).device
     image = item["image"][None].to(device)
@@ -168,21 +171,24 @@ def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 
     label = label_at(item["label"], size) if item["label"] is not None else None
     source = predict_ids(source_only, image)[0] if source_only is not None else None
     zoom = zoom or auto_zoom(size[0])
-    pred_fig, _ = compose(prediction_panels(item["image"], label, adapted, source), zoom)
+    panels = prediction_panels(item["image"], label, adapted, source, normalize=normalize)
+    pred_fig, _ = compose(panels, zoom)
     maps_fig, _ = compose(map_panels(maps, adapt_cfg), zoom)
     return pred_fig, maps_fig, maps, adapted
 
 
 def training_figures(g, d_aux, val_dataset, adapt_cfg, count: int) -> dict[str, np.ndarray]:
     """Prediction and weighting-map pictures of the first `count` target-val images, keyed by
-    TensorBoard tag; g and d_aux are the bare networks, their train/eval modes are restored."""
+    TensorBoard tag; g and d_aux are the bare networks, their train/eval modes are restored.
+    val_dataset: a SegmentationDataset, whose normalisation the pictures undo."""
     modes = (g.training, d_aux.training)
     g.eval()
     d_aux.eval()
     figures = {}
     try:
         for i in range(min(count, len(val_dataset))):
-            pred_fig, maps_fig, _, _ = render_image(g, d_aux, adapt_cfg, drop_empty_label(val_dataset[i]))
+            pred_fig, maps_fig, _, _ = render_image(g, d_aux, adapt_cfg, drop_empty_label(val_dataset[i]),
+                                                    normalize=val_dataset.normalize)
             figures[f"target_{i}/prediction"] = np.asarray(pred_fig)
             figures[f"target_{i}/weighting_maps"] = np.asarray(maps_fig)
     finally:

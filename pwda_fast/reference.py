@@ -1,12 +1,13 @@
 """Pure-torch reference of the method: the spec every fast backend is tested against.
 
 Each function here is the plain, readable form of one equation of the paper (Tian, Qu, Payeur,
-"Unsupervised Pixel-Wise Weighted Adversarial Domain Adaptation"), as written in DESIGN.md §2.
+"Unsupervised Pixel-Wise Weighted Adversarial Domain Adaptation") or of MRNet's recipe the paper
+builds on, as written in docs/METHOD.md.
 Fast backends (`csrc/`, `kernels/`) keep the same names and must agree with these functions.
 
 Shapes: seg logits x (N, C, H, W); discriminator logit z and auxiliary logit a (N, 1, H, W), or
 (N, 1, h, w) with h <= H, w <= W: weighted_adv_loss then upsamples them bilinearly (align_corners=True)
-to (H, W) first, as DESIGN.md §2 prescribes for D's and D_aux's outputs.
+to (H, W) first, as docs/METHOD.md prescribes for D's and D_aux's outputs.
 """
 
 from __future__ import annotations
@@ -76,19 +77,65 @@ def domain_bce(logits: torch.Tensor, label: float) -> torch.Tensor:
     return bce_with_logits(logits, label).mean()
 
 
-def seg_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def seg_ce(logits: torch.Tensor, labels: torch.Tensor,
+           class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Source cross-entropy, void pixels (255) ignored; 0 (not NaN) when a crop is all void.
 
-    logits (N, C, H, W) at label resolution, labels (N, H, W) int64.
+    logits (N, C, H, W) at label resolution, labels (N, H, W) int64, class_weights (C,) or None:
+    the weighted mean sum(w_y * nll) / sum(w_y) over non-void pixels, as torch's weighted CE.
     """
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / (labels != IGNORE_INDEX).sum().clamp_min(1)
+    loss = F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    valid = labels != IGNORE_INDEX
+    if class_weights is None:
+        return loss / valid.sum().clamp_min(1)
+    return loss / class_weights[labels[valid]].sum().clamp_min(1e-12)
 
 
-def multi_level_seg_loss(aux_logits: torch.Tensor, main_logits: torch.Tensor,
-                         labels: torch.Tensor, lambda_seg: float) -> torch.Tensor:
-    """Stage 1 (eq. 1, multi-level): CE(main) + lambda_seg * CE(aux head on layer3)."""
-    return seg_ce(main_logits, labels) + lambda_seg * seg_ce(aux_logits, labels)
+def class_balance_weights(labels: torch.Tensor, num_classes: int, max_value: float,
+                          often: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MRNet's per-batch class weights for the source CE (its trainer's update_class_criterion).
+
+    labels (N, H, W) -> (weights (C,), updated `often` (C,) or None). A class with fewer than
+    64*64*N pixels in the batch weighs max_value, others 1. With `often` (a running weight, ones at
+    the start) the weights are also multiplied by 0.9 * often + 0.1 * (max_value where the class is
+    absent from this batch, else 1), which becomes the new `often`.
+    """
+    counts = torch.bincount(labels[labels != IGNORE_INDEX].flatten(), minlength=num_classes)[:num_classes]
+    rare = counts < 64 * 64 * labels.shape[0]
+    weights = torch.where(rare, max_value, 1.0).float()
+    if often is None:
+        return weights, None
+    often = 0.9 * often + 0.1 * torch.where(counts == 0, max_value, 1.0).float()
+    return weights * often, often
+
+
+def hard_pixel_labels(logits: torch.Tensor, labels: torch.Tensor, percentile: float,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MRNet's hard-pixel selection: labels with the pixels whose (weighted) CE is below the
+    `percentile`-th percentile of all N*H*W pixels (void ones counting as 0) set to void.
+
+    logits (N, C, H, W), labels (N, H, W) -> (N, H, W); percentile 80 keeps about the hardest 20%.
+    """
+    with torch.no_grad():
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weights, ignore_index=IGNORE_INDEX,
+                               reduction="none")
+        cut = torch.quantile(loss.flatten(), percentile / 100.0)
+        return torch.where(loss < cut, torch.full_like(labels, IGNORE_INDEX), labels)
+
+
+def multi_level_seg_loss(aux_logits: torch.Tensor, main_logits: torch.Tensor, labels: torch.Tensor,
+                         lambda_seg: float, class_weights: torch.Tensor | None = None,
+                         hard_percentile: float = 0.0) -> torch.Tensor:
+    """Stage 1 (eq. 1, multi-level): CE(main) + lambda_seg * CE(aux head on layer3).
+
+    Optionally MRNet's class weights and hard-pixel selection, the latter per head on its own loss.
+    """
+    def ce(logits):
+        y = hard_pixel_labels(logits, labels, hard_percentile, class_weights) if hard_percentile else labels
+        return seg_ce(logits, y, class_weights)
+
+    return ce(main_logits) + lambda_seg * ce(aux_logits)
 
 
 def memory_kl(aux_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:

@@ -65,25 +65,27 @@ class Trainer:
     # -- set-up -----------------------------------------------------------------------------------
 
     def setup(self) -> int:
-        """Run folder, networks and optimizers (resumed when the folder has a checkpoint), logger and
-        datasets -> the step to start from."""
+        """Networks and optimizers (resumed when run_dir has a checkpoint that fits this config),
+        datasets, then the run folder and logger -> the step to start from. Nothing in run_dir is
+        written before the config, checkpoint and data checks have passed."""
         cfg, info = self.cfg, self.dist
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if info.main:
-            checkpoint.clean_stale(self.run_dir)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
         self.engine = engine.build(cfg, self.device, info, log=self.log)
         self.log(f"device {self.device}, {info.world} process(es), weighted-loss backend "
                  f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), amp {cfg.train.amp}, "
-                 f"channels_last {cfg.train.channels_last}")
+                 f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
+                 f"{cfg.data.workers} loader worker(s)")
         start, self.skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log)
-        self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, purge_step=start)
         try:  # layout, validation and decoding problems: messages that name the files, no traceback
             self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
         except (ValueError, OSError) as e:
             raise config.ConfigError(f"data: {e}") from e
         self.log(f"data: {len(self.datasets['source'])} source, {len(self.datasets['target'])} target, "
                  f"{len(self.datasets['val'])} target-val images")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if info.main:
+            checkpoint.clean_stale(self.run_dir)
+            (self.run_dir / "config.json").write_text(cfg.to_json())
+        self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, purge_step=start)
         return start
 
     def batches(self, start: int):
@@ -176,7 +178,8 @@ class Trainer:
             val, g = self.datasets["val"], self.engine.nets.g
             if self.cfg.train.eval_images:
                 val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
-            result = evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp)
+            result = evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp,
+                                             protocol=self.cfg.train.eval_protocol)
             self.logger.write({"step": step, "eval": True, "miou": result["miou"]})
             if self.logger.tensorboard and self.cfg.log.images:
                 self.logger.images(step, pictures.training_figures(
@@ -208,12 +211,22 @@ def run_for_result(argv: list[str], title: str) -> tuple[int, dict | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = config.load(*config.parse_args(sys.argv[1:] if argv is None else argv))
+        output = config.requested_output(argv)
+        if output and output[0] == "help":
+            print(config.help_text("pwda-train", output[1]), end="")
+            return 0
+        cfg = engine.resolve(config.load(*config.parse_args(argv)))
+        if output:  # --print-config
+            print(config.to_toml(cfg), end="")
+            return 0
         device = distributed.choose_device(cfg.train.device)
     except (config.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    threads, cfg.data.workers = distributed.cpu_budget(cfg.train.threads, cfg.data.workers)
+    torch.set_num_threads(threads)
     info = distributed.setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)

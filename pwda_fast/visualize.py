@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             source = checkpoint.load_networks(args.source_only, device)[0].g if args.source_only else None
             for name, item in target_images(cfg, args.images):
                 pred_fig, maps_fig, _, _ = render_image(nets.g, nets.d_aux, cfg.adapt, item, source,
-                                                        args.zoom)
+                                                        args.zoom, normalize=cfg.data.normalize)
                 pred_fig.save(out / f"{name}_pred.png")
                 maps_fig.save(out / f"{name}_maps.png")
                 print(f"wrote {out / f'{name}_pred.png'} and {name}_maps.png")

@@ -113,8 +113,8 @@ def aligned_fraction(image: np.ndarray, label: np.ndarray) -> float:
     """image (3, h, w) normalised float, label (h, w) trainIds -> fraction of labelled pixels inside
     a region (same label 2 pixels away on every side, so resampling blur cannot reach them) whose
     red value matches the label's colour within half a colour step."""
-    from pwda_fast.data.loader import MEAN, STD
-    red = image[0] * STD[0] + MEAN[0]
+    from pwda_fast.data import normalization
+    red = normalization.undo(image.transpose(1, 2, 0), "imagenet")[..., 0]
     lab = label.astype(np.int64)
     p = np.pad(lab, 2, mode="edge")
     h, w = lab.shape

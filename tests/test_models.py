@@ -1,15 +1,20 @@
-"""Network shapes, parameter counts, frozen BN and initial-weight loading."""
+"""Network shapes, parameter counts, BatchNorm modes, stride layouts and initial-weight loading."""
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pwda_fast import config
 from pwda_fast.models import (
     DeepLabV2,
     FeatureDiscriminator,
+    MRNet,
     OutputDiscriminator,
     build_networks,
     load_init_weights,
+    resolve_model,
+    weights_layout,
 )
 
 
@@ -79,7 +84,8 @@ def _torchvision_layout(g: DeepLabV2) -> dict:
 
 
 def test_load_torchvision_and_deeplab_scale_layouts(tmp_path):
-    g = DeepLabV2(num_classes=19, depth=14, width=8)
+    # torchvision weights stride on the 3x3 conv: the model must be built that way to take them.
+    g = DeepLabV2(num_classes=19, depth=14, width=8, stride_on="3x3")
     tv = _torchvision_layout(g)
     torch.save(tv, tmp_path / "tv.pth")
     report = load_init_weights(g, tmp_path / "tv.pth")
@@ -121,3 +127,255 @@ def test_init_weights_refuses_code_carrying_pickle(tmp_path):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
         load_init_weights(g, tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+# --- MRNet's generator -------------------------------------------------------------------------
+
+# A toy MRNet: ResNet-14 at width 8, heads 16 wide (GroupNorm then has 16 and 32 groups).
+TINY_MRNET = dict(depth=14, width=8, head_width=16)
+
+
+def n_frozen(m):
+    return sum(p.numel() for p in m.parameters() if not p.requires_grad)
+
+
+def test_mrnet_parameter_count_equals_mrnet_class():
+    # 93,536,480: MRNet's own DeeplabMulti(num_classes=19, use_se=True, norm_style='gn') counted
+    # with torch (layumi/Seg-Uncertainty model/deeplab_multi.py).
+    # Meta tensors: no memory, well under a second per model.
+    with torch.device("meta"):
+        g = {bn: MRNet(19, depth=101, width=64, bn=bn, head_width=256, head_norm="gn", head_se=True)
+             for bn in ("stats", "frozen", "train")}
+        no_se = MRNet(19, depth=101, width=64, head_se=False)
+        bn_heads = MRNet(19, depth=101, width=64, head_norm="bn")
+    assert n_params(g["stats"]) == 93_536_480
+    assert n_params(no_se) == 93_124_160  # without SE: minus 2 * (1280*80+80 + 80*1280+1280)
+    assert n_params(bn_heads) == 93_536_480  # BN and GN both have 2*C affine parameters
+    # The backbone's BN affine parameters (ResNet-101's 104 BatchNorms) are the only frozen ones.
+    assert n_frozen(g["stats"]) == n_frozen(g["frozen"]) == 105_344
+    assert n_frozen(g["train"]) == 0
+    assert g["stats"].feat_channels == 2048
+
+
+def test_mrnet_output_sizes_at_512x1024():
+    with torch.device("meta"):
+        g = MRNet(19, depth=101, width=64)
+        aux, main, feat = g(torch.empty(1, 3, 512, 1024))
+    assert aux.shape == main.shape == (1, 19, 65, 129)
+    assert feat.shape == (1, 2048, 65, 129)
+
+
+def test_mrnet_heads_are_built_and_wired_as_mrnet():
+    g = MRNet(5, **TINY_MRNET).eval()
+    head = g.main_head
+    convs = [branch[0] for branch in head.conv2d_list]
+    assert [c.kernel_size[0] for c in convs] == [1, 3, 3, 3, 3]
+    assert [c.dilation[0] for c in convs] == [1, 6, 12, 18, 24]
+    assert [c.padding[0] for c in convs] == [0, 6, 12, 18, 24]
+    assert all(c.bias is not None and c.out_channels == 16 for c in convs)
+    se, conv, norm = head.bottleneck
+    assert (se.se[0].in_features, se.se[0].out_features) == (80, 5)
+    assert conv.out_channels == 32 and isinstance(norm, nn.GroupNorm) and norm.num_groups == 32
+    assert isinstance(head.conv2d_list[0][1], nn.GroupNorm) and head.conv2d_list[0][1].num_groups == 16
+    # Initialisation as MRNet's code does it: bottleneck bias 0, classifier N(0, 0.001), no bias.
+    assert torch.all(conv.bias == 0) and head.head[1].bias is None
+    assert head.head[1].weight.std().item() == pytest.approx(0.001, rel=0.2)
+
+    seen = {}
+    g.layer3.register_forward_hook(lambda m, i, o: seen.__setitem__("x3", o.clone()))
+    g.layer4.register_forward_hook(lambda m, i, o: seen.__setitem__("x4", o.clone()))
+    g.main_head.register_forward_hook(lambda m, i, o: seen.__setitem__("main_in", i[0]))
+    g.main_head.bottleneck.register_forward_hook(lambda m, i, o: seen.__setitem__("bneck", o))
+    with torch.no_grad():
+        aux, main, feat = g(torch.randn(2, 3, 41, 57))
+        torch.testing.assert_close(seen["main_in"], torch.cat((seen["x4"], seen["x3"]), 1))
+        torch.testing.assert_close(aux, g.aux_head(seen["x3"]))
+    torch.testing.assert_close(feat, seen["x4"])
+    assert aux.shape == main.shape == (2, 5, 6, 8) and feat.shape == (2, 256, 6, 8)
+    assert (seen["bneck"] < 0).any()  # no ReLU after the bottleneck's norm
+
+
+def test_mrnet_param_groups_split_backbone_and_heads():
+    g = MRNet(3, bn="stats", **TINY_MRNET)
+    backbone, heads = g.param_groups(2e-4, 10.0)
+    assert heads["lr"] == pytest.approx(2e-3) and backbone["lr"] == pytest.approx(2e-4)
+    head_ids = {id(p) for m in (g.aux_head, g.main_head) for p in m.parameters()}
+    assert {id(p) for p in heads["params"]} == head_ids
+    trainable = {id(p) for p in g.parameters() if p.requires_grad}
+    assert {id(p) for p in backbone["params"]} == trainable - head_ids
+
+
+@pytest.mark.parametrize("arch", [DeepLabV2, MRNet])
+def test_stride_on_puts_the_stride_on_the_named_conv(arch):
+    x = torch.randn(1, 3, 45, 61)
+    shapes = {}
+    for stride_on, (s1, s3) in {"1x1": (2, 1), "3x3": (1, 2)}.items():
+        kwargs = dict(head_width=16) if arch is MRNet else {}
+        g = arch(3, depth=26, width=8, stride_on=stride_on, **kwargs).eval()
+        first = g.layer2[0]
+        assert (first.conv1.stride, first.conv2.stride) == ((s1, s1), (s3, s3))
+        assert first.downsample[0].stride == (2, 2)
+        others = [b for layer in (g.layer1, g.layer2, g.layer3, g.layer4) for b in layer
+                  if b is not first]
+        assert all(b.conv1.stride == b.conv2.stride == (1, 1) for b in others)
+        with torch.no_grad():
+            shapes[stride_on] = [tuple(o.shape) for o in g(x)]
+    assert shapes["1x1"] == shapes["3x3"]
+
+
+def test_stride_on_is_checked_when_built():
+    with pytest.raises(ValueError, match="stride_on .*'auto'.*resolve_model"):
+        DeepLabV2(3, depth=14, width=8, stride_on="auto")
+    with pytest.raises(ValueError, match="model.bn .*'eval'"):
+        MRNet(3, bn="eval", **TINY_MRNET)
+    with pytest.raises(ValueError, match="head_width = 24: GroupNorm"):
+        MRNet(3, depth=14, width=8, head_width=24)
+
+
+# --- weight layouts and stride resolution ---------------------------------------------------------
+
+def _tiny_cfg(init_weights="", **model):
+    overrides = {"model.arch": "mrnet", "model.depth": 14, "model.width": 8,
+                 "model.head_width": 16, "model.init_weights": str(init_weights)}
+    overrides.update({f"model.{k}": v for k, v in model.items()})
+    return config.load("toy", overrides).model
+
+
+def _scale_layout(g) -> dict:
+    """A DeepLab-v2 init file: every backbone key under "Scale.", plus a 21-class VOC layer5."""
+    heads = ("aux_head", "main_head")
+    state = {"Scale." + k: v.clone() + 1 for k, v in g.state_dict().items() if not k.startswith(heads)}
+    state["Scale.layer5.conv2d_list.0.weight"] = torch.zeros(21, g.feat_channels, 3, 3)
+    return state
+
+
+def test_scale_layout_resolves_to_1x1_and_loads(tmp_path):
+    scale = _scale_layout(MRNet(19, **TINY_MRNET))
+    torch.save(scale, tmp_path / "deeplab.pth")
+    cfg = _tiny_cfg(tmp_path / "deeplab.pth")
+    assert weights_layout(cfg.init_weights) == "caffe"
+    assert resolve_model(cfg).stride_on == "1x1" and cfg.stride_on == "auto"  # a copy is resolved
+    g, _, d_aux = build_networks(cfg)
+    assert isinstance(g, MRNet) and g.stride_on == "1x1" and g.layer2[0].conv1.stride == (2, 2)
+    torch.testing.assert_close(g.layer3[0].conv2.weight, scale["Scale.layer3.0.conv2.weight"])
+    torch.testing.assert_close(g.bn1.running_var, scale["Scale.bn1.running_var"])
+    assert d_aux(torch.randn(1, g.feat_channels, 3, 4)).shape == (1, 1, 3, 4)
+
+
+def test_torchvision_layout_resolves_to_3x3_and_loads(tmp_path):
+    tv = _torchvision_layout(MRNet(19, **TINY_MRNET))
+    torch.save(tv, tmp_path / "resnet.pth")
+    cfg = _tiny_cfg(tmp_path / "resnet.pth")
+    assert weights_layout(cfg.init_weights) == "torchvision"
+    assert resolve_model(cfg).stride_on == "3x3"
+    g, _, _ = build_networks(cfg)
+    assert g.stride_on == "3x3" and g.layer2[0].conv2.stride == (2, 2)
+    torch.testing.assert_close(g.layer4[0].conv3.weight, tv["layer4.0.conv3.weight"])
+
+
+def test_no_weights_resolve_to_1x1_and_unknown_layouts_are_refused(tmp_path):
+    assert weights_layout("") is None
+    assert resolve_model(_tiny_cfg()).stride_on == "1x1"
+    assert resolve_model(_tiny_cfg(stride_on="3x3")).stride_on == "3x3"
+    bare = {k: v for k, v in _torchvision_layout(MRNet(19, **TINY_MRNET)).items()
+            if not k.startswith("fc.")}
+    torch.save(bare, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="cannot tell its layout.*model.stride_on.*data.normalize"):
+        resolve_model(_tiny_cfg(tmp_path / "bare.pth"))
+
+
+def test_explicit_stride_on_that_disagrees_with_the_file_is_refused(tmp_path):
+    g = MRNet(19, **TINY_MRNET)
+    torch.save(_torchvision_layout(g), tmp_path / "resnet.pth")
+    torch.save(_scale_layout(g), tmp_path / "deeplab.pth")
+    with pytest.raises(ValueError, match=r"resnet.pth is in torchvision's layout .*3x3.*"
+                                         r"config sets model.stride_on = \"1x1\"; "
+                                         r"set model.stride_on = \"3x3\""):
+        build_networks(_tiny_cfg(tmp_path / "resnet.pth", stride_on="1x1"))
+    with pytest.raises(ValueError, match=r"deeplab.pth is in the Caffe / DeepLab-v2 layout .*"
+                                         r"model.stride_on = \"3x3\"; set model.stride_on = \"1x1\""):
+        build_networks(_tiny_cfg(tmp_path / "deeplab.pth", arch="deeplabv2", stride_on="3x3"))
+
+
+def test_mrnet_checkpoint_heads_layer5_layer6_load_into_our_heads(tmp_path):
+    # MRNet saves its generator with the heads named layer5 (aux) and layer6 (main), here under
+    # DataParallel's "module." prefix.
+    src = MRNet(19, **TINY_MRNET)
+    mapped = {"aux_head.": "layer5.", "main_head.": "layer6."}
+    state = {}
+    for k, v in src.state_dict().items():
+        for ours, theirs in mapped.items():
+            k = k.replace(ours, theirs) if k.startswith(ours) else k
+        state["module." + k] = v + 1 if v.is_floating_point() else v
+    torch.save(state, tmp_path / "mrnet_gta5.pth")
+    assert weights_layout(tmp_path / "mrnet_gta5.pth") == "caffe"
+    g = MRNet(19, **TINY_MRNET)
+    report = load_init_weights(g, tmp_path / "mrnet_gta5.pth")
+    assert report["skipped"] == []
+    for k, v in g.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, src.state_dict()[k] + 1, msg=k)
+
+
+# --- BatchNorm modes -------------------------------------------------------------------------------
+
+def _bn1_io(g, x):
+    """Run g(x); return (input, output) of the backbone's first BN (cloned: ReLU follows in place)."""
+    seen = {}
+    handle = g.bn1.register_forward_hook(
+        lambda m, i, o: seen.update(inp=i[0].detach().clone(), out=o.detach().clone()))
+    out = g(x)
+    handle.remove()
+    return out, seen["inp"], seen["out"]
+
+
+def _sgd_step(g, out):
+    opt = torch.optim.SGD(g.param_groups(0.1, 10.0), lr=0.1)
+    sum(o.square().mean() for o in out).backward()
+    opt.step()
+
+
+def test_bn_stats_uses_batch_statistics_with_frozen_affine():
+    torch.manual_seed(0)
+    g = MRNet(3, bn="stats", **TINY_MRNET).train()
+    bn = g.bn1
+    with torch.no_grad():  # non-trivial affine values, so a change would show
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    mean0, var0 = bn.running_mean.clone(), bn.running_var.clone()
+    w0, b0, conv0 = bn.weight.clone(), bn.bias.clone(), g.conv1.weight.clone()
+    out, inp, bn_out = _bn1_io(g, torch.randn(2, 3, 33, 47))
+    assert bn.training
+    batch = F.batch_norm(inp, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+    running = F.batch_norm(inp, mean0, var0, bn.weight, bn.bias, training=False, eps=bn.eps)
+    torch.testing.assert_close(bn_out, batch)
+    assert not torch.allclose(bn_out, running, atol=1e-3)
+    # Running statistics are tracked with PyTorch's momentum 0.1.
+    torch.testing.assert_close(bn.running_mean, 0.9 * mean0 + 0.1 * inp.mean((0, 2, 3)))
+    assert all(not m.weight.requires_grad and not m.bias.requires_grad for m in g.backbone_bns())
+    assert all(p.requires_grad for p in g.main_head.parameters())
+    _sgd_step(g, out)
+    assert torch.equal(bn.weight, w0) and torch.equal(bn.bias, b0)
+    assert not torch.equal(g.conv1.weight, conv0)
+    g.eval()
+    assert not bn.training
+
+
+def test_bn_frozen_keeps_backbone_statistics_but_head_norms_train():
+    g = MRNet(3, bn="frozen", head_norm="bn", **TINY_MRNET).train()
+    head_bn = g.main_head.conv2d_list[0][1]
+    before = {id(m): m.running_mean.clone() for m in g.backbone_bns()}
+    head_before = head_bn.running_mean.clone()
+    g(torch.randn(2, 3, 33, 47))
+    assert all(not m.training and torch.equal(before[id(m)], m.running_mean) for m in g.backbone_bns())
+    assert head_bn.training and head_bn.weight.requires_grad
+    assert not torch.equal(head_before, head_bn.running_mean)
+
+
+def test_bn_train_trains_the_affine_parameters():
+    torch.manual_seed(0)
+    g = MRNet(3, bn="train", **TINY_MRNET).train()
+    w0 = g.layer1[0].bn3.weight.clone()
+    assert all(m.training and m.weight.requires_grad for m in g.backbone_bns())
+    _sgd_step(g, g(torch.randn(2, 3, 33, 47)))
+    assert not torch.equal(g.layer1[0].bn3.weight, w0)

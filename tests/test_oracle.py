@@ -14,6 +14,7 @@ The lambdas are O(1) and all different, so every term moves the parameters visib
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,9 @@ from pwda_fast import config, engine
 
 CPU = torch.device("cpu")
 TOL = 1e-3  # of the largest value: float32 engine vs float64 oracle (worst seen: about 1e-4)
-N, H, W = 2, 49, 67  # odd sizes: heads 8x10 (stride-8 backbone), D map 1x2
+# Odd sizes (heads 13x17, D map 3x4), large enough that one class passes MRNet's 64*64*N-pixel
+# class-balance threshold while the others stay "rare".
+N, H, W = 2, 97, 131
 STEPS = (3, 4)  # two consecutive iterations, not the first: the poly schedule is already below 1
 # A random D's adversarial gradient is ~1e-3 of the CE gradient: lambda_adv and lambda_aux are large
 # here so that each term carries a visible share of G's update (test_oracle_sees_each_term).
@@ -30,9 +33,14 @@ LAMBDAS = {"adapt.lambda_adv": 30.0, "adapt.lambda_aux": 20.0, "adapt.lambda_seg
            "adapt.lambda_mem": 0.25}
 
 
-def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen",
-         nesterov: bool = False) -> config.Config:
+def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", nesterov: bool = False,
+         aux_at: str = "image", recipe: bool = False) -> config.Config:
+    """A tiny run with O(1) lambdas; recipe=True adds MRNet's class balance (with the running "often"
+    weight), hard pixels and a memory term that starts at the second step."""
+    mrnet = {"adapt.class_balance": True, "adapt.often_balance": True, "adapt.class_balance_max": 7.0,
+             "adapt.hard_pixels": 80.0, "adapt.memory_start": 4, "optim.poly_iters": 30} if recipe else {}
     return config.load("toy", {
+        "model.arch": "deeplabv2", "adapt.aux_at": aux_at, **mrnet,
         "model.depth": 14, "model.width": 8, "model.bn": bn, "model.disc_width": 4,
         "model.aux_disc_width": 8,
         "adapt.mode": mode, "adapt.weighting": weighting, "adapt.memory": memory,
@@ -48,7 +56,8 @@ def _batches():
     gen = torch.Generator().manual_seed(7)
     out = []
     for _ in STEPS:
-        labels = torch.randint(0, 19, (N, H, W), generator=gen)
+        labels = torch.randint(0, 18, (N, H, W), generator=gen)  # class 18 absent: "often" weight rises
+        labels[:, :, :80] = 0  # 15520 pixels of road: more than 64*64*N, so road is not "rare"
         labels[:, :3] = 255  # void rows: ignored by CE
         src = {"image": torch.randn(N, 3, H, W, generator=gen), "label": labels}
         tgt = {"image": torch.randn(N, 3, H, W, generator=gen)}
@@ -69,13 +78,38 @@ def bce(z: torch.Tensor, y: float) -> torch.Tensor:
     return -(y * torch.log(s) + (1.0 - y) * torch.log(1.0 - s))
 
 
-def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over non-void pixels of -log softmax(logits)[label]."""
+def pixel_ce(logits: torch.Tensor, labels: torch.Tensor, class_w: list[float] | None) -> torch.Tensor:
+    """(N, H, W): w[label] * -log softmax(logits)[label], 0 on void pixels."""
     e = torch.exp(logits - logits.max(1, keepdim=True).values)
     p = e / e.sum(1, keepdim=True)
     valid = labels != 255
-    picked = torch.gather(p, 1, labels.clamp_max(18).unsqueeze(1))[:, 0]
-    return -torch.log(picked[valid]).sum() / valid.sum()
+    picked = torch.gather(p, 1, torch.where(valid, labels, 0).unsqueeze(1))[:, 0]
+    w = torch.ones_like(picked) if class_w is None else torch.tensor(class_w, dtype=picked.dtype)[
+        torch.where(valid, labels, 0)]
+    return torch.where(valid, -w * torch.log(picked), torch.zeros_like(picked)), torch.where(valid, w, 0.0)
+
+
+def ce(logits: torch.Tensor, labels: torch.Tensor, class_w: list[float] | None = None,
+       hard: float = 0.0) -> torch.Tensor:
+    """Weighted mean over non-void pixels of -log softmax(logits)[label]; with `hard`, first void
+    every pixel whose loss is below the hard-th percentile (numpy's, of all N*H*W pixel losses)."""
+    if hard:
+        loss, _ = pixel_ce(logits.detach(), labels, class_w)
+        cut = float(np.percentile(loss.numpy(), hard))
+        labels = torch.where(loss < cut, 255, labels)
+    loss, w = pixel_ce(logits, labels, class_w)
+    return loss.sum() / w.sum()
+
+
+def class_weights(labels: torch.Tensor, often: list[float] | None, a) -> tuple[list, list | None]:
+    """MRNet's batch class weights, class by class: max_value below 64*64*N pixels, else 1; times the
+    running often weight 0.9 * often + 0.1 * (max_value if absent else 1)."""
+    counts = [int((labels == c).sum()) for c in range(19)]
+    w = [a.class_balance_max if n < 64 * 64 * labels.shape[0] else 1.0 for n in counts]
+    if often is None:
+        return w, None
+    often = [0.9 * o + 0.1 * (a.class_balance_max if n == 0 else 1.0) for o, n in zip(often, counts)]
+    return [x * o for x, o in zip(w, often)], often
 
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
@@ -103,20 +137,28 @@ def kl_to_fused(aux_up: torch.Tensor, main_up: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def oracle_losses(g, d, d_aux, src, tgt, cfg):
+def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
     """-> (losses to compare with the engine's log, then the terms of G's, D's and D_aux's objectives).
 
     The discriminators' objectives stay split into their source and target terms: their gradients
     nearly cancel at a random D, and the larger term's gradient sets the float32 round-off scale."""
     a, adapt = cfg.adapt, cfg.adapt.mode == "adapt"
     aux_s, main_s, feat_s = g(src["image"].double())
-    seg = ce(up(main_s), src["label"]) + a.lambda_seg * ce(up(aux_s), src["label"])
+    class_w = None
+    if a.class_balance:
+        class_w, state["often"] = class_weights(src["label"], state.get("often", [1.0] * 19), a)
+    seg = (ce(up(main_s), src["label"], class_w, a.hard_pixels)
+           + a.lambda_seg * ce(up(aux_s), src["label"], class_w, a.hard_pixels))
     losses, g_obj, d_obj, daux_obj = {"seg": seg}, seg, None, None
     if not adapt:
         return losses, (g_obj,), d_obj, daux_obj
     aux_t, main_t, feat_t = g(tgt["image"].double())
     use_aux = a.weighting == "gen+dis"
-    a_t_up = up(d_aux(feat_t)) if use_aux else None
+
+    def d_aux_up(feat):  # the paper's D_aux on encodings upsampled to the image, literally
+        return d_aux(up(feat)) if a.aux_at == "image" else up(d_aux(feat))
+
+    a_t_up = d_aux_up(feat_t) if use_aux else None
     w = None if a.weighting == "none" else weights(up(main_t), a_t_up, a)
 
     def adv(z_up, y):
@@ -131,19 +173,20 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg):
         g_obj = g_obj + a.lambda_aux * losses["adv_aux"]
     if a.memory:
         losses["mem"] = kl_to_fused(up(aux_t), up(main_t))
-        g_obj = g_obj + a.lambda_mem * losses["mem"]
+        if step >= a.memory_start:
+            g_obj = g_obj + a.lambda_mem * losses["mem"]
     # Discriminator stage: detached outputs, source labelled 0, target 1 (weighted for D).
     p_s, p_t = softmax(up(main_s)).detach(), softmax(up(main_t)).detach()
     d_obj = (bce(up(d(p_s)), 0.0).mean(), adv(up(d(p_t)), 1.0))
     losses["d"] = sum(d_obj)
     if use_aux:
-        daux_obj = (bce(up(d_aux(feat_s.detach())), 0.0).mean(), bce(up(d_aux(feat_t.detach())), 1.0).mean())
+        daux_obj = (bce(d_aux_up(feat_s.detach()), 0.0).mean(), bce(d_aux_up(feat_t.detach()), 1.0).mean())
         losses["d_aux"] = sum(daux_obj)
     return losses, (g_obj,), d_obj, daux_obj
 
 
 def poly(base: float, step: int, cfg) -> float:
-    return base * (1.0 - step / cfg.train.iters) ** cfg.optim.power
+    return base * (1.0 - step / (cfg.optim.poly_iters or cfg.train.iters)) ** cfg.optim.power
 
 
 def lr_g(step: int, cfg) -> float:
@@ -211,13 +254,13 @@ def run_oracle(snapshots, cfg, batches):
     heads = {id(p) for m in (g.aux_head, g.main_head) for p in m.parameters()}
     g_params = [p for p in g.parameters() if p.requires_grad]
     sgd, adam_d, adam_aux = OracleSGD(cfg, heads), OracleAdam(cfg), OracleAdam(cfg)
-    history = []
+    history, state = [], {}
     for step, (src, tgt), start in zip(STEPS, batches, snapshots):
         with torch.no_grad():
             for mine, theirs in zip((g, d, d_aux), start):
                 for p, q in zip(mine.parameters(), theirs.parameters()):
                     p.copy_(q)
-        losses, g_obj, d_obj, daux_obj = oracle_losses(g, d, d_aux, src, tgt, cfg)
+        losses, g_obj, d_obj, daux_obj = oracle_losses(g, d, d_aux, src, tgt, cfg, step, state)
         # Each network's gradient is taken from its own objective only: D and D_aux get nothing from
         # the generator stage (frozen there), G nothing from the discriminator stage (detached inputs).
         grads = {"g": _grads(g_obj, g_params), "d": _grads(d_obj, list(d.parameters())),
@@ -255,7 +298,8 @@ def _close(what: str, got: torch.Tensor, want: torch.Tensor, mask=None, scale: f
     got, want = got.detach().double(), want.detach().double()
     scale = want.abs().max().item() if scale is None else scale
     err = (got - want).abs()
-    err = (err if mask is None else err[mask]).max().item() if err.numel() else 0.0
+    err = err if mask is None else err[mask]
+    err = err.max().item() if err.numel() else 0.0
     assert err <= TOL * scale + 1e-12, f"{what}: differs from the oracle by {err:.3g} (largest {scale:.3g})"
 
 
@@ -272,14 +316,21 @@ def _assert_same_update(what, name, before, engine, oracle, grads: list[list[tor
         _close(f"{what} {name}.{key} update", p1 - p0.double(), p2 - p0.double(), mask)
 
 
-CASES = [("adapt", "none", False, False), ("adapt", "gen", False, False),
-         ("adapt", "gen+dis", False, False), ("adapt", "gen+dis", True, True), ("adapt", "gen", True, False),
-         ("source_only", "gen+dis", False, True)]
+CASES = {  # id: (mode, weighting, memory, nesterov, aux_at, MRNet recipe)
+    "none": ("adapt", "none", False, False, "image", False),
+    "gen": ("adapt", "gen", False, False, "image", False),
+    "gen+dis": ("adapt", "gen+dis", False, False, "image", False),
+    "gen+dis-feature-size-d_aux": ("adapt", "gen+dis", False, False, "feature", False),
+    "gen-memory": ("adapt", "gen", True, False, "image", False),
+    "paper-mrnet-recipe": ("adapt", "gen+dis", True, True, "image", True),
+    "source-only-recipe": ("source_only", "gen+dis", False, True, "image", True),
+}
 
 
-@pytest.mark.parametrize("mode,weighting,memory,nesterov", CASES)
-def test_two_iterations_match_the_oracle(mode, weighting, memory, nesterov, one_thread):
-    cfg = _cfg(weighting, memory, mode, nesterov=nesterov)
+@pytest.mark.parametrize("case", CASES)
+def test_two_iterations_match_the_oracle(case, one_thread):
+    mode, weighting, memory, nesterov, aux_at, recipe = CASES[case]
+    cfg = _cfg(weighting, memory, mode, nesterov=nesterov, aux_at=aux_at, recipe=recipe)
     batches = _batches()
     snapshots, engine_log = run_engine(cfg, batches)
     oracle_log = run_oracle(snapshots, cfg, batches)
@@ -304,18 +355,19 @@ def test_two_iterations_match_the_oracle(mode, weighting, memory, nesterov, one_
 
 
 def test_oracle_sees_each_term(one_thread):
-    """The oracle's check is sharp: with any one lambda changed by 10%, G's first update moves by
+    """The oracle's check is sharp: with any one lambda changed by 10%, G's update moves by
     several times the tolerance (so a dropped or misplaced lambda in the engine cannot hide in it)."""
     batches = _batches()
-    base = _cfg("gen+dis", True)
+    base = _cfg("gen+dis", True, recipe=True)
     snapshots, _ = run_engine(base, batches)
-    g_ref = run_oracle(snapshots, base, batches)[0][2][0]
+    # the second step's update: the first comes before memory_start and holds no memory term
+    g_ref = run_oracle(snapshots, base, batches)[1][2][0]
     for key, value in LAMBDAS.items():
-        cfg = _cfg("gen+dis", True)
+        cfg = _cfg("gen+dis", True, recipe=True)
         setattr(cfg.adapt, key.split(".")[1], value * 1.1)
-        g_alt = run_oracle(snapshots, cfg, batches)[0][2][0]
+        g_alt = run_oracle(snapshots, cfg, batches)[1][2][0]
         worst = max(((a - b).abs().max() / max((a - p0.double()).abs().max(), 1e-30)).item()
-                    for a, b, p0 in zip(g_ref.parameters(), g_alt.parameters(), snapshots[0][0].parameters()))
+                    for a, b, p0 in zip(g_ref.parameters(), g_alt.parameters(), snapshots[1][0].parameters()))
         assert worst > 5 * TOL, f"{key} +10% moves G's update by only {worst:.2g} of its size"
 
 

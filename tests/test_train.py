@@ -24,7 +24,8 @@ def test_few_iterations_write_metrics_checkpoint_and_final(tmp_path, capsys):
     assert {"seg", "adv", "adv_aux", "d", "d_aux", "lr", "it_s"} <= set(lines[0])
     assert checkpoint.latest(tmp_path).name == "ckpt_00000004.pt"
     final = json.loads((tmp_path / "final.json").read_text())
-    assert set(final) == {"miou", "iou"} and 0.0 <= final["miou"] <= 100.0
+    assert set(final) == {"miou", "iou", "protocol"} and 0.0 <= final["miou"] <= 100.0
+    assert final["protocol"] == "single"
     assert "road" in final["iou"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["iters"] == 4
@@ -117,9 +118,9 @@ def test_injected_nan_is_skipped_and_persistent_nan_stops(tmp_path, monkeypatch,
     real = reference.seg_ce
     calls = {"n": 0}
 
-    def nan_once(logits, labels):
+    def nan_once(logits, labels, *weights):
         calls["n"] += 1
-        loss = real(logits, labels)
+        loss = real(logits, labels, *weights)
         return loss * math.nan if calls["n"] == 3 else loss  # the 2nd step's main-head loss
 
     monkeypatch.setattr(reference, "seg_ce", nan_once)
@@ -129,7 +130,7 @@ def test_injected_nan_is_skipped_and_persistent_nan_stops(tmp_path, monkeypatch,
     assert [ln["skipped"] for ln in lines] == [0, 1, 1, 1]
     assert "non-finite loss or gradient (seg=nan" in capsys.readouterr().out
 
-    monkeypatch.setattr(reference, "seg_ce", lambda logits, labels: real(logits, labels) * math.nan)
+    monkeypatch.setattr(reference, "seg_ce", lambda logits, labels, *w: real(logits, labels, *w) * math.nan)
     code = run(tiny_overrides(tmp_path / "always", **{"train.max_skips": 2}))
     assert code == train.EXIT_NONFINITE
     assert "2 consecutive non-finite steps" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def test_prediction_figure_has_palette_colours_exactly_where_predicted(loaded):
     label = pictures.label_at(item["label"], (h, w))
     source = pictures.predict_ids(g, image)[0]
     zoom = 2
-    panels = pictures.prediction_panels(item["image"], label, adapted, source)
+    panels = pictures.prediction_panels(item["image"], label, adapted, source, normalize=cfg.data.normalize)
     figure, corners = pictures.compose(panels, zoom)
     assert figure.size == (4 * w * zoom + 3 * pictures.GAP, pictures.TITLE_H + h * zoom)
     for corner, ids in zip(corners[1:], (label, source, adapted)):
@@ -58,18 +58,20 @@ def test_prediction_figure_has_palette_colours_exactly_where_predicted(loaded):
         assert not (panel[adapted != c] == PALETTE[c]).all(-1).any()
 
 
+@pytest.mark.parametrize("aux_at", ["image", "feature"])
 @pytest.mark.parametrize("weighting", ["gen+dis", "gen"])
-def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting):
+def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting, aux_at):
     g, d_aux, cfg, item = loaded
     a = copy.deepcopy(cfg.adapt)
-    a.weighting = weighting
+    a.weighting, a.aux_at = weighting, aux_at
     image = item["image"][None]
     size = tuple(image.shape[2:])
     maps = pictures.weighting_maps(g, d_aux, image, a)
     with torch.no_grad():  # recomputed here the way adapt.generator_stage computes them
         _, main, feat = g(image)
         logits = F.interpolate(main, size=size, mode="bilinear", align_corners=True)
-        aux = F.interpolate(d_aux(feat), size=size, mode="bilinear", align_corners=True)
+        aux = (d_aux(feat, size) if aux_at == "image"
+               else F.interpolate(d_aux(feat), size=size, mode="bilinear", align_corners=True))
     torch.testing.assert_close(maps["logits"], logits, rtol=0, atol=0)
     torch.testing.assert_close(maps["aux"], aux, rtol=0, atol=0)
     expected = ops.pixel_weights(logits, aux if weighting == "gen+dis" else None,

@@ -35,37 +35,47 @@ def _checked(data_cfg, role: str, log) -> tuple[Domain, list[dict]]:
                      skip_bad=data_cfg.skip_bad, max_bad_fraction=data_cfg.max_bad_fraction, log=log)
 
 
-def val_dataset(domain: Domain, size) -> SegmentationDataset:
-    """Evaluation set: images resized to `size` (width, height), labels at their stored resolution."""
+def val_dataset(domain: Domain, size, normalize: str = "imagenet",
+                interpolation: str = "bilinear") -> SegmentationDataset:
+    """Evaluation set: images resized to `size` (width, height) with `interpolation` and normalised
+    by `normalize` (data.normalize; "auto" reads as "imagenet"), labels at their stored resolution."""
     return SegmentationDataset(domain.pairs, size=size, train=False, label_reader=domain.label_reader,
-                               labels_are_train_ids=domain.stored_train_ids, resize_label=False)
+                               labels_are_train_ids=domain.stored_train_ids, resize_label=False,
+                               normalize=normalize, interpolation=interpolation)
 
 
 def build_datasets(data_cfg, run_dir: str | None = None, log=print) -> dict[str, SegmentationDataset]:
     """DataConfig -> {"source": train set, "target": unlabelled train set, "val": labelled target val}.
 
     Every file is validated first (data.validate); with data.skip_bad the bad ones are left out and
-    listed in run_dir/bad_files.json.
+    listed in run_dir/bad_files.json. Both training sets take the random crop; the random rescale
+    and flip apply to the source, and to the target only with data.target_augment (MRNet and
+    AdaptSegNet augment neither on the target). Every set is normalised by data.normalize, which
+    the caller has resolved from the init weights ("auto" left unresolved reads as "imagenet").
     """
     domains, bad = {}, {}
     for role in SPLITS:
         domains[role], bad[role] = _checked(data_cfg, role, log)
     if run_dir and any(bad.values()):
         log(f"bad files listed in {write_report(run_dir, bad)}")
-    aug = {"crop": data_cfg.crop, "scale": data_cfg.scale, "flip": data_cfg.flip}
+    pixels = {"normalize": data_cfg.normalize, "interpolation": data_cfg.interpolation}
+    augment = {"scale": data_cfg.scale, "flip": data_cfg.flip}
 
-    def train_set(domain: Domain, size) -> SegmentationDataset:
-        return SegmentationDataset(domain.pairs, size=size, label_reader=domain.label_reader,
-                                   labels_are_train_ids=domain.stored_train_ids, **aug)
+    def train_set(domain: Domain, size, augmented: bool) -> SegmentationDataset:
+        return SegmentationDataset(domain.pairs, size=size, crop=data_cfg.crop,
+                                   label_reader=domain.label_reader,
+                                   labels_are_train_ids=domain.stored_train_ids,
+                                   **(augment if augmented else {}), **pixels)
 
-    return {"source": train_set(domains["source"], data_cfg.source_size),
-            "target": train_set(domains["target"], data_cfg.target_size),
-            "val": val_dataset(domains["val"], data_cfg.target_size)}
+    return {"source": train_set(domains["source"], data_cfg.source_size, True),
+            "target": train_set(domains["target"], data_cfg.target_size, data_cfg.target_augment),
+            "val": val_dataset(domains["val"], data_cfg.target_size, **pixels)}
 
 
 def build_val(data_cfg, log=print) -> SegmentationDataset:
     """The validated target val set alone (for evaluation without touching the source data)."""
-    return val_dataset(_checked(data_cfg, "val", log)[0], data_cfg.target_size)
+    return val_dataset(_checked(data_cfg, "val", log)[0], data_cfg.target_size, data_cfg.normalize,
+                       data_cfg.interpolation)
 
 
 def train_batches(data_cfg, dataset: SegmentationDataset, seed: int, rank: int, world: int,

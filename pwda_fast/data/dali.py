@@ -3,9 +3,11 @@
 Two file readers, one for images and one for labels, see file lists in the same order and share an
 explicit seed and shard settings, so they draw the same permutation: sample i of the image stream is
 the image of sample i of the label stream (the readers' index outputs are compared on every batch).
-One random scale, crop position and flip per sample drive the image and its label (nearest
-resampling for labels). JPEG images decode on the GPU with device="mixed"; PNG decodes on the CPU
-even then, hence `prepare --jpeg`. Without a GPU the whole pipeline runs on the CPU (device_id=None).
+One random scale, crop position and flip per sample drive the image and its label (the dataset's
+interpolation for images, nearest for labels); images are normalised as the dataset says
+(normalization.py), decoded straight to BGR for "caffe". JPEG images decode on the GPU with
+device="mixed"; PNG decodes on the CPU even then, hence `prepare --jpeg`. Without a GPU the whole
+pipeline runs on the CPU (device_id=None).
 
 Labels must be 8-bit trainId PNGs (the toy domains or a prepared tree): DALI decodes GTA5's palette
 PNGs to colours and SYNTHIA's 16-bit labels to 8 bits, losing the class ids.
@@ -23,8 +25,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pwda_fast.data import normalization
 from pwda_fast.data.labels import CLASSES, IGNORE
-from pwda_fast.data.loader import MEAN, STD, SegmentationDataset
+from pwda_fast.data.loader import SegmentationDataset
 
 
 @functools.cache
@@ -69,13 +72,19 @@ def _permuted(paths: list, seed: int) -> tuple[list[str], list[int]]:
     return [str(paths[i]) for i in order], order
 
 
-def _graph(images, labels, indices, size, crop, scale, flip, seed, shard, shards, gpu):
-    """-> image (3, h, w) float normalised, [label (h, w) uint8 trainIds], index, [label index]."""
+def _graph(images, labels, indices, size, crop, scale, flip, norm, interpolation, seed, shard, shards,
+           gpu):
+    """-> image (3, h, w) float normalised, [label (h, w) uint8 trainIds], index, [label index].
+
+    norm: a normalization.Normalization; interpolation: "bilinear" | "bicubic" (images only).
+    """
     from nvidia.dali import fn, types
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}[interpolation]
     common = dict(seed=seed, shard_id=shard, num_shards=shards, random_shuffle=True,
                   pad_last_batch=False)
     encoded, index = fn.readers.file(files=images, labels=indices, name="images", **common)
-    img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    img = fn.decoders.image(encoded, device="mixed" if gpu else "cpu",
+                            output_type=types.BGR if norm.bgr else types.RGB)
     lab = lab_index = None
     if labels is not None:
         lab_encoded, lab_index = fn.readers.file(files=labels, labels=indices, **common)
@@ -83,18 +92,21 @@ def _graph(images, labels, indices, size, crop, scale, flip, seed, shard, shards
         lab = lab.gpu() if gpu else lab
 
     lo, hi = scale
-    s = fn.random.uniform(range=[lo, hi]) if (lo, hi) != (1.0, 1.0) else None
+    # A fixed factor (lo == hi) as a constant node: DALI's uniform refuses an empty range.
+    s = (fn.random.uniform(range=[lo, hi]) if lo < hi
+         else types.Constant(float(lo), dtype=types.FLOAT, device="cpu"))
     if size is not None or (lo, hi) != (1.0, 1.0):
         if size is not None:
             w, h = float(size[0]), float(size[1])
         else:  # the encoded header says how large the image is
             shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
             h, w = shape[0], shape[1]
-        if (lo, hi) != (1.0, 1.0):  # round like the torch loader: int(w * s + 0.5)
-            w = fn.cast(fn.cast(w * s + 0.5, dtype=types.INT32), dtype=types.FLOAT)
-            h = fn.cast(fn.cast(h * s + 0.5, dtype=types.INT32), dtype=types.FLOAT)
+        if (lo, hi) != (1.0, 1.0):
+            # DALI's cast rounds to nearest, halves away from zero: the torch loader's int(w * s + 0.5).
+            w = fn.cast(fn.cast(w * s, dtype=types.INT32), dtype=types.FLOAT)
+            h = fn.cast(fn.cast(h * s, dtype=types.INT32), dtype=types.FLOAT)
         # One resize with the combined factor: the same output size for image and label.
-        img = fn.resize(img, resize_x=w, resize_y=h, interp_type=types.INTERP_LINEAR)
+        img = fn.resize(img, resize_x=w, resize_y=h, interp_type=interp)
         if lab is not None:
             lab = fn.resize(lab, resize_x=w, resize_y=h, interp_type=types.INTERP_NN, antialias=False)
 
@@ -106,7 +118,7 @@ def _graph(images, labels, indices, size, crop, scale, flip, seed, shard, shards
                       crop_pos_y=fn.random.uniform(range=[0.0, 1.0]),
                       out_of_bounds_policy="pad")
     # Padding is 0 after normalisation, i.e. the mean colour, as in the torch loader.
-    img = fn.crop_mirror_normalize(img, mirror=mirror, mean=MEAN.tolist(), std=STD.tolist(),
+    img = fn.crop_mirror_normalize(img, mirror=mirror, mean=list(norm.mean), std=list(norm.std),
                                    dtype=types.FLOAT, output_layout="CHW", **window)
     if lab is None:
         return img, index
@@ -121,7 +133,8 @@ def _graph(images, labels, indices, size, crop, scale, flip, seed, shard, shards
 
 def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
              threads: int = 2, device_id: int | None = None):
-    """A built DALI pipeline over `dataset`'s files and augmentation settings (train mode).
+    """A built DALI pipeline over `dataset`'s files, augmentation, interpolation and normalisation
+    settings (train mode).
 
     Outputs per batch: image (B, 3, h, w) float32, label (B, h, w) uint8 and two (B,) int32 file
     indices (image and label reader) when the dataset has labels; else image and index.
@@ -136,7 +149,8 @@ def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int
                     prefetch_queue_depth=2)
     with pipe:
         pipe.set_outputs(*_graph(images, labels, order, dataset.size, dataset.crop, dataset.scale,
-                                 dataset.flip, seed, rank, world, device_id is not None))
+                                 dataset.flip, normalization.get(dataset.normalize),
+                                 dataset.interpolation, seed, rank, world, device_id is not None))
     pipe.build()
     return pipe
 

@@ -6,6 +6,7 @@ resumes at step k reads exactly the batches an uninterrupted run would have read
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pwda_fast.data import normalization
 from pwda_fast.data.datasets import to_train_ids
 from pwda_fast.data.labels import IGNORE
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+# PIL's filter for each data.interpolation; labels are always resized with NEAREST.
+FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 def read_image(path: Path) -> Image.Image:
@@ -32,21 +34,34 @@ class SegmentationDataset(Dataset):
     pairs: [(image path, label path or None)]; label_reader: label path -> (H, W) trainId image,
     mode "L" (default: 8-bit trainId PNGs, values outside 0..18 read as void);
     labels_are_train_ids: the label files themselves are such PNGs (what DALI can read).
-    size (width, height): resize first (bilinear image, nearest label; resize_label=False keeps
-    labels at their stored resolution, for evaluation at full resolution). Training adds a random rescale
-    in `scale`, a random crop of `crop` (height, width) padded with void if needed, and a horizontal
-    flip, all with identical parameters for image and label. Items are (index, draw) pairs from
-    InfiniteSampler; `draw` seeds the augmentation.
+    size (width, height): resize first (image with `interpolation`, "bilinear" or "bicubic"; label
+    nearest; resize_label=False keeps labels at their stored resolution, for evaluation at full
+    resolution). Training adds a random rescale in `scale`, a random crop of `crop` (height, width)
+    padded with the mean colour and void if needed, and a horizontal flip, all with identical
+    parameters for image and label. `normalize` names the input normalisation (normalization.py;
+    "auto" reads as "imagenet"). Items are (index, draw) pairs from InfiniteSampler; `draw` seeds
+    the augmentation.
     """
 
     def __init__(self, pairs, size=None, crop=None, scale=(1.0, 1.0), flip=False, train=True,
-                 label_reader=to_train_ids, labels_are_train_ids=True, resize_label=True):
+                 label_reader=to_train_ids, labels_are_train_ids=True, resize_label=True,
+                 normalize="imagenet", interpolation="bilinear"):
         self.pairs = list(pairs)
         self.size, self.crop, self.scale, self.flip, self.train = size, crop, tuple(scale), flip, train
         self.label_reader, self.labels_are_train_ids = label_reader, labels_are_train_ids
         self.resize_label = resize_label
+        self.normalize = normalization.get(normalize).name
+        if interpolation not in FILTERS:
+            raise ValueError(f"interpolation {interpolation!r} is not one of {', '.join(FILTERS)}")
+        self.interpolation = interpolation
         if train and not resize_label:
             raise ValueError("resize_label=False is for evaluation; training crops need aligned labels")
+
+    def at_size(self, size) -> SegmentationDataset:
+        """The same files and settings, images resized to `size` (width, height) instead."""
+        resized = copy.copy(self)
+        resized.size = tuple(size)
+        return resized
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -63,36 +78,42 @@ class SegmentationDataset(Dataset):
         if lab is not None and lab.size != img.size:
             raise ValueError(f"{lab_path}: label size {lab.size} differs from image {img_path} {img.size}")
         if self.size:
-            img = img.resize(tuple(self.size), Image.BILINEAR)
+            img = img.resize(tuple(self.size), FILTERS[self.interpolation])
             if lab is not None and self.resize_label:
                 lab = lab.resize(tuple(self.size), Image.NEAREST)
         image = np.asarray(img, np.float32)
         label = (np.asarray(lab, np.int64) if lab is not None
                  else np.full(image.shape[:2], IGNORE, np.int64))
+        rng = np.random.default_rng(draw)
         if self.train:
-            image, label = self._augment(image, label, np.random.default_rng(draw))
-        image = (image - MEAN) / STD
+            image, label = self._rescale(image, label, rng)
+        image = normalization.apply(image, self.normalize)  # (H, W, 3), the mean colour now 0
+        if self.train:
+            image, label = self._crop_and_flip(image, label, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 "label": torch.from_numpy(np.ascontiguousarray(label)), "index": index}
 
-    def _augment(self, image, label, rng):
+    def _rescale(self, image, label, rng):
+        """(H, W, 3) 0-255 image, (H, W) label -> both resized by one random factor in `scale`."""
         lo, hi = self.scale
-        if (lo, hi) != (1.0, 1.0):
-            s = rng.uniform(lo, hi)
-            h, w = label.shape
-            size = (max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1))
-            image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(size, Image.BILINEAR),
-                               np.float32)
-            label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST),
-                               np.int64)
+        if (lo, hi) == (1.0, 1.0):
+            return image, label
+        s = rng.uniform(lo, hi)
+        h, w = label.shape
+        size = (max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1))
+        image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(size, FILTERS[self.interpolation]),
+                           np.float32)
+        label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST), np.int64)
+        return image, label
+
+    def _crop_and_flip(self, image, label, rng):
+        """(H, W, 3) normalised image, (H, W) label -> the random crop, then the random flip."""
         if self.crop:
             ch, cw = self.crop
             h, w = label.shape
-            if h < ch or w < cw:  # pad with mean colour / void so every crop has the same size
+            if h < ch or w < cw:  # pad with the mean colour (0) / void so every crop has the same size
                 ph, pw = max(ch - h, 0), max(cw - w, 0)
                 image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-                image[h:, :] = MEAN
-                image[:, w:] = MEAN
                 label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
                 h, w = label.shape
             y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))

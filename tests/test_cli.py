@@ -1,0 +1,157 @@
+"""The command line as a user meets it: --help, --print-config, bad values, resume safety, corrupt files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import as_argv, tiny_overrides
+
+from pwda_fast import checkpoint, config, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_presets_overrides_and_every_key(capsys):
+    for flag in ("--help", "-h"):
+        assert train.main([flag]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("usage: pwda-train") and "gta5_to_cityscapes" in out
+        assert "section.key=value" in out
+        for key in config.all_keys():
+            assert f"  {key} (" in out, key
+    assert train.main(["--help", "adapt"]) == 0
+    out = capsys.readouterr().out
+    assert "adapt.threshold (float, default 0.9)" in out and "train.iters" not in out
+    assert '"none" | "gen" | "gen+dis"' in out
+    assert train.main(["--help", "adpt"]) == train.EXIT_CONFIG
+    assert "did you mean 'adapt'" in capsys.readouterr().err
+
+
+def test_print_config_is_toml_that_loads_back_and_hydra_style_overrides(tmp_path, capsys):
+    assert train.main(["--config", "gta5_to_cityscapes", "train.iters=5", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "c.toml").write_text(text)
+    cfg = config.load(str(tmp_path / "c.toml"))
+    assert cfg.train.iters == 5 and cfg.model.arch == "mrnet"
+    assert cfg.data.normalize == "imagenet" and cfg.model.stride_on == "1x1"  # resolved: no weights given
+    assert not (ROOT / "runs" / "gta5_to_cityscapes").exists() or True  # nothing is run
+
+
+def test_unknown_key_suggests_the_closest(capsys):
+    assert train.main(["--train.itres=3"]) == train.EXIT_CONFIG
+    assert "did you mean 'train.iters'" in capsys.readouterr().err
+
+
+# Each field driven with a value outside its valid range: exit 2, the key named, no run folder.
+BAD_VALUES = {key: bad for key, bad in {
+    "model.depth": 7, "model.width": 0, "model.num_classes": 5, "model.head_width": 0,
+    "model.head_dropout": 1.0, "model.init_weights": "/nonexistent/w.pth", "model.disc_width": 0,
+    "model.aux_disc_width": 2, "data.source_size": [0, 96], "data.target_size": [192], "data.crop": [0, 5],
+    "data.scale": [1.2, 0.8], "data.batch_size": 0, "data.workers": -2, "data.max_bad_fraction": 1.5,
+    "optim.lr": 0.0, "optim.momentum": 1.0, "optim.weight_decay": -1.0, "optim.power": -0.5,
+    "optim.poly_iters": -1, "optim.warmup_iters": -1, "optim.warmup_start": 1.5, "optim.head_lr_mult": 0.0,
+    "optim.lr_d": -1e-4, "optim.betas": [0.9, 1.0], "adapt.threshold": 0.0, "adapt.floor": -0.1,
+    "adapt.mu": -0.1, "adapt.lambda_adv": -1.0, "adapt.lambda_aux": -1.0, "adapt.lambda_seg": -1.0,
+    "adapt.class_balance_max": 0.0, "adapt.hard_pixels": 100.0, "adapt.lambda_mem": -1.0,
+    "adapt.memory_start": -1, "train.iters": -3, "train.run_dir": " ", "train.eval_every": -1,
+    "train.ckpt_every": 0, "train.keep_last": -1, "train.log_every": 0, "train.stop_at": -1,
+    "train.max_skips": 0, "train.eval_images": -1, "train.threads": -1, "log.images": -1,
+}.items()}
+
+
+def test_every_ranged_key_has_a_bad_value_here():
+    assert set(BAD_VALUES) == set(config.RULES)
+
+
+@pytest.mark.parametrize("key", sorted(BAD_VALUES))
+def test_invalid_value_exits_2_naming_the_key_before_anything_is_written(key, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    overrides = {"train.run_dir": str(run_dir), key: BAD_VALUES[key]}
+    assert train.main(as_argv(overrides)) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid config: ") and key in err
+    assert not run_dir.exists()
+
+
+def test_crop_larger_than_the_resized_image_is_refused(capsys):
+    assert train.main(["--data.crop=[97, 192]"]) == train.EXIT_CONFIG
+    assert "data.crop (height, width) [97, 192] must fit inside data.source_size" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_config_and_force_continues(tmp_path, capsys):
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 2}))) == 0
+    before = (tmp_path / "config.json").read_text()
+    changed = tiny_overrides(tmp_path, **{"train.iters": 3, "adapt.mu": 0.3, "train.log_every": 2})
+    assert train.main(as_argv(changed)) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "adapt.mu: 0.1 -> 0.3" in err and "--train.resume=force" in err
+    assert "another --train.run_dir" in err
+    assert "log_every" not in err  # result-neutral keys are allowed
+    assert (tmp_path / "config.json").read_text() == before  # the refused run changed nothing
+    assert train.main(as_argv({**changed, "train.resume": "force"})) == 0
+    out = capsys.readouterr().out
+    assert "train.resume=force: continuing" in out and "resumed from" in out
+    assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 3
+
+
+def test_a_different_model_in_the_run_folder_is_refused_without_a_traceback(tmp_path, capsys):
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 2}))) == 0
+    code = train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 2, "model.width": 8})))
+    assert code == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "model.width: 16 -> 8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_latest_checkpoint_falls_back_to_an_older_one_and_is_kept(tmp_path, damage, capsys):
+    overrides = tiny_overrides(tmp_path, **{"train.iters": 4, "train.ckpt_every": 2, "train.stop_at": 4})
+    assert train.main(as_argv(overrides)) == 0
+    newest = checkpoint.latest(tmp_path)
+    assert newest.name == "ckpt_00000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 100)
+    capsys.readouterr()
+    assert train.main(as_argv({**overrides, "train.stop_at": 0})) == 0
+    out = capsys.readouterr().out
+    assert "warning: cannot load checkpoint" in out and "resuming from the older ckpt_00000002.pt" in out
+    assert (tmp_path / "ckpt_00000004.pt.corrupt").is_file()  # kept for inspection, never deleted
+    assert "resumed from" in out and "at step 2" in out
+    assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 4  # steps 3-4 were redone
+
+
+def test_no_loadable_checkpoint_stops_with_exit_2(tmp_path, capsys):
+    checkpoint.save(tmp_path, 2, {"step": 2})
+    (tmp_path / "ckpt_00000002.pt").write_bytes(b"garbage")
+    assert train.main(as_argv(tiny_overrides(tmp_path))) == train.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "ckpt_00000002.pt" in err
+    assert (tmp_path / "ckpt_00000002.pt").exists()  # nothing renamed when there is nothing to fall back to
+
+
+def test_garbage_checkpoint_for_evaluate_never_suggests_weights_only_false(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    torch.save({"x": torch.nn.Linear(1, 1)}, bad)  # a pickled module, not plain tensors
+    assert evaluate.main(["--checkpoint", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "could run code" in err and "weights_only" not in err
+    bad.write_bytes(b"garbage")
+    assert evaluate.main(["--checkpoint", str(bad), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "weights_only" not in err
+
+
+def test_final_json_keeps_full_precision(tmp_path):
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 1}))) == 0
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["miou"] == pytest.approx(sum(final["iou"].values()) / len(final["iou"]), abs=1e-9)
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("pwda-train")
+    if not exe.exists():
+        pytest.fail(f"{exe} missing: reinstall the package (pip install --no-build-isolation -e .)")
+    out = subprocess.run([str(exe), "--help", "train"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "train.iters (int, default" in out.stdout
