@@ -1,16 +1,43 @@
 """Builds pwda_fast._C from csrc/ (the extension-cpp pattern).
 
-C++ CPU sources always; CUDA sources when torch is a CUDA build and the CUDA toolkit is found.
-PWDA_FAST_SKIP_EXT=1 skips the extension entirely (the package still works on the torch backend).
+C++ CPU sources always; CUDA sources when torch is a CUDA build and the CUDA toolkit is found (CUDA_HOME,
+else the toolkit of the `nvcc` on PATH). PWDA_FAST_SKIP_EXT=1 skips the extension entirely (the package
+still works on the torch backend); PWDA_FAST_NO_CUDA=1 builds the CPU kernel only.
 """
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 from setuptools import setup
 
+
+def cuda_home_of_nvcc_on_path() -> str | None:
+    """The toolkit root of the `nvcc` on PATH, through any wrapper script or symlink.
+
+    torch guesses dirname(dirname(which nvcc)): /usr/local for a /usr/local/bin/nvcc wrapper that execs
+    /usr/local/cuda-13.0/bin/nvcc, and then finds no CUDA headers there. nvcc's dry run prints the
+    directory it really runs from (`#$ TOP=<toolkit>/bin/..`), whatever led to it.
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        run = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", run.stdout + run.stderr, re.MULTILINE)
+    return os.path.realpath(m.group(1).strip()) if m else os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
 ext_modules, cmdclass = [], {}
 if os.environ.get("PWDA_FAST_SKIP_EXT", "0") != "1":
+    # Before torch.utils.cpp_extension is imported: it fixes its CUDA_HOME at import time.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and (found := cuda_home_of_nvcc_on_path()):
+        os.environ["CUDA_HOME"] = found
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -21,7 +48,8 @@ if os.environ.get("PWDA_FAST_SKIP_EXT", "0") != "1":
                 and os.environ.get("PWDA_FAST_NO_CUDA", "0") != "1")
     # -fno-trapping-math / -fno-math-errno change no result (no reassociation, unlike -ffast-math);
     # without them GCC keeps the CPU kernel's per-pixel selects scalar: 2.4x slower (C=19, 1 thread).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-DPy_LIMITED_API=0x030a0000"]
+    # No -DPy_LIMITED_API here: py_limited_api=True makes torch add -DPy_LIMITED_API=0x030A0000 itself.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if use_cuda:
         # With a GPU visible, torch builds for that GPU's architecture. Without one (CI, build
         # hosts) it would build for every architecture it knows, ~5 minutes per arch on 2 cores:

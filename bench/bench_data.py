@@ -25,10 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pwda_fast.data import dali  # noqa: E402
-from pwda_fast.data.loader import SegmentationDataset, train_loader  # noqa: E402
+from pwda_fast.data import dali
+from pwda_fast.data.loader import SegmentationDataset, train_loader
 
 
 def make_set(root: Path, n: int, h: int = 1024, w: int = 2048) -> tuple[list, list]:

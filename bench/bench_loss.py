@@ -1,112 +1,122 @@
-"""Forward+backward time of weighted_adv_loss: eager reference, torch.compile(reference), ext, triton.
+"""Forward and forward+backward time of weighted_adv_loss: eager reference, torch.compile, ext, triton.
 
-    python bench/bench_loss.py --device cpu [--shapes tiny|small|default|full|gpu] [--json FILE]
+    python bench/bench_loss.py --device cpu [--shapes tiny|small|default|full|lowres|production|gpu]
+                               [--json FILE]
 
-Providers run interleaved (one call each per round), so a busy machine slows them alike. Reports the
-median and p20/p80 over rounds and the achieved bandwidth from the minimal byte count: read seg,
-disc and aux once, write the fp32 gradient once. On CUDA also the device copy bandwidth (a large
-clone) and the fraction of it each provider reaches.
+Providers run interleaved (each provider's calls once per round), so a busy machine slows them alike.
+Each sample is `--calls` back-to-back calls timed together (between CUDA events on a GPU: device time,
+not host launch overhead); the table gives the median and p20/p80 over rounds (bench/common.py's
+quantile rule), the achieved bandwidth from the minimal byte count and its fraction of the measured
+copy bandwidth. Minimal bytes: read seg, disc and aux once; for fwd+bwd also write dL/dz once, at
+disc's size in disc's dtype. "fwd" is the loss call as training makes it (autograd recording, no
+backward); the fused kernels compute dL/dz there already, so their backward is only the scaling.
 
-`--shapes lowres` passes D's and D_aux's maps at their native resolution (production: D (16, 32) and
-D_aux (65, 129) for a 512x1024 crop): the fused kernels upsample them in-kernel, the eager and compiled
-references upsample with F.interpolate (align_corners=True) inside reference.weighted_adv_loss, and
-"ext+up" (the path before in-kernel upsampling) upsamples with F.interpolate, then runs ext.
+`--shapes production` is the call the training loop makes (docs/METHOD.md §1, paper presets: batch 2,
+512x1024 crops): fp32 channels_last seg logits (2, 19, 512, 1024), D's map at its native 16x32,
+upsampled inside the fused kernels, and D_aux's at image size; the eager and compiled references
+upsample with F.interpolate. `--shapes gpu` runs it first, then the `bandwidth` rows (full-size
+maps). `lowres` adds "ext+up" (F.interpolate both maps, then ext: the path before in-kernel
+upsampling). The JSON is rewritten after every case, so a run cut short keeps the rows it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+from typing import NamedTuple
 
+import common
 import torch
 
 from pwda_fast import ops, reference
 
+
+class Case(NamedTuple):
+    shape: tuple  # seg logits (N, C, H, W)
+    disc_hw: tuple | None = None  # D map (h, w); None: full size
+    aux_hw: tuple | None = None  # D_aux map (h, w); None: full size
+    channels_last: bool = False
+    dtypes: tuple | None = None  # None: --dtypes
+
+
+# The paper presets: batch 2, D's map at 16x32, D_aux's at image size (adapt.aux_at = "image").
+PRODUCTION = Case((2, 19, 512, 1024), (16, 32), None, channels_last=True, dtypes=("fp32",))
 SHAPES = {
-    "tiny": [(1, 19, 16, 32)],  # gpu_check.sh --cpu-dry-run
-    "small": [(1, 19, 64, 128), (2, 19, 256, 512)],
-    "default": [(1, 19, 128, 256), (2, 19, 256, 512)],
-    "full": [(1, 19, 128, 256), (2, 19, 256, 512), (4, 19, 512, 1024)],
-    "gpu": [(4, 19, 512, 1024), (4, 19, 1024, 2048)],  # production shape and full Cityscapes size
-    # (seg shape, D map (h, w), D_aux map (h, w)): native-resolution maps, upsampled in the loss.
-    # The same shape with full-size maps (upsampled before the loss) runs alongside for comparison.
-    "lowres": [((4, 19, 512, 1024), (16, 32), (65, 129)), (4, 19, 512, 1024)],
+    "tiny": [Case((1, 19, 16, 32)),  # gpu_check.sh --cpu-dry-run: also a tiny production-like call
+             Case((1, 19, 16, 32), (2, 4), (3, 5), channels_last=True, dtypes=("fp32",))],
+    "small": [Case((1, 19, 64, 128)), Case((2, 19, 256, 512))],
+    "default": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512))],
+    "full": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), Case((4, 19, 512, 1024))],
+    "production": [PRODUCTION],
+    # The bandwidth target (4x19x512x1024 bf16, full-size maps) and full Cityscapes size.
+    "bandwidth": [Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
+    "gpu": [PRODUCTION, Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
+    "lowres": [Case((4, 19, 512, 1024), (16, 32), (65, 129)), Case((4, 19, 512, 1024))],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd", "fwd+bwd")
 
 
-def split(entry):
-    """A SHAPES entry -> (seg shape, D map (h, w), D_aux map (h, w)); plain shapes use full-size maps."""
-    if isinstance(entry[0], tuple):
-        return entry
-    return entry, tuple(entry[2:]), tuple(entry[2:])
-
-
-def minimal_bytes(shape, dtype, disc_hw=None, aux_hw=None) -> int:
-    """Bytes a one-pass kernel must move: seg (C values), disc and aux maps in, fp32 grad per pixel out."""
-    n, c, h, w = shape
-    disc_hw, aux_hw = disc_hw or (h, w), aux_hw or (h, w)
+def minimal_bytes(case: Case, dtype, mode: str) -> int:
+    """Bytes a one-pass kernel must move: seg (C values per pixel) and both maps in; dL/dz out (fwd+bwd)."""
+    n, c, h, w = case.shape
     size = torch.empty((), dtype=dtype).element_size()
-    return (n * h * w * (c * size + 4)
-            + n * (disc_hw[0] * disc_hw[1] + aux_hw[0] * aux_hw[1]) * size)
+    disc = n * (case.disc_hw or (h, w))[0] * (case.disc_hw or (h, w))[1]
+    aux = n * (case.aux_hw or (h, w))[0] * (case.aux_hw or (h, w))[1]
+    return (n * c * h * w + disc + aux + (disc if mode == "fwd+bwd" else 0)) * size
 
 
-def providers(device: str, compile_reference: bool):
+def providers(device: str, compile_reference: bool) -> dict:
     """name -> f(seg, disc, aux) returning the loss, all with label 1 and the paper's T, floor, mu."""
     out = {"eager": lambda s, d, a: reference.weighted_adv_loss(s, d, a, label=1.0)}
     if compile_reference:
         compiled = torch.compile(reference.weighted_adv_loss, dynamic=False)
         out["compile"] = lambda s, d, a: compiled(s, d, a, label=1.0)
-    for backend in ("ext", "triton"):
-        if ops._PROBLEMS[backend](device) is None and not (backend == "triton" and device == "cpu"):
+    # Triton on CPU is the interpreter: a correctness tool, not a provider worth timing.
+    for backend in ("ext", "triton") if device == "cuda" else ("ext",):
+        if ops.backend_problem(backend, device) is None:
             out[backend] = lambda s, d, a, b=backend: ops.weighted_adv_loss(s, d, a, label=1.0, backend=b)
     return out
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def make_inputs(case: Case, dtype, device: str):
+    g = torch.Generator().manual_seed(0)
+    n, _, h, w = case.shape
+    fmt = torch.channels_last if case.channels_last else torch.contiguous_format
+    seg = (torch.randn(case.shape, generator=g) * 3).to(device, dtype).contiguous(memory_format=fmt)
+    disc = (torch.randn((n, 1, *(case.disc_hw or (h, w))), generator=g) * 3).to(device, dtype)
+    aux = (torch.randn((n, 1, *(case.aux_hw or (h, w))), generator=g) * 3).to(device, dtype)
+    return seg, disc.requires_grad_(), aux
 
 
-def fwd_bwd(fn, seg, disc, aux) -> None:
-    disc.grad = None
-    fn(seg, disc, aux).backward()
+def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int) -> dict:
+    """(provider, mode) -> seconds per call, one sample per round; providers interleaved in a round."""
+    def fwd(fn):
+        return lambda: fn(seg, disc, aux)
 
+    def fwd_bwd(fn):
+        def run():
+            disc.grad = None
+            fn(seg, disc, aux).backward()
+        return run
 
-def time_providers(fns, seg, disc, aux, device, rounds, warmup):
-    """Seconds per fwd+bwd call: name -> list over rounds, providers interleaved within a round."""
-    for fn in fns.values():
+    calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fn)
+                for name, fn in fns.items() for mode in MODES}
+    for call in calls_of.values():
         for _ in range(warmup):
-            fwd_bwd(fn, seg, disc, aux)
-    times = {name: [] for name in fns}
+            call()
+    times = {key: [] for key in calls_of}
     for _ in range(rounds):
-        for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fwd_bwd(fn, seg, disc, aux)
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+        for key, call in calls_of.items():
+            times[key].append(common.time_calls(call, device, calls))
     return times
 
 
-def copy_bandwidth(device: str) -> float:
-    """Device copy bandwidth in GB/s: read + write of a 1 GiB clone, median of 10."""
-    x = torch.empty(2**28, dtype=torch.float32, device=device)
-    samples = []
-    for _ in range(12):
-        sync(device)
-        t0 = time.perf_counter()
-        x.clone()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return 2 * x.numel() * 4 / statistics.median(samples[2:]) / 1e9
-
-
-def quantile(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+def label_of(case: Case) -> str:
+    text = str(tuple(case.shape)) + (" CL" if case.channels_last else "")
+    if case.disc_hw or case.aux_hw:
+        text += f" D{case.disc_hw or 'full'} Daux{case.aux_hw or 'full'}"
+    return text
 
 
 def main() -> None:
@@ -116,57 +126,57 @@ def main() -> None:
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="default")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 15 cpu, 100 cuda)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 15 cpu, 20 cuda)")
+    parser.add_argument("--calls", type=int, default=None,
+                        help="back-to-back calls per timed sample (default: 1 cpu, 20 cuda)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (CPU; 1 is steadier on a shared machine)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (after every case)")
     args = parser.parse_args()
     device = args.device
-    rounds = args.rounds or (100 if device == "cuda" else 15)
+    cuda = device == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (20 if cuda else 15)
+    calls = args.calls or (20 if cuda else 1)
     fns = providers(device, compile_reference=not args.no_compile)
-    copy_gbs = copy_bandwidth(device) if device == "cuda" else None
+    copy_gbs = common.copy_bandwidth(device)
+    result = {"device": device, "machine": common.machine(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "rounds": rounds, "calls": calls,
+              "copy_gb_per_s": copy_gbs, "rows": []}
 
-    rows = []
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} rounds={rounds}"
-          + (f" copy_GB/s={copy_gbs:.0f}" if copy_gbs else ""))
-    print(f"{'shape':>20} {'dtype':>5} {'provider':>9} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} "
-          f"{'GB/s':>7} {'x eager':>8}" + (f" {'of copy':>8}" if copy_gbs else ""))
-    for entry in SHAPES[args.shapes]:
-        shape, disc_hw, aux_hw = split(entry)
-        for dtype_name in args.dtypes.split(","):
+    print(f"device={device} ({result['machine']}) torch={torch.__version__} rounds={rounds} "
+          f"calls/sample={calls} copy_GB/s={copy_gbs:.1f}")
+    print(f"{'case':>42} {'dtype':>5} {'mode':>7} {'provider':>9} {'median ms':>10} {'p20 ms':>8} "
+          f"{'p80 ms':>8} {'GB/s':>7} {'x eager':>8} {'of copy':>8}")
+    for case in SHAPES[args.shapes]:
+        for dtype_name in case.dtypes or args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
-            g = torch.Generator().manual_seed(0)
-            n = shape[0]
-            seg = (torch.randn(shape, generator=g) * 3).to(device, dtype)
-            disc = (torch.randn((n, 1, *disc_hw), generator=g) * 3).to(device, dtype).requires_grad_()
-            aux = (torch.randn((n, 1, *aux_hw), generator=g) * 3).to(device, dtype)
-            row_fns = dict(fns)
-            if "ext" in fns and (disc_hw != tuple(shape[2:]) or aux_hw != tuple(shape[2:])):
-                # The pre-fusion path: upsample both maps with F.interpolate, then the fused loss.
-                row_fns["ext+up"] = lambda s, d, a: ops.weighted_adv_loss(
+            seg, disc, aux = make_inputs(case, dtype, device)
+            case_fns = dict(fns)
+            if "ext" in fns and args.shapes == "lowres" and (case.disc_hw or case.aux_hw):
+                case_fns["ext+up"] = lambda s, d, a: ops.weighted_adv_loss(
                     s, reference.upsample_to(d, s.shape[2:]), reference.upsample_to(a, s.shape[2:]),
                     label=1.0, backend="ext")
-            times = time_providers(row_fns, seg, disc, aux, device, rounds, warmup=2)
-            eager_median = statistics.median(times["eager"])
-            for name, ts in times.items():
-                median = statistics.median(ts)
-                row = dict(shape=list(shape), disc_hw=list(disc_hw), aux_hw=list(aux_hw),
-                           dtype=dtype_name, provider=name, device=device,
-                           median_ms=median * 1e3, p20_ms=quantile(ts, 0.2) * 1e3,
-                           p80_ms=quantile(ts, 0.8) * 1e3,
-                           gb_per_s=minimal_bytes(shape, dtype, disc_hw, aux_hw) / median / 1e9,
-                           speedup_vs_eager=eager_median / median)
-                if copy_gbs:
-                    row["fraction_of_copy"] = row["gb_per_s"] / copy_gbs
-                rows.append(row)
-                label = str(tuple(shape)) + ("" if disc_hw == tuple(shape[2:]) and aux_hw == disc_hw
-                                             else f" D{disc_hw} Daux{aux_hw}")
-                print(f"{label:>20} {dtype_name:>5} {name:>9} {row['median_ms']:>10.3f} "
-                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {row['gb_per_s']:>7.2f} "
-                      f"{row['speedup_vs_eager']:>8.2f}"
-                      + (f" {row['fraction_of_copy']:>8.1%}" if copy_gbs else ""))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"copy_gb_per_s": copy_gbs, "rows": rows}, f, indent=1)
+            times = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2)
+            for (name, mode), ts in times.items():
+                st = common.spread(ts)
+                eager = common.spread(times[("eager", mode)])["median"]
+                gbs = minimal_bytes(case, dtype, mode) / st["median"] / 1e9
+                row = dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
+                           aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
+                           production=case == PRODUCTION, dtype=dtype_name, mode=mode, provider=name,
+                           device=device, median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3,
+                           p80_ms=st["p80"] * 1e3, gb_per_s=gbs, speedup_vs_eager=eager / st["median"],
+                           fraction_of_copy=gbs / copy_gbs)
+                result["rows"].append(row)
+                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>10.3f} "
+                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {gbs:>7.2f} "
+                      f"{row['speedup_vs_eager']:>8.2f} {row['fraction_of_copy']:>8.1%}", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

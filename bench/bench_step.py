@@ -19,21 +19,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import common
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pwda_fast import config, distributed, ops, reference, train  # noqa: E402
-from pwda_fast.adapt import SOURCE, TARGET, Adapter, Nets, set_requires_grad  # noqa: E402
-from pwda_fast.models import build_networks  # noqa: E402
-from pwda_fast.reference import upsample_to  # noqa: E402
+from pwda_fast import config, engine, ops, reference
+from pwda_fast.adapt import SOURCE, TARGET, set_requires_grad
+from pwda_fast.models import build_networks
+from pwda_fast.reference import upsample_to
 
 PRESETS = {"toy": "toy", "paper": "gta5_to_cityscapes"}
 
@@ -69,6 +65,12 @@ class EagerLoop:
         self.opt_d_aux = torch.optim.Adam(self.d_aux.parameters(), lr=o.lr_d, betas=tuple(o.betas),
                                           foreach=False)
 
+    def _aux(self, feat, size):
+        """D_aux's logits at image size, the same function as the engine's (adapt.aux_at)."""
+        if self.a.aux_at == "image":
+            return self.d_aux(feat, size)
+        return upsample_to(self.d_aux(feat), size)
+
     def _weighted(self, seg, z, a, label):
         return reference.weighted_adv_loss(seg, z, a, label=label, threshold=self.a.threshold,
                                            floor=self.a.floor, mu=self.a.mu)
@@ -89,7 +91,7 @@ class EagerLoop:
         _, main_t, feat_t = self.g(x_t)
         main_t = upsample_to(main_t, size)
         z_t = upsample_to(self.d(torch.softmax(main_t, 1)), size)
-        a_t = upsample_to(self.d_aux(feat_t), size)
+        a_t = self._aux(feat_t, size)
         loss_adv = (a.lambda_adv * self._weighted(main_t.detach(), z_t, a_t.detach(), SOURCE)
                     + a.lambda_aux * reference.domain_bce(a_t, SOURCE))
         loss_adv.backward()
@@ -100,36 +102,23 @@ class EagerLoop:
         (reference.domain_bce(upsample_to(self.d(torch.softmax(main_s, 1)), size), SOURCE) / 2).backward()
         z_t = upsample_to(self.d(torch.softmax(main_t, 1)), size)
         (self._weighted(main_t, z_t, a_t.detach(), TARGET) / 2).backward()
-        (reference.domain_bce(upsample_to(self.d_aux(feat_s), size), SOURCE) / 2).backward()
-        (reference.domain_bce(upsample_to(self.d_aux(feat_t), size), TARGET) / 2).backward()
+        (reference.domain_bce(self._aux(feat_s, size), SOURCE) / 2).backward()
+        (reference.domain_bce(self._aux(feat_t, size), TARGET) / 2).backward()
         self.opt_g.step()
         self.opt_d.step()
         self.opt_d_aux.step()
 
 
 class Engine:
+    """The training loop's own Adapter, built the way train.py builds it (engine.build)."""
+
     def __init__(self, cfg, device, compile_g: bool):
-        g, d, d_aux = build(cfg, device, channels_last=cfg.train.channels_last)
-        opts = train.build_optimizers(cfg, g, d, d_aux, device)
-        self.backend = ops.resolve_backend(cfg.kernels.backend, device)
-        nets = Nets(torch.compile(g) if compile_g else g, d, d_aux)
-        self.adapter = Adapter(cfg, nets, *opts, self.backend, device, distributed.Dist())
+        cfg.train.compile = compile_g
+        cfg.train.seed = 0  # the eager loop's initial weights
+        self.adapter = engine.build(cfg, device).adapter
 
     def step(self, step: int, source: dict, target: dict) -> None:
         self.adapter.step(step, source, target)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -177,25 +166,23 @@ def main(argv=None) -> int:
     for prov in providers.values():
         for i in range(args.warmup):
             prov.step(i, *batches[i % len(batches)])
-        sync(device)
+        common.sync(device)
     for _ in range(args.rounds):
         for name, prov in providers.items():
             for i, (s, t) in enumerate(batches):
-                sync(device)
-                t0 = time.perf_counter()
-                prov.step(args.warmup + i, s, t)
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
+                # One step per sample: a step is 10s-100s of ms, so per-call host overhead is noise here.
+                step = lambda p=prov, i=i, s=s, t=t: p.step(args.warmup + i, s, t)  # noqa: E731
+                times[name].append(common.time_calls(step, device, 1))
 
     b = base.data.batch_size
     eager = statistics.median(next(iter(times.values())))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"provider": name, "median_s": med, "p10_s": sorted(ts)[len(ts) // 10],
-                     "p90_s": sorted(ts)[(9 * len(ts)) // 10], "images_per_s": 2 * b / med,
+        rows.append({"provider": name, "median_s": med, "p10_s": common.quantile(ts, 0.1),
+                     "p90_s": common.quantile(ts, 0.9), "images_per_s": 2 * b / med,
                      "speedup": eager / med})
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    machine = common.machine(device)
     h, w = base.data.crop
     print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
           f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "

@@ -21,14 +21,12 @@ import os
 import sys
 from pathlib import Path
 
+import bench_step  # bench/ is on sys.path: it is this script's folder
+import common
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_step  # noqa: E402  (also puts the repo root on sys.path)
-
-from pwda_fast import config  # noqa: E402
+from pwda_fast import config
 
 # Dense bf16 tensor-core peak, FLOP/s (vendor data sheets, SXM parts); MFU is quoted against it for
 # every row, fp32 ones included, so rows compare. Override with --peak-tflops or PWDA_PEAK_TFLOPS.
@@ -89,7 +87,7 @@ def main(argv=None) -> int:
     for i, (name, ctor) in enumerate(ctors.items()):
         prov = ctor()
         prov.step(0, *batches[0])  # optimizer state, cudnn plans, lazy inits
-        bench_step.sync(device)
+        common.sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if i == 0:  # the eager loop: count its FLOPs on this step
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
             result["flops_per_iter"] = counter.get_total_flops()
         else:
             prov.step(1, *batches[1])
-        bench_step.sync(device)
+        common.sync(device)
         peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
         result["peak_memory_bytes"][name] = peak_mem
         print(f"{name:<40} peak memory "

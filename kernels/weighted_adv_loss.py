@@ -1,15 +1,24 @@
-"""weighted_adv_loss: the fused one-pass weighted adversarial loss (DESIGN.md §2) in Triton.
+"""weighted_adv_loss: the fused one-pass weighted adversarial loss (docs/METHOD.md §1) in Triton.
 
 Each program reads BLOCK pixels' C seg logits once (online max and sum-exp), forms the weight
 w = (d + mu) * sigmoid(a), the stable BCE of the discriminator logit, writes dL/dz and stores one
 partial sum of w * bce; the partials are then added in a fixed order, so the loss is deterministic.
 disc and aux may be (N, 1, h, w) with h <= H, w <= W: each pixel's z and a are then sampled bilinearly
-(align_corners=True, aten's index and weight rule) from the low-res map, never materialised at (H, W).
+(align_corners=True, aten's index and weight rule) from the low-res map, never materialised at (H, W),
+and the gradient is folded back onto the low-res map by _upsample_adjoint_kernel (columns, then rows),
+each element summed by one lane in a fixed order: no atomics, the same bits on every run.
+
+Sizes are not specialised on (do_not_specialize): Triton would otherwise compile a new variant whenever
+a size's "== 1" or "divisible by 16" property changes (78 compiles across the GPU tests before), and
+the flat-index divisions they feed cannot be vectorised anyway. seg's channel and column strides keep
+only the "== 1" specialisation: it tells NCHW (stride 1 along W) from channels_last (along C), one
+compiled variant each per dtype and set of maps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -51,7 +60,12 @@ def _sample(ptr, n, h, w, sn, sh, sw, in_h, in_w, H, W, ratio_h, ratio_w, mask, 
         return tl.load(base + h * sh + w * sw, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
+# Sizes and the maps' strides: see the module docstring.
+_SIZE_ARGS = ["P", "C", "H", "W", "seg_sn", "seg_sh", "disc_sn", "disc_sh", "disc_sw", "disc_h", "disc_w",
+              "aux_sn", "aux_sh", "aux_sw", "aux_h", "aux_w"]
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS, do_not_specialize_on_alignment=["seg_sc", "seg_sw"])
 def _weighted_adv_loss_fwd_kernel(seg_ptr, disc_ptr, aux_ptr, grad_ptr, partial_ptr,
                                   P, C, H, W,
                                   seg_sn, seg_sc, seg_sh, seg_sw,
@@ -59,9 +73,14 @@ def _weighted_adv_loss_fwd_kernel(seg_ptr, disc_ptr, aux_ptr, grad_ptr, partial_
                                   aux_sn, aux_sh, aux_sw, aux_h, aux_w, aux_rh, aux_rw,
                                   label, threshold, floor, mu, inv_count,
                                   HAS_AUX: tl.constexpr, UP_DISC: tl.constexpr, UP_AUX: tl.constexpr,
-                                  BLOCK: tl.constexpr):
+                                  INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flat pixel index (n, h, w)
+    if INDEX_64:
+        q = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flat pixel index (n, h, w)
+    else:
+        # Every element offset fits in int32 (the launcher checked): 32-bit divisions and offset maths,
+        # a handful of instructions each where a 64-bit division is an emulated ~70-instruction routine.
+        q = pid * BLOCK + tl.arange(0, BLOCK)
     mask = q < P
     hw = H * W
     n = q // hw
@@ -95,22 +114,83 @@ def _weighted_adv_loss_fwd_kernel(seg_ptr, disc_ptr, aux_ptr, grad_ptr, partial_
     du = u - 1.0
     log1p_ez = tl.where(du == 0.0, ez, tl.log(u) * (ez / tl.where(du == 0.0, 1.0, du)))
     bce = tl.maximum(z, 0.0) - z * label + log1p_ez
-    sig = tl.where(z >= 0.0, 1.0, ez) / u
-    tl.store(grad_ptr + q, weight * (sig - label) * inv_count, mask=mask)
+    # sigmoid(z) - y without cancellation: with s = 1 - 2y (+1 or -1) it is s * sigmoid(s * z), i.e.
+    # -sigmoid(-z) for y = 1 (sigmoid(z) - 1 is 0 in fp32 for z > 17, where it is -exp(-z)).
+    sign = 1.0 - 2.0 * label
+    sig_sz = tl.where(sign * z >= 0.0, 1.0, ez) / u
+    tl.store(grad_ptr + q, weight * (sign * sig_sz) * inv_count, mask=mask)
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, weight * bce, 0.0), axis=0))
 
 
-# BLOCK stays fixed (not tuned) so the number of partial sums does not depend on the chosen config.
+@triton.jit(do_not_specialize=["total", "size_out", "size_in", "inner", "trips"])
+def _upsample_adjoint_kernel(src_ptr, dst_ptr, total, size_out, size_in, inner, ratio, trips,
+                             BLOCK: tl.constexpr):
+    """dst (outer, size_in, inner) = the adjoint of the align_corners=True upsampling size_in -> size_out
+    along the middle axis of src (outer, size_out, inner), both contiguous fp32: each lane owns one dst
+    element and adds src[o, x, k] * its tap weight for x upward from just before its first tap, `trips`
+    steps in all."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = t < total
+    k = t % inner
+    j = (t // inner) % size_in
+    o = t // (inner * size_in)
+    # The first x with i0(x) >= j - 1 is about (j - 1) / ratio; 2 less absorbs the float rounding.
+    guess = ((j - 1).to(tl.float32) / tl.where(ratio > 0.0, ratio, 1.0)).to(tl.int64) - 2
+    x = tl.where((j > 1) & (ratio > 0.0), tl.maximum(guess, 0), 0)
+    base = src_ptr + o * size_out * inner + k
+    acc = tl.zeros([BLOCK], tl.float32)
+    for _ in range(0, trips):
+        i0, i1, l1 = _source_index(x, size_in, size_out, ratio)
+        w = tl.where(i0 == j, 1.0 - l1, 0.0) + tl.where(i1 == j, l1, 0.0)
+        v = tl.load(base + x * inner, mask=mask & (x < size_out) & (w != 0.0), other=0.0)
+        acc += w * v
+        x += 1
+    tl.store(dst_ptr + t, acc, mask=mask)
+
+
+# BLOCK stays fixed (not tuned) so the number of partial sums does not depend on the chosen config. The
+# key is what changes the best warp count: work per pixel (C), layout (seg_sw: 1 for NCHW, C for
+# channels_last) and which maps are read and interpolated; the dtypes are added by triton.
 _weighted_adv_loss_fwd = _weighted_adv_loss_fwd_kernel if _INTERPRET else triton.autotune(
-    configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)], key=["C", "HAS_AUX", "UP_DISC", "UP_AUX"],
+    configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8)],
+    key=["C", "seg_sw", "HAS_AUX", "UP_DISC", "UP_AUX"],
 )(_weighted_adv_loss_fwd_kernel)
+
+
+# Offsets below this use the kernel's 32-bit index path (a constant so a test can force the 64-bit one).
+_INT32_LIMIT = 2**31
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset of t from its data pointer."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _ratio(size_in: int, size_out: int) -> float:
+    """align_corners=True: (in - 1) / (out - 1), 0 for a 1-pixel output. One definition for the
+    sampling and its adjoint, so both see the same fp32 ratio and the same taps."""
+    return (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+
+
+def _upsample_adjoint(src: torch.Tensor, outer: int, size_out: int, size_in: int, inner: int) -> torch.Tensor:
+    """(outer, size_out, inner) fp32 -> (outer, size_in, inner): the adjoint of size_in -> size_out."""
+    if size_in == size_out:
+        return src
+    dst = torch.empty((outer, size_in, inner), dtype=torch.float32, device=src.device)
+    ratio = _ratio(size_in, size_out)
+    # A bin's taps span about 2 / ratio outputs; 6 more cover the start guess and the float rounding.
+    trips = math.ceil(2.0 / ratio) + 6 if ratio > 0.0 else size_out
+    total = outer * size_in * inner
+    _upsample_adjoint_kernel[(triton.cdiv(total, _BLOCK),)](src, dst, total, size_out, size_in, inner, ratio,
+                                                            trips, BLOCK=_BLOCK)
+    return dst
 
 
 def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                           aux_logits: torch.Tensor | None, label: float, threshold: float,
                           floor: float, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
     """seg_logits (N, C, H, W); disc_logits, aux_logits (N, 1, h, w) with h <= H, w <= W, any strides ->
-    (loss () fp32, grad_disc (N, 1, H, W) fp32 = dL/dz_up for an upstream gradient of 1)."""
+    (loss () fp32, grad_disc fp32 of disc's shape = dL/dz for an upstream gradient of 1)."""
     n, c, h, w = seg_logits.shape
     pixels = n * h * w
     programs = triton.cdiv(pixels, _BLOCK)
@@ -118,8 +198,6 @@ def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     partial = torch.empty(programs, dtype=torch.float32, device=seg_logits.device)
     aux = disc_logits if aux_logits is None else aux_logits  # any valid pointer; unread without aux
 
-    def ratio(size_in, size_out):  # align_corners=True: (in - 1) / (out - 1), 0 for a 1-pixel output
-        return (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
     # Triton launches on the current CUDA device, which need not be the tensors' one.
     with torch.cuda.device(seg_logits.device) if seg_logits.is_cuda else contextlib.nullcontext():
         _weighted_adv_loss_fwd[(programs,)](
@@ -128,12 +206,18 @@ def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
             *seg_logits.stride(),
             disc_logits.stride(0), disc_logits.stride(2), disc_logits.stride(3),
             disc_logits.shape[2], disc_logits.shape[3],
-            ratio(disc_logits.shape[2], h), ratio(disc_logits.shape[3], w),
+            _ratio(disc_logits.shape[2], h), _ratio(disc_logits.shape[3], w),
             aux.stride(0), aux.stride(2), aux.stride(3), aux.shape[2], aux.shape[3],
-            ratio(aux.shape[2], h), ratio(aux.shape[3], w),
+            _ratio(aux.shape[2], h), _ratio(aux.shape[3], w),
             float(label), float(threshold), float(floor), float(mu), 1.0 / pixels,
             HAS_AUX=aux_logits is not None, UP_DISC=tuple(disc_logits.shape[2:]) != (h, w),
-            UP_AUX=tuple(aux.shape[2:]) != (h, w), BLOCK=_BLOCK,
+            UP_AUX=tuple(aux.shape[2:]) != (h, w),
+            INDEX_64=max(pixels, *(_max_offset(t) for t in (seg_logits, disc_logits, aux))) >= _INT32_LIMIT,
+            BLOCK=_BLOCK,
         )
+        dh, dw = disc_logits.shape[2:]
+        if (dh, dw) != (h, w):  # fold the per-pixel gradient onto the low-res map: columns, then rows
+            cols = _upsample_adjoint(grad, n * h, w, dw, 1)
+            grad = _upsample_adjoint(cols, n, h, dh, dw).view(n, 1, dh, dw)
     loss = (partial.sum(dtype=torch.float64) / pixels).to(torch.float32)
     return loss, grad

@@ -4,6 +4,7 @@
     ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits=None, *, label, ...,
                           backend="auto")                                           -> () fp32
     ops.available_backends()                                                        -> list[str]
+    ops.backend_problem(backend, device_type)                                       -> str | None
 
 Backends: "torch" (reference.py), "ext" (torch.ops.pwda_fast from csrc/), "triton" (kernels/, on
 CPU only with TRITON_INTERPRET=1), "auto" (fastest available). An explicit backend that cannot run
@@ -15,7 +16,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from pwda_fast import reference
 
@@ -69,7 +69,7 @@ def _ext_problem(device_type: str) -> str | None:
     if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
             "pwda_fast::weighted_adv_loss_fwd", "CUDA"):
         return ("backend 'ext' has no CUDA kernel in this build of pwda_fast._C: reinstall with "
-                "CUDA_HOME pointing at the CUDA toolkit and a CUDA build of torch")
+                "nvcc on PATH (or CUDA_HOME set) and a CUDA build of torch")
     if device_type not in ("cpu", "cuda"):
         return f"backend 'ext' runs on cpu and cuda tensors; got {device_type}"
     return None
@@ -77,10 +77,13 @@ def _ext_problem(device_type: str) -> str | None:
 
 def _triton_problem(device_type: str) -> str | None:
     """Why backend "triton" cannot run on `device_type`, or None when it can."""
+    # The kernel module itself, not just triton: a tree where pwda_fast.kernels cannot be found, or a
+    # triton whose API the kernels do not match, must fall back under "auto", not crash at the first call.
     try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"backend 'triton' needs the triton package: pip install triton (import error: {e})"
+        import pwda_fast.kernels.weighted_adv_loss  # noqa: F401
+    except Exception as e:  # any import-time failure, not only ImportError, means "cannot run here"
+        return (f"backend 'triton' cannot import its kernels pwda_fast.kernels.weighted_adv_loss "
+                f"({type(e).__name__}: {e}); install triton (pip install triton) and the package")
     if device_type == "cuda":
         return None
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -89,13 +92,20 @@ def _triton_problem(device_type: str) -> str | None:
             f"before triton is imported; got {device_type} tensors")
 
 
-_PROBLEMS = {"torch": lambda device_type: None, "ext": _ext_problem, "triton": _triton_problem}
+def backend_problem(backend: str, device_type: str) -> str | None:
+    """Why `backend` ("torch", "ext", "triton") cannot run on `device_type` ("cpu", "cuda") tensors,
+    or None when it can. The message says what to do."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "torch":
+        return None
+    return _ext_problem(device_type) if backend == "ext" else _triton_problem(device_type)
 
 
 def available_backends() -> list[str]:
     """Backends that can run here on some device (CPU or, when present, CUDA); "torch" always."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [b for b in BACKENDS if any(_PROBLEMS[b](d) is None for d in devices)]
+    return [b for b in BACKENDS if any(backend_problem(b, d) is None for d in devices)]
 
 
 # Evaluated once per (backend, device type) at trace time under torch.compile: the imports and
@@ -104,8 +114,8 @@ def available_backends() -> list[str]:
 def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
         prefer = ("triton", "ext") if device_type == "cuda" else ("ext",)
-        return next((b for b in prefer if _PROBLEMS[b](device_type) is None), "torch")
-    problem = _PROBLEMS[backend](device_type)
+        return next((b for b in prefer if backend_problem(b, device_type) is None), "torch")
+    problem = backend_problem(backend, device_type)
     if problem is not None:
         raise RuntimeError(problem)
     return backend
@@ -126,65 +136,48 @@ def _forward_of(backend: str):
     return weighted_adv_loss_fwd
 
 
+def _fused_fwd_fake(seg_logits, disc_logits, *_):
+    """Shapes of every fused forward (the custom op's and the C++ op's): () and disc's shape, fp32."""
+    return (seg_logits.new_empty((), dtype=torch.float32),
+            disc_logits.new_empty(disc_logits.shape, dtype=torch.float32))
+
+
 @torch.library.custom_op("pwda_fast::weighted_adv_loss", mutates_args=())
 def _weighted_adv_loss_op(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                           aux_logits: torch.Tensor | None, label: float, threshold: float,
                           floor: float, mu: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz_up (N, 1, H, W) fp32).
+    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz (N, 1, h, w) fp32).
 
     disc_logits / aux_logits may be (N, 1, h, w) with h <= H, w <= W: the kernel samples them bilinearly
-    (align_corners=True) per output pixel, and dL/dz_up is the gradient w.r.t. the upsampled map.
+    (align_corners=True) per output pixel, and dL/dz is w.r.t. the map as passed: the adjoint of that
+    upsampling is taken inside the backend, in a fixed order (no atomics), so it is bitwise reproducible.
     """
     return _forward_of(backend)(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
 
 
-@_weighted_adv_loss_op.register_fake
-def _(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu, backend):
-    n, _, h, w = seg_logits.shape
-    return (seg_logits.new_empty((), dtype=torch.float32),
-            seg_logits.new_empty((n, 1, h, w), dtype=torch.float32))
+_weighted_adv_loss_op.register_fake(_fused_fwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.disc_dtype = inputs[1].dtype
-    ctx.disc_shape = tuple(inputs[1].shape)
 
 
 def _backward(ctx, grad_loss, _grad_of_grad_disc):
     # grad_disc is a by-product, not a function of the inputs anyone differentiates: its cotangent
-    # is ignored. The weights are constants (DESIGN.md §2), so seg and aux get no gradient.
+    # is ignored. The weights are constants (docs/METHOD.md §1), so seg and aux get no gradient.
+    # The kernels keep dL/dz in fp32 and the product with grad_loss is rounded once to D's dtype: a
+    # kernel that rounded to bf16 itself would round twice, 2.1x the reference's bf16 error at
+    # grad_loss = 0.01 (lambda_adv), over the 2x rule. One mul with a bf16 `out` is one pass on CUDA.
     (grad_disc,) = ctx.saved_tensors
-    grad = grad_loss * grad_disc
-    if tuple(grad.shape) != ctx.disc_shape:
-        # Low-resolution D map: the adjoint of the in-kernel bilinear (align_corners=True) upsampling,
-        # i.e. autograd of F.interpolate (aten.upsample_bilinear2d_backward when eager; called through
-        # autograd because that op's meta kernel rejects symbolic sizes under torch.compile). On CPU
-        # it is deterministic (one thread per (n, c) plane); on CUDA aten accumulates with atomicAdd,
-        # so the low-res gradient may differ in the last bits from run to run (the loss does not).
-        with torch.enable_grad():
-            low = grad.new_zeros(ctx.disc_shape).requires_grad_()
-            up = F.interpolate(low, size=grad.shape[2:], mode="bilinear", align_corners=True)
-            (grad,) = torch.autograd.grad(up, low, grad)
-    return None, grad.to(ctx.disc_dtype), None, None, None, None, None, None
+    grad = torch.mul(grad_disc, grad_loss, out=torch.empty_like(grad_disc, dtype=ctx.disc_dtype))
+    return None, grad, None, None, None, None, None, None
 
 
 _weighted_adv_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
-
-def _register_ext_fake() -> None:
-    """Fake kernel of the C++ op, so it can also be traced when called directly."""
-    if _ext_problem("cpu") is not None:
-        return
-
-    @torch.library.register_fake("pwda_fast::weighted_adv_loss_fwd")
-    def _(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu):
-        n, _, h, w = seg_logits.shape
-        return (seg_logits.new_empty((), dtype=torch.float32),
-                seg_logits.new_empty((n, 1, h, w), dtype=torch.float32))
-
-
-_register_ext_fake()
+if _ext_problem("cpu") is None:  # so the C++ op can also be traced when called directly
+    torch.library.register_fake("pwda_fast::weighted_adv_loss_fwd", _fused_fwd_fake)
 
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,

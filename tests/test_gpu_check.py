@@ -16,7 +16,7 @@ _spec = importlib.util.spec_from_file_location("gpu_summary", BENCH / "gpu_summa
 gpu_summary = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_summary)
 
-GPU_ROWS = ("build extension in place", "GPU tests", "device copy bandwidth",
+GPU_ROWS = ("build extension in place", "production call", "GPU tests", "device copy bandwidth",
             "fused loss >= 80% of copy bandwidth", "fused loss faster than torch.compile",
             "train step engine/eager", "train step engine+compile/eager", "train step peak memory",
             "train step MFU")
@@ -38,8 +38,9 @@ def row(rows: dict, prefix: str) -> tuple[str, str]:
     return matches[0]
 
 
-def loss_row(shape, dtype, provider, ms, frac=None):
-    r = {"shape": shape, "dtype": dtype, "provider": provider, "median_ms": ms, "gb_per_s": 1000.0}
+def loss_row(shape, dtype, provider, ms, frac=None, mode="fwd+bwd", **extra):
+    r = {"shape": shape, "dtype": dtype, "provider": provider, "median_ms": ms, "gb_per_s": 1000.0,
+         "mode": mode, **extra}
     if frac is not None:
         r["fraction_of_copy"] = frac
     return r
@@ -62,6 +63,7 @@ def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected 
         "@@step gpu_tests start limit=75",
         "........", pytest_line,
         f"@@step gpu_tests rc={0 if 'failed' not in pytest_line else 1} seconds=20 limit=75",
+        "@@step bench_loss_production rc=0 seconds=40 limit=75",
         "@@step bench_loss rc=0 seconds=50 limit=90",
         "@@step bench_step rc=0 seconds=40 limit=90",
         "@@step step_profile rc=0 seconds=20 limit=60",
@@ -72,7 +74,14 @@ def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected 
     (out / "bench_loss.json").write_text(json.dumps({"copy_gb_per_s": 4000.0, "rows": [
         loss_row(prod, "bf16", "eager", 2.0), loss_row(prod, "bf16", "compile", 0.5),
         loss_row(prod, "bf16", "ext", 0.2, 0.70), loss_row(prod, "bf16", "triton", 0.19, 0.85),
-        loss_row(prod, "fp32", "eager", 3.0), loss_row(prod, "fp32", "triton", 0.3, 0.75)]}))
+        loss_row(prod, "fp32", "eager", 3.0), loss_row(prod, "fp32", "triton", 0.3, 0.75),
+        loss_row(prod, "bf16", "triton", 0.1, 0.9, mode="fwd")]}))
+    call = dict(production=True, channels_last=True, disc_hw=[16, 32], aux_hw=[65, 129])
+    (out / "bench_loss_production.json").write_text(json.dumps({"copy_gb_per_s": 4000.0, "rows": [
+        loss_row([1, 19, 512, 1024], "fp32", p, ms, 0.5, mode=m, **call)
+        for m, times in (("fwd", {"eager": 1.0, "compile": 0.4, "ext": 0.1}),
+                         ("fwd+bwd", {"eager": 2.5, "compile": 0.8, "ext": 0.2, "triton": 0.125}))
+        for p, ms in times.items()]}))
     (out / "bench_step.json").write_text(json.dumps(step_json(**{
         "eager fp32 NCHW (AdaptSegNet loop)": 4.0, "engine fp32 channels_last": 6.0,
         "engine bf16 channels_last": 10.0})))
@@ -88,11 +97,17 @@ def test_gpu_table_reports_targets_and_failures(tmp_path):
     assert row(rows, "environment")[1].startswith("python 3.12.3, torch 2.11.0+cu130")
     assert row(rows, "build extension")[0] == "FAIL (exit 1)"
     assert row(rows, "GPU tests")[0] == "FAIL (exit 1)" and "1 failed, 11 passed" in row(rows, "GPU tests")[1]
-    assert row(rows, "device copy bandwidth") == ("measured", "4000 GB/s (1 GiB fp32 clone, read + write)")
+    assert row(rows, "device copy bandwidth") == ("measured", "4000 GB/s (1 GiB fp32 copy, read + write)")
     result, numbers = row(rows, "fused loss >= 80%")
     assert result == "MET" and numbers.startswith("best triton: 85.0% of copy")
     assert row(rows, "fused loss faster than torch.compile")[0] == "MET"
     assert "triton 0.190 ms" in row(rows, "fused loss fwd+bwd 4x19x512x1024 bf16")[1]
+    assert "triton 0.100 ms" in row(rows, "fused loss fwd 4x19x512x1024 bf16")[1]
+    # The training loop's call: fwd and fwd+bwd, best fused against eager and torch.compile.
+    result, numbers = row(rows, "production call")
+    assert result == "measured"
+    assert numbers == ("fwd: best ext 0.100 ms (50.0% of copy), 10.00x eager, 4.00x compile; "
+                       "fwd+bwd: best triton 0.125 ms (50.0% of copy), 20.00x eager, 6.40x compile")
     result, numbers = row(rows, "train step engine/eager")
     assert result == "NOT MET" and numbers.endswith("best/eager 2.50x")
     assert row(rows, "train step engine+compile/eager")[0] == "skipped (time budget)"
@@ -128,6 +143,7 @@ def test_cpu_dry_run_table_never_passes_a_gpu_row(tmp_path):
 def test_missing_files_are_reported_not_crashed_on(tmp_path):
     rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
     assert row(rows, "environment")[0] == "missing"
+    assert row(rows, "production call")[0] == "not run"
     assert row(rows, "fused loss benchmark")[0] == "not run"
     assert row(rows, "train step MFU")[0] == "not run"
 
@@ -159,4 +175,5 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     assert row(rows, "fused loss fwd+bwd 1x19x16x32 bf16")[0] == "ran (cpu, tiny)"
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
-    assert {"summary.md", "run.log", "bench_loss.json", "bench_step.json", "step_profile.json"} <= set(files)
+    assert {"summary.md", "run.log", "bench_loss_production.json", "bench_loss.json", "bench_step.json",
+            "step_profile.json"} <= set(files)

@@ -10,7 +10,7 @@ from pwda_fast import ops, reference
 
 
 def float64_loss(x, z, a, label, threshold, floor, mu):
-    """The equations of DESIGN.md §2 written pixel by pixel in Python floats (float64)."""
+    """The equations of docs/METHOD.md §1 written pixel by pixel in Python floats (float64)."""
     n, c, h, w = x.shape
     total = 0.0
     for i in range(n):

@@ -161,9 +161,12 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank:
                  start_step: int, workers: int, pin_memory: bool = False) -> Iterator[dict]:
     """Endless batches; starting at `start_step` replays exactly what the earlier steps did not read."""
     sampler = InfiniteSampler(len(dataset), seed, rank, world, start=start_step * batch_size)
+    # Its own generator: creating the iterator draws a worker base seed, which from the global
+    # stream would shift the training step's randomness (dropout) between a run and its resume.
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=_collate, pin_memory=pin_memory, drop_last=True,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
     return iter(loader)
 
 

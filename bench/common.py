@@ -1,0 +1,87 @@
+"""What every bench script shares: device sync, timing, the quantile rule, the machine's description.
+
+Scripts in bench/ import it as `common` (Python puts the script's own folder first on sys.path); the
+package itself comes from the install `make setup` does, never from a sys.path edit.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def quantile(xs, q: float) -> float:
+    """The q-quantile of xs by nearest rank on the sorted samples: the one rule of every bench table
+    (p10/p20/p80/p90 columns); needs no interpolation, so each reported value is a measured sample."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def spread(xs) -> dict:
+    """median, p20 and p80 of xs (same units)."""
+    return {"median": statistics.median(xs), "p20": quantile(xs, 0.2), "p80": quantile(xs, 0.8)}
+
+
+def time_calls(fn: Callable[[], object], device: torch.device | str, calls: int) -> float:
+    """Seconds per call of `calls` back-to-back calls of fn.
+
+    On CUDA the interval is taken between two CUDA events on the current stream, with no host sync
+    between the calls, so it measures the device's time rather than the host's ~10-100 us per launch
+    and synchronisation (0.2 ms of host overhead would swamp a 22 us kernel). On CPU: perf_counter.
+    """
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def copy_bandwidth(device: torch.device | str, numel: int | None = None, rounds: int = 10) -> float:
+    """Copy bandwidth in GB/s: read + write of a fp32 clone (1 GiB on CUDA, 256 MiB on CPU), median of
+    `rounds` after 2 warm-up copies; the yardstick for a memory-bound kernel's achieved bandwidth."""
+    numel = numel or (2**28 if torch.device(device).type == "cuda" else 2**26)
+    x = torch.empty(numel, dtype=torch.float32, device=device)
+    out = torch.empty_like(x)
+    samples = [time_calls(lambda: out.copy_(x), device, 1) for _ in range(rounds + 2)][2:]
+    return 2 * numel * 4 / statistics.median(samples) / 1e9
+
+
+def cpu_name() -> str:
+    """lscpu's model name, with the widest x86 vector extension the kernels can use."""
+    name = platform.processor() or "unknown CPU"
+    flags = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(ln.split(":", 1) for ln in out.splitlines() if ":" in ln)
+        name = fields.get("Model name", name).strip()
+        flags = fields.get("Flags", "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2" if flags else "?"
+    return f"{name} ({isa})"
+
+
+def machine(device: torch.device | str) -> str:
+    """One line naming the device, e.g. "NVIDIA H200" or "AMD EPYC (AVX-512), 2 threads"."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
