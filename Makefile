@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-CUDA_HOME_DIR := $(wildcard /usr/local/cuda)
 
-export CUDA_HOME := $(if $(CUDA_HOME),$(CUDA_HOME),$(CUDA_HOME_DIR))
 export PYTHONUNBUFFERED := 1
+# make builds what it tests: a failed C++/CUDA build is an error here (a user's pip install only warns),
+# and the tests fail, rather than skip, where the extension is missing.
+export PWDA_FAST_REQUIRE_EXT := 1
+export PWDA_FAST_EXPECT_EXT := 1
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test bench mutants lint clean
 
 setup: $(STAMP)
 
@@ -32,8 +34,15 @@ bench: setup
 	$(PY) bench/bench_loss.py
 	$(PY) bench/bench_step.py
 
+# Mutation testing of the method's core (docs/TESTING.md): about 6 minutes on 2 cores; not part of CI.
+mutants: setup
+	$(PY) -m pip install -q mutmut
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/mutmut results
+
 lint: setup
 	$(VENV)/bin/ruff check pwda_fast kernels bench tests
 
 clean:
-	rm -rf build *.egg-info pwda_fast/_C*.so
+	rm -rf build *.egg-info pwda_fast/_C*.so mutants

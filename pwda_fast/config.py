@@ -436,9 +436,20 @@ def load(config: str | None = "toy", overrides: dict | None = None) -> Config:
     return cfg
 
 
+# Keys a config saved before they existed must read as the behaviour of that time, not today's default
+# (a checkpoint of the earlier DeepLab-v2 engine must rebuild as DeepLab-v2, with its normalisation).
+_BEFORE_THE_KEY_EXISTED = {"model.arch": "deeplabv2", "model.stride_on": "1x1", "data.normalize": "imagenet",
+                           "data.target_augment": True, "adapt.aux_at": "feature"}
+
+
 def from_dict(data: dict) -> Config:
     """Rebuild a Config from `to_dict()` output (e.g. the copy saved in a checkpoint)."""
     cfg = Config()
+    if "model" in data:  # a saved config, possibly from before some keys existed
+        for key, old in _BEFORE_THE_KEY_EXISTED.items():
+            section, name = key.split(".")
+            if name not in data.get(section, {}):
+                _apply(cfg, key, old)
     for section, values in data.items():
         for key, value in values.items():
             _apply(cfg, f"{section}.{key}", value)

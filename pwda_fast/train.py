@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if output:  # --print-config
             print(config.to_toml(cfg), end="")
             return 0
+        engine.check_trainable(cfg)
         device = distributed.choose_device(cfg.train.device)
     except (config.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -92,3 +92,14 @@ def test_configuration_reference_is_current():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
     assert docs == config.reference_markdown(), (
         "docs/CONFIG.md is stale: run python -m pwda_fast.config --update-docs docs/CONFIG.md")
+
+
+def test_configs_saved_before_a_key_existed_keep_their_old_meaning():
+    saved = config.load("toy").to_dict()
+    for section, name in (("model", "arch"), ("model", "stride_on"), ("data", "normalize"),
+                          ("data", "target_augment"), ("adapt", "aux_at")):
+        del saved[section][name]
+    old = config.from_dict(saved)
+    assert (old.model.arch, old.model.stride_on, old.data.normalize, old.data.target_augment,
+            old.adapt.aux_at) == ("deeplabv2", "1x1", "imagenet", True, "feature")
+    assert config.from_dict(config.load("toy").to_dict()) == config.load("toy")  # current ones unchanged

@@ -33,7 +33,9 @@ def _free_port() -> int:
 
 def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] | None) -> dict:
     """STEPS iterations of the real Adapter on the toy data; returns losses, skips and weights."""
-    cfg = config.load("toy", {"model.bn": bn, "data.batch_size": batch, "data.workers": 0,
+    # No dropout: its random masks would differ between one process and the ranks' split of the batch.
+    cfg = config.load("toy", {"model.bn": bn, "model.head_dropout": 0.0, "data.batch_size": batch,
+                              "data.workers": 0,
                               "data.crop": [48, 96], "kernels.backend": "torch", "train.iters": 100})
     info = distributed.Dist(rank, rank, world)
     eng = engine.build(cfg, torch.device("cpu"), info)  # DDP-wrapped when world > 1

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 
 from pwda_fast import checkpoint, config, evaluate
 from pwda_fast.data.loader import SegmentationDataset
-from pwda_fast.models import DeepLabV2
+from pwda_fast.models import build_networks
 
 # labelIds: 7 road, 8 sidewalk, 22 terrain, 26 car, 12 wall, 0 unlabeled (void).
 GT = {
@@ -89,7 +89,7 @@ def test_prediction_errors(val_tree, capsys):
 def test_checkpoint_on_a_cityscapes_root_at_label_resolution(tmp_path, monkeypatch):
     make_tree(tmp_path / "city", "cityscapes", n=2, h=48, w=64)
     cfg = config.load("toy", {"data.source": "synthia", "data.target_size": [32, 24], "data.crop": [24, 32]})
-    g = DeepLabV2(19, cfg.model.depth, cfg.model.width, cfg.model.bn)
+    g = build_networks(cfg.model)[0]
     path = checkpoint.save(tmp_path / "run", 1, {"config": cfg.to_dict(), "g": g.state_dict()})
     shapes = []
     real = evaluate.predict
@@ -211,7 +211,7 @@ def test_protocol_errors(halves, tmp_path):
 def test_checkpoint_protocol_from_config_or_flag(tmp_path, monkeypatch, saved, flag, used):
     make_tree(tmp_path / "city", "cityscapes", n=1, h=48, w=64)
     cfg = config.load("toy", {"data.target_size": [32, 24], "data.crop": [24, 32]})
-    g = DeepLabV2(19, cfg.model.depth, cfg.model.width, cfg.model.bn)
+    g = build_networks(cfg.model)[0]
     stored = cfg.to_dict()
     if saved:
         stored["train"]["eval_protocol"] = saved
