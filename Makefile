@@ -34,8 +34,10 @@ bench: setup
 	$(PY) bench/bench_loss.py
 	$(PY) bench/bench_step.py
 
-# Mutation testing of the method's core (docs/TESTING.md): about 6 minutes on 2 cores; not part of CI.
+# Mutation testing of the method's core (docs/TESTING.md; not part of CI): first the hand-written table
+# (a few minutes), then mutmut over reference/adapt/metrics/checkpoint against the fast tests.
 mutants: setup
+	$(PY) tests/mutation_table.py
 	$(PY) -m pip install -q mutmut
 	rm -rf mutants
 	$(VENV)/bin/mutmut run --max-children 2
