@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,15 @@ def cpu_budget(threads: int, workers: int) -> tuple[int, int]:
     if workers < 0:
         workers = 0 if per_rank <= 2 else min(4, per_rank // 2)
     return threads or per_rank, workers
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); else autocast emulates it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: no warning
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def setup(device_kind: str) -> Dist:

@@ -195,3 +195,12 @@ def test_paper_preset_without_weights_refuses_naming_init_weights(tmp_path, caps
     err = capsys.readouterr().err
     assert "model.init_weights" in err and "--model.bn=train" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, capsys):
+    from pwda_fast import distributed
+
+    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 1, "train.amp": "bf16",
+                                                          "train.eval_images": 1}))) == 0
+    assert "warning: train.amp=bf16 on a CPU without native bf16" in capsys.readouterr().out

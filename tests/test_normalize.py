@@ -159,3 +159,25 @@ def test_target_augmented_only_when_asked(tmp_path, target_augment):
         plain = SegmentationDataset(sets["target"].pairs, size=(64, 48), train=False, normalize="caffe",
                                     interpolation="bicubic")
         assert torch.equal(draws[0], plain[0]["image"])
+
+
+@pytest.mark.parametrize("layout, name, stride",
+                         [("caffe", "caffe", "1x1"), ("torchvision", "imagenet", "3x3")])
+def test_init_weights_layout_decides_normalisation_end_to_end(tmp_path, layout, name, stride):
+    """A small init file in each layout -> the resolved config -> what the loader feeds the network."""
+    from pwda_fast import engine
+    from pwda_fast.models import build_networks
+
+    cfg = config.load("toy", {"model.bn": "train"})
+    g = build_networks(cfg.model)[0]
+    backbone = {k: v for k, v in g.state_dict().items() if not k.startswith(("aux_head.", "main_head."))}
+    state = ({"Scale." + k: v for k, v in backbone.items()} if layout == "caffe"
+             else {**backbone, "fc.weight": torch.zeros(1000, 8), "fc.bias": torch.zeros(1000)})
+    torch.save(state, tmp_path / "init.pth")
+    cfg = engine.resolve(config.load("toy", {"model.init_weights": str(tmp_path / "init.pth")}))
+    assert (cfg.data.normalize, cfg.model.stride_on) == (name, stride)
+    val = build_datasets(cfg.data, None, lambda msg: None)["val"]
+    item = val[0]
+    rgb = np.asarray(Image.open(val.pairs[0][0]).convert("RGB"))
+    assert rgb.shape[:2] == tuple(item["image"].shape[1:])  # the toy is stored at its training size
+    np.testing.assert_allclose(item["image"].numpy(), EXPECTED[name](rgb), atol=1e-4)
