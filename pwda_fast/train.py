@@ -181,9 +181,11 @@ class Trainer:
             val, g = self.datasets["val"], self.engine.nets.g
             if self.cfg.train.eval_images:
                 val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
-            result = evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp,
-                                             protocol=self.cfg.train.eval_protocol)
-            self.logger.write({"step": step, "eval": True, "miou": result["miou"]})
+            result = metrics.with_protocols(  # SYNTHIA runs add the 16- and 13-class mIoU
+                evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp,
+                                        protocol=self.cfg.train.eval_protocol), self.cfg.data.source)
+            self.logger.write({"step": step, "eval": True,
+                               **{k: result[k] for k in ("miou", "miou16", "miou13") if k in result}})
             if self.logger.tensorboard and self.cfg.log.images:
                 self.logger.images(step, pictures.training_figures(
                     g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt, self.cfg.log.images))

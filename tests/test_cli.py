@@ -204,3 +204,21 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(tmp_path, monkeypatch, capsys):
     assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 1, "train.amp": "bf16",
                                                           "train.eval_images": 1}))) == 0
     assert "warning: train.amp=bf16 on a CPU without native bf16" in capsys.readouterr().out
+
+
+def test_synthia_runs_report_16_and_13_class_miou_everywhere(tmp_path, capsys):
+    from data_trees import make_tree
+
+    make_tree(tmp_path / "synthia", "synthia", n=2)
+    make_tree(tmp_path / "city", "cityscapes", n=2)
+    overrides = tiny_overrides(tmp_path / "run", **{
+        "data.source": "synthia", "data.target": "cityscapes", "data.source_root": str(tmp_path / "synthia"),
+        "data.target_root": str(tmp_path / "city"), "data.source_size": [64, 48],
+        "data.target_size": [64, 48], "data.crop": [48, 64], "train.iters": 2, "train.eval_every": 1})
+    assert train.main(as_argv(overrides)) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert {"miou", "miou16", "miou13", "iou"} <= set(final)
+    evals = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in ln]
+    assert evals and all({"miou16", "miou13"} <= set(e) for e in evals)
+    assert "mIoU16" in capsys.readouterr().out
