@@ -1,8 +1,10 @@
 """One PWDA iteration: the paper's three stages, in AdaptSegNet's order (docs/METHOD.md).
 
-1. Segmenter: CE on the labelled source batch, main head + lambda_seg * aux head.
+1. Segmenter: CE on the labelled source batch, main head + lambda_seg * aux head (with MRNet's recipe:
+   per-batch class weights and hard-pixel selection).
 2. Generator: D and D_aux frozen; on the target batch G minimises lambda_adv * L(y=0), the pixel-
-   weighted BCE of D's map, and F minimises lambda_aux * BCE(D_aux(F(x_t)), 0); optional memory KL.
+   weighted BCE of D's map, and F minimises lambda_aux * BCE(D_aux(F(x_t)), 0), D_aux seeing the
+   encodings at image size; MRNet's memory KL from adapt.memory_start on.
 3. Discriminators: on detached outputs, D minimises BCE(D(G(x_s)), 0) + L(y=1) and D_aux minimises
    BCE(D_aux(F(x_s)), 0) + BCE(D_aux(F(x_t)), 1).
 Then, if every loss and gradient is finite on every rank, all three optimizers step; else none does.
