@@ -15,13 +15,14 @@ export PWDA_FAST_EXPECT_EXT := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+$(STAMP): Makefile pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "torch>=2.11,<=2.14.1" numpy pillow tqdm pytest pytest-benchmark ruff
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard]"
-	# Only its label table is used, by a cross-check test; its own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps cityscapesscripts
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard,export]"
+	# Tests only: its label table and its official evaluation cross-check ours. Of its dependencies the
+	# evaluation module's import needs pyquaternion alone (pure Python, needs numpy).
+	$(PY) -m pip install -q --no-deps cityscapesscripts pyquaternion
 	touch $(STAMP)
 
 train: setup
@@ -30,9 +31,17 @@ train: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The fused loss and the train step as pytest-benchmark suites, on the GPU when one is visible, else
+# the CPU; JSON into bench/results/<suite>-<device>.json, then their tables written into BENCHMARKS.md
+# between their markers (BENCHMARKS.md says how they are measured). Publish from a quiet machine only.
+# Extra pytest arguments: make bench BENCH_ARGS="--bench-threads 1"
+BENCH_ARGS ?=
+BENCH_PYTEST = $(PY) -m pytest --benchmark-columns=median,iqr,min,max,rounds $(BENCH_ARGS)
 bench: setup
-	$(PY) bench/bench_loss.py
-	$(PY) bench/bench_step.py
+	dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") && \
+	$(BENCH_PYTEST) bench/test_bench_loss.py --bench-device=$$dev --benchmark-json=bench/results/loss-$$dev.json && \
+	$(BENCH_PYTEST) bench/test_bench_step.py --bench-device=$$dev --benchmark-json=bench/results/step-$$dev.json && \
+	$(PY) bench/tables.py --write BENCHMARKS.md bench/results/loss-$$dev.json bench/results/step-$$dev.json
 
 # Mutation testing of the method's core (docs/TESTING.md; not part of CI): first the hand-written table
 # (a few minutes), then mutmut over reference/adapt/metrics/checkpoint against the fast tests.

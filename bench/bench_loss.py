@@ -17,6 +17,10 @@ upsampled inside the fused kernels, and D_aux's at image size; the eager and com
 upsample with F.interpolate. `--shapes gpu` runs it first, then the `bandwidth` rows (full-size
 maps). `lowres` adds "ext+up" (F.interpolate both maps, then ext: the path before in-kernel
 upsampling). The JSON is rewritten after every case, so a run cut short keeps the rows it finished.
+
+`make bench` times the same providers and cases as a pytest-benchmark suite (bench/test_bench_loss.py,
+built on this module's cases, providers and timing); this script remains the entry point of
+bench/gpu_check.sh, whose table (bench/gpu_summary.py) reads its JSON, and of the lowres comparison.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ SHAPES = {
     "default": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512))],
     "full": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), Case((4, 19, 512, 1024))],
     "production": [PRODUCTION],
+    # The CPU suite (bench/test_bench_loss.py): BENCHMARKS.md's CPU shapes, then the training call.
+    "cpu": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), PRODUCTION],
     # The bandwidth target (4x19x512x1024 bf16, full-size maps) and full Cityscapes size.
     "bandwidth": [Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
     "gpu": [PRODUCTION, Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
@@ -66,17 +72,35 @@ def minimal_bytes(case: Case, dtype, mode: str) -> int:
     return (n * c * h * w + disc + aux + (disc if mode == "fwd+bwd" else 0)) * size
 
 
-def providers(device: str, compile_reference: bool) -> dict:
-    """name -> f(seg, disc, aux) returning the loss, all with label 1 and the paper's T, floor, mu."""
-    out = {"eager": lambda s, d, a: reference.weighted_adv_loss(s, d, a, label=1.0)}
-    if compile_reference:
+PROVIDERS = ("eager", "compile", "ext", "triton")
+
+
+def provider_problem(name: str, device: str) -> str | None:
+    """Why provider `name` (PROVIDERS) cannot be timed on `device`, or None when it can."""
+    if name in ("eager", "compile"):
+        return None
+    if name == "triton" and device != "cuda":
+        return ("Triton on CPU runs in its interpreter (TRITON_INTERPRET=1): a correctness tool, "
+                "not a benchmark; run on a CUDA device to time it")
+    return ops.backend_problem(name, device)
+
+
+def provider(name: str):
+    """f(seg, disc, aux) -> the loss with label 1 and the paper's T, floor, mu, computed by `name`:
+    eager = reference.py, compile = torch.compile of it (inductor, dynamic=False), ext / triton =
+    the fused op through ops."""
+    if name == "eager":
+        return lambda s, d, a: reference.weighted_adv_loss(s, d, a, label=1.0)
+    if name == "compile":
         compiled = torch.compile(reference.weighted_adv_loss, dynamic=False)
-        out["compile"] = lambda s, d, a: compiled(s, d, a, label=1.0)
-    # Triton on CPU is the interpreter: a correctness tool, not a provider worth timing.
-    for backend in ("ext", "triton") if device == "cuda" else ("ext",):
-        if ops.backend_problem(backend, device) is None:
-            out[backend] = lambda s, d, a, b=backend: ops.weighted_adv_loss(s, d, a, label=1.0, backend=b)
-    return out
+        return lambda s, d, a: compiled(s, d, a, label=1.0)
+    return lambda s, d, a: ops.weighted_adv_loss(s, d, a, label=1.0, backend=name)
+
+
+def providers(device: str, compile_reference: bool) -> dict:
+    """name -> provider(name), for every provider that can run on `device`."""
+    return {name: provider(name) for name in PROVIDERS
+            if (compile_reference or name != "compile") and provider_problem(name, device) is None}
 
 
 def make_inputs(case: Case, dtype, device: str):
@@ -89,8 +113,10 @@ def make_inputs(case: Case, dtype, device: str):
     return seg, disc.requires_grad_(), aux
 
 
-def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int) -> dict:
-    """(provider, mode) -> seconds per call, one sample per round; providers interleaved in a round."""
+def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int,
+              keys=None) -> dict:
+    """(provider, mode) -> seconds per call, one sample per round, every (provider, mode) of `keys`
+    (default: all of fns x MODES) interleaved in each round (common.interleave)."""
     def fwd(fn):
         return lambda: fn(seg, disc, aux)
 
@@ -100,16 +126,18 @@ def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, w
             fn(seg, disc, aux).backward()
         return run
 
-    calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fn)
-                for name, fn in fns.items() for mode in MODES}
-    for call in calls_of.values():
-        for _ in range(warmup):
-            call()
-    times = {key: [] for key in calls_of}
-    for _ in range(rounds):
-        for key, call in calls_of.items():
-            times[key].append(common.time_calls(call, device, calls))
-    return times
+    keys = keys or [(name, mode) for name in fns for mode in MODES]
+    calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fns[name]) for name, mode in keys}
+    return common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls)
+
+
+def case_id(case: Case) -> str:
+    """A short test id, e.g. "2x19x512x1024-cl-d16x32" (maps at full size are not named)."""
+    text = "x".join(map(str, case.shape)) + ("-cl" if case.channels_last else "")
+    for name, hw in (("d", case.disc_hw), ("daux", case.aux_hw)):
+        if hw:
+            text += f"-{name}{hw[0]}x{hw[1]}"
+    return text
 
 
 def label_of(case: Case) -> str:

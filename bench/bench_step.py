@@ -12,12 +12,17 @@ interleaved round by round so a noisy machine slows each of them alike:
           ops (backend auto), foreach (CPU) / fused (CUDA) optimizers; fp32 and bf16 autocast.
   engine+compile (--compile)  the same with the generator under torch.compile.
 An iteration reads `batch` source and `batch` target images: images/s counts both.
+
+`make bench` times the same providers as a pytest-benchmark suite (bench/test_bench_step.py, built on
+this module's providers and timing); this script remains the entry point of bench/gpu_check.sh,
+whose table (bench/gpu_summary.py) reads its JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -121,6 +126,51 @@ class Engine:
         self.adapter.step(step, source, target)
 
 
+EAGER = "eager fp32 NCHW (AdaptSegNet loop)"
+
+
+def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16: bool = True,
+              compile_g: bool = False):
+    """(the preset's config, {provider label: constructor}) in table order, the eager loop first.
+
+    Every engine row runs channels_last; bf16 adds the bf16-autocast row; compile_g adds the engine
+    with torch.compile(G) (bf16 when bf16, else fp32)."""
+    overrides = {"train.device": torch.device(device).type}
+    if batch:
+        overrides["data.batch_size"] = batch
+    if crop:
+        overrides["data.crop"] = list(crop)
+    base = config.load(PRESETS[preset], overrides)
+
+    def engine(amp: str, compiled: bool):
+        cfg = config.load(PRESETS[preset], {**overrides, "train.channels_last": True, "train.amp": amp})
+        return lambda: Engine(cfg, device, compiled)
+
+    ctors = {EAGER: lambda: EagerLoop(base, device), "engine fp32 channels_last": engine("none", False)}
+    if bf16:
+        ctors["engine bf16 channels_last"] = engine("bf16", False)
+    if compile_g:
+        ctors[f"engine {'bf16' if bf16 else 'fp32'} channels_last + compile"] = engine(
+            "bf16" if bf16 else "none", True)
+    return base, ctors
+
+
+def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: int) -> dict:
+    """label -> seconds per iteration: `warmup` untimed iterations each, then per round each provider
+    runs one iteration per batch, each timed alone (an iteration is 10s-100s of ms, so per-call host
+    overhead is noise here); providers interleaved round by round (common.interleave)."""
+    def stepper(prov):
+        count = itertools.count()  # the step index goes on rising, as in training
+
+        def step():
+            i = next(count)
+            prov.step(i, *batches[i % len(batches)])
+        return step
+
+    return common.interleave({name: stepper(prov) for name, prov in provs.items()}, device, rounds,
+                             warmup, samples_per_turn=len(batches))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -132,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--compile", action="store_true", help="also time the engine with torch.compile(G)")
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine row")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine rows")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -143,36 +193,11 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = {"train.device": args.device}
-    if args.batch:
-        overrides["data.batch_size"] = args.batch
-    if args.crop:
-        overrides["data.crop"] = list(args.crop)
-    base = config.load(PRESETS[args.preset], overrides)
-    with_cfg = lambda **kv: config.load(PRESETS[args.preset], {**overrides, **kv})  # noqa: E731
-    providers = {"eager fp32 NCHW (AdaptSegNet loop)": EagerLoop(base, device),
-                 "engine fp32 channels_last": Engine(with_cfg(**{"train.channels_last": True}), device,
-                                                     False)}
-    if not args.no_bf16:
-        providers["engine bf16 channels_last"] = Engine(
-            with_cfg(**{"train.channels_last": True, "train.amp": "bf16"}), device, False)
-    if args.compile:
-        providers["engine bf16 channels_last + compile"] = Engine(
-            with_cfg(**{"train.channels_last": True, "train.amp": "bf16" if not args.no_bf16 else "none"}),
-            device, True)
-
+    base, ctors = providers(args.preset, device, batch=args.batch, crop=args.crop, bf16=not args.no_bf16,
+                            compile_g=args.compile)
+    provs = {name: ctor() for name, ctor in ctors.items()}
     batches = make_batches(base, args.iters, device)
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    for prov in providers.values():
-        for i in range(args.warmup):
-            prov.step(i, *batches[i % len(batches)])
-        common.sync(device)
-    for _ in range(args.rounds):
-        for name, prov in providers.items():
-            for i, (s, t) in enumerate(batches):
-                # One step per sample: a step is 10s-100s of ms, so per-call host overhead is noise here.
-                step = lambda p=prov, i=i, s=s, t=t: p.step(args.warmup + i, s, t)  # noqa: E731
-                times[name].append(common.time_calls(step, device, 1))
+    times = interleaved_steps(provs, batches, device, args.rounds, args.warmup)
 
     b = base.data.batch_size
     eager = statistics.median(next(iter(times.values())))

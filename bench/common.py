@@ -1,7 +1,9 @@
-"""What every bench script shares: device sync, timing, the quantile rule, the machine's description.
+"""What every bench script and suite shares: device sync, interleaved timing, the quantile rule, the
+machine's description.
 
-Scripts in bench/ import it as `common` (Python puts the script's own folder first on sys.path); the
-package itself comes from the install `make setup` does, never from a sys.path edit.
+Scripts in bench/ import it as `common` (Python puts the script's own folder first on sys.path, and
+pytest does the same for the suites, bench/ having no __init__.py); the package itself comes from the
+install `make setup` does, never from a sys.path edit.
 """
 
 from __future__ import annotations
@@ -53,6 +55,27 @@ def time_calls(fn: Callable[[], object], device: torch.device | str, calls: int)
     for _ in range(calls):
         fn()
     return (time.perf_counter() - t0) / calls
+
+
+def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int, calls_per_sample: int = 1,
+               samples_per_turn: int = 1) -> dict:
+    """Seconds per call of each of `calls` (key -> zero-argument function), the providers interleaved.
+
+    Each function is first called `warmup` times untimed (compilation, caches, allocator); then every
+    round gives each key its turn in order: `samples_per_turn` samples, each `calls_per_sample`
+    back-to-back calls timed together (time_calls). A machine that gets busier or quieter during the
+    run slows every provider of the round alike, not whichever happened to run at that moment.
+    -> {key: [rounds * samples_per_turn seconds]}
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    sync(device)
+    times = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            times[key].extend(time_calls(call, device, calls_per_sample) for _ in range(samples_per_turn))
+    return times
 
 
 def copy_bandwidth(device: torch.device | str, numel: int | None = None, rounds: int = 10) -> float:

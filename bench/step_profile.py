@@ -26,8 +26,6 @@ import common
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pwda_fast import config
-
 # Dense bf16 tensor-core peak, FLOP/s (vendor data sheets, SXM parts); MFU is quoted against it for
 # every row, fp32 ones included, so rows compare. Override with --peak-tflops or PWDA_PEAK_TFLOPS.
 PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12}
@@ -45,25 +43,6 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
     return None, f"unknown device {name!r}: pass --peak-tflops"
 
 
-def providers(args, device):
-    """name (as bench_step.py prints it) -> constructor, in bench_step.py's order."""
-    overrides = {"train.device": args.device}
-    if args.batch:
-        overrides["data.batch_size"] = args.batch
-    if args.crop:
-        overrides["data.crop"] = list(args.crop)
-    preset = bench_step.PRESETS[args.preset]
-    base = config.load(preset, overrides)
-    with_cfg = lambda **kv: config.load(preset, {**overrides, **kv})  # noqa: E731
-    cl = {"train.channels_last": True}
-    return base, {
-        "eager fp32 NCHW (AdaptSegNet loop)": lambda: bench_step.EagerLoop(base, device),
-        "engine fp32 channels_last": lambda: bench_step.Engine(with_cfg(**cl), device, False),
-        "engine bf16 channels_last": lambda: bench_step.Engine(with_cfg(**cl, **{"train.amp": "bf16"}),
-                                                               device, False),
-    }
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -77,7 +56,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, ctors = providers(args, device)
+    base, ctors = bench_step.providers(args.preset, device, batch=args.batch, crop=args.crop)
     batches = bench_step.make_batches(base, 2, device)
     peak, peak_note = peak_flops(device, args.peak_tflops)
     result = {"device": device.type, "preset": args.preset, "batch": base.data.batch_size,

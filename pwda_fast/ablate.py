@@ -1,14 +1,24 @@
-"""The paper's Table 3 ablation on the toy domains: which part of the pixel weighting helps.
+"""The paper's Table 3 ablation on the built-in toy pairs: which part of the pixel weighting helps.
 
-    python -m pwda_fast.ablate --config toy --seeds 3 [--iters N] [--out DIR] [--section.key=value ...]
+    python -m pwda_fast.ablate [--pair toy|toy_partial|both] [--seeds N | --seeds S1,S2,...]
+        [--iters N] [--config toy] [--out DIR] [--doc FILE] [--section.key=value ...]
 
 Rows (the paper's Table 3): source-only; DA without pixel-wise weighting; GenMap (T=1); GenMap (T=0.9);
-GenMap (T=0.9) + DisMap.
-Each (row, seed) is an ordinary `pwda_fast.train` run in OUT/<row>-s<seed>, so rerunning resumes
-unfinished runs and re-evaluates finished ones. Writes OUT/ablation.md (mean, sample std and per-seed
-target mIoU, with the command and date), OUT/ablation.json (the same numbers), and OUT/ablation.png:
-one target-val image with each row's prediction (first seed) in the Cityscapes palette, plus one
-OUT/<row>-s<first seed>.png per row.
+GenMap (T=0.9) + DisMap. Each (pair, row, seed) is an ordinary `pwda_fast.train` run in
+OUT/<pair>/<row>-s<seed>, so rerunning resumes unfinished runs and re-evaluates finished ones.
+
+Every row of a pair runs on the same seeds, so each row is compared with "DA without pixel-wise
+weighting" seed by seed: the mean paired difference in mIoU with its 95% Student t interval over the
+seeds, the same for the mean IoU of each class group (toy_partial: its aligned and its shifted
+classes; the toy: all its classes) and, without interval, per class. The Fig. 2 measurements of each
+run's last evaluation (pwda_fast.weight_stats: the fraction of target pixels with p* > T and the mean
+pixel weight per class group) are averaged over the seeds.
+
+Writes per pair OUT/<pair>/ablation.md (the tables, with the command and date), OUT/<pair>/ablation.json
+(the same numbers and every seed's), and OUT/<pair>/ablation.png: one target-val image with each row's
+prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png per row. With --doc FILE each
+pair's tables also replace the text between `<!-- ablation:<pair>:start -->` and
+`<!-- ablation:<pair>:end -->` in FILE (a marked section is appended when FILE has none).
 """
 
 from __future__ import annotations
@@ -17,15 +27,14 @@ import argparse
 import datetime
 import json
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from pwda_fast import checkpoint, pictures, train
-from pwda_fast.data import build_val
-from pwda_fast.data.labels import colorize
+from pwda_fast import checkpoint, config, pictures, stats, train
+from pwda_fast.data import build_val, class_groups
+from pwda_fast.data.labels import CLASSES, colorize
 
 # (slug, row name as in the paper's Table 3, train overrides)
 # The rows of the paper's Table 3, all on the preset's generator (MRNet's in the paper presets and the
@@ -39,28 +48,188 @@ ROWS = (
     ("genmap-t0.9-dismap", "GenMap (T=0.9) + DisMap",
      ["--adapt.mode=adapt", "--adapt.weighting=gen+dis", "--adapt.threshold=0.9"]),
 )
+BASELINE = "DA without pixel-wise weighting"
+PAIRS = ("toy", "toy_partial")
+LEVEL = 0.95
+FIG2_PREFIXES = ("above_t", "weight_")  # the keys pwda_fast.weight_stats logs at each evaluation
 
 
-def summarise(results: dict[str, dict[int, float]]) -> dict[str, dict]:
-    """{row: {seed: mIoU}} -> {row: {"mean", "std" (sample std; None for one seed), "seeds"}}."""
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """-> (options with .pairs and .seed_list resolved, the --section.key=value overrides for train)."""
+    # No abbreviations: everything unknown passes through to train as --section.key=value.
+    parser = argparse.ArgumentParser(prog="python -m pwda_fast.ablate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--pair", choices=(*PAIRS, "both"), default="toy",
+                        help="built-in domain pair(s) every run trains on (data.source and data.target)")
+    parser.add_argument("--config", default="toy", help="preset or TOML file every run starts from")
+    parser.add_argument("--seeds", default="3",
+                        help="N: runs per row seeded first-seed, first-seed + 1, ...; or a comma-separated "
+                             "list of seeds (e.g. 1234,1240)")
+    parser.add_argument("--first-seed", type=int, default=1234)
+    parser.add_argument("--iters", type=int, default=None, help="override train.iters of every run")
+    parser.add_argument("--out", default="runs/ablation", help="folder of the run dirs and the results")
+    parser.add_argument("--image", type=int, default=0, help="index of the target-val image to render")
+    parser.add_argument("--doc", default=None,
+                        help="also put each pair's tables between its markers in this Markdown file")
+    args, extra = parser.parse_known_args(argv)
+    args.pairs = list(PAIRS) if args.pair == "both" else [args.pair]
+    try:
+        if "," in args.seeds:
+            args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+        else:
+            count = int(args.seeds)
+            if count < 1:
+                parser.error(f"--seeds must be a count >= 1 or a list of seeds; got {args.seeds}")
+            args.seed_list = [args.first_seed + k for k in range(count)]
+    except ValueError:
+        parser.error(f"--seeds must be a count (3) or a comma-separated list of integers (1234,1240); "
+                     f"got {args.seeds!r}")
+    if len(set(args.seed_list)) != len(args.seed_list) or not args.seed_list:
+        parser.error(f"--seeds lists a seed twice (or none): {args.seeds}")
+    if args.iters is not None and args.iters < 1:
+        parser.error(f"--iters must be >= 1; got {args.iters}")
+    return args, extra
+
+
+def fig2_at_end(run_dir: Path) -> dict[str, float]:
+    """The Fig. 2 measurements of a run's last evaluation in its metrics.jsonl ({} if it has none)."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    evals = [r for r in records if r.get("eval")]
+    if not evals:
+        return {}
+    # A re-evaluated finished run logs its last step again: the latest line of the last step counts
+    # (a run trained before these measurements existed gains them that way).
+    last = sorted(evals, key=lambda r: r["step"])[-1]
+    return {k: v for k, v in last.items() if k.startswith(FIG2_PREFIXES)}
+
+
+def _group_mean_diff(iou: dict, base: dict, names: list[str]) -> float | None:
+    """Mean over `names` of iou - base, over the classes both runs scored (None if none)."""
+    diffs = [iou[c] - base[c] for c in names if c in iou and c in base]
+    return stats.mean(diffs) if diffs else None
+
+
+def _interval(per_seed: dict[int, float]) -> dict | None:
+    """{seed: difference} -> its t interval as a dict with "per_seed" (None without seeds)."""
+    if not per_seed:
+        return None
+    return {**stats.t_interval(per_seed.values(), LEVEL).to_dict(), "per_seed": per_seed}
+
+
+def analyse(raw: dict[str, dict[int, dict]], groups: dict[str, list[str]]) -> dict[str, dict]:
+    """Per-seed results -> per-row summary.
+
+    raw: {row name: {seed: {"miou": float, "iou": {class: float}, "fig2": {key: float}}}} with the
+    baseline row BASELINE among them; groups: {group: [class names]}. -> {row: {"mean", "std" (sample
+    sd, None for one seed), "seeds": {seed: mIoU}, "fig2": {key: mean over seeds}, and for rows other
+    than the baseline "diff" (t interval of the paired mIoU differences, with "per_seed"),
+    "groups": {group: t interval of the paired group-mean IoU differences, with "per_seed"},
+    "classes": {class: mean paired IoU difference}}}. Differences use the seeds both rows have.
+    """
+    base = raw[BASELINE]
     out = {}
-    for row, per_seed in results.items():
-        values = list(per_seed.values())
-        out[row] = {"mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": per_seed}
+    for row, per_seed in raw.items():
+        mious = {seed: r["miou"] for seed, r in per_seed.items()}
+        keys = sorted({k for r in per_seed.values() for k in r.get("fig2", {})})
+        summary = {"mean": stats.mean(mious.values()), "std": stats.sample_sd(mious.values()), "seeds": mious,
+                   "fig2": {k: stats.mean(r["fig2"][k] for r in per_seed.values() if k in r.get("fig2", {}))
+                            for k in keys}}
+        if row != BASELINE:
+            paired = [s for s in per_seed if s in base]
+            diff = {s: per_seed[s]["miou"] - base[s]["miou"] for s in paired}
+            summary["diff"] = _interval(diff)
+            summary["groups"] = {}
+            for group, names in groups.items():
+                per = {s: d for s in paired
+                       if (d := _group_mean_diff(per_seed[s]["iou"], base[s]["iou"], names)) is not None}
+                if per:
+                    summary["groups"][group] = _interval(per)
+            summary["classes"] = {}
+            for name in (c for names in groups.values() for c in names):
+                diffs = [per_seed[s]["iou"][name] - base[s]["iou"][name] for s in paired
+                         if name in per_seed[s]["iou"] and name in base[s]["iou"]]
+                if diffs:
+                    summary["classes"][name] = stats.mean(diffs)
+        out[row] = summary
     return out
 
 
-def markdown_table(summary: dict[str, dict]) -> str:
-    """The Table 3 layout: one line per row, mean ± std, then the per-seed values."""
-    seeds = sorted({s for row in summary.values() for s in row["seeds"]})
-    lines = ["| method | mIoU mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds)]
+def _with_interval(interval: dict | None) -> str:
+    """"-1.80 [-3.90, +0.30]" (mean and the t interval), the mean alone for one seed, "–" for none."""
+    if interval is None:
+        return "–"
+    if interval["half_width"] is None:
+        return f"{interval['mean']:+.2f}"
+    return f"{interval['mean']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown table lines: the header, the rule, one line per row of cells."""
+    return [f"| {' | '.join(cells)} |" for cells in (head, ["---"] * len(head), *rows)]
+
+
+def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> str:
+    """The tables of one pair: rows with paired differences; Fig. 2 measurements; per class; per seed."""
+    shown = list(groups) if len(groups) > 1 else []  # one group "all" would repeat the mIoU column
+    rows = []
     for row, r in summary.items():
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else ""
-        per_seed = " | ".join(f"{r['seeds'][s]:.2f}" if s in r["seeds"] else "–" for s in seeds)
-        lines.append(f"| {row} | {r['mean']:.2f}{spread} | {per_seed} |")
+        base = row == BASELINE
+        rows.append([row, f"{r['mean']:.2f}{spread}", "–" if base else _with_interval(r["diff"])]
+                    + ["–" if base else _with_interval(r["groups"].get(g)) for g in shown])
+    lines = _table(["method", "mIoU mean ± sd", "Δ mIoU vs no weighting [95% CI]"]
+                   + [f"Δ {g} classes [95% CI]" for g in shown], rows)
+
+    titles = {"above_t": "p* > T, all pixels", **{f"above_t_{g}": f"p* > T, {g}" for g in groups},
+              **{f"weight_{g}": f"mean w, {g}" for g in groups}}
+    keys = [k for k in titles if any(k in r["fig2"] for r in summary.values())]
+    if keys:
+        lines += [""] + _table(["method"] + [titles[k] for k in keys],
+                               [[row] + [f"{r['fig2'][k]:.3f}" if k in r["fig2"] else "–" for k in keys]
+                                for row, r in summary.items()])
+
+    others = [row for row in summary if row != BASELINE]
+    lines += [""] + _table(["class", "group"] + [f"Δ IoU {row}" for row in others],
+                           [[name, group] + [f"{summary[row]['classes'][name]:+.2f}"
+                                             if name in summary[row]["classes"] else "–" for row in others]
+                            for group, names in groups.items() for name in names])
+
+    seeds = sorted({s for r in summary.values() for s in r["seeds"]})
+    lines += [""] + _table(["method"] + [f"seed {s}" for s in seeds],
+                           [[row] + [f"{r['seeds'][s]:.2f}" if s in r["seeds"] else "–" for s in seeds]
+                            for row, r in summary.items()])
     return "\n".join(lines)
+
+
+def report(pair: str, summary: dict[str, dict], groups: dict[str, list[str]], seeds: list[int], iters: int,
+           command: str, date: str) -> str:
+    """ablation.md of one pair: what was run, how the intervals are made, the tables, the command."""
+    group_text = "; ".join(f"{g}: {', '.join(names)}" for g, names in groups.items())
+    return (f"Target-val mIoU (%) on the `{pair}` pair, {iters} iterations, {len(seeds)} seed(s) "
+            f"({', '.join(map(str, seeds))}), the same seeds in every row. sd: sample standard deviation "
+            f"over seeds. Δ: the paired difference to \"{BASELINE}\" on the same seed, mean over seeds "
+            f"[{LEVEL:.0%} Student t interval, n - 1 degrees of freedom]; a class group's Δ is the mean "
+            f"of its classes' IoU differences. Classes: {group_text}.\n\n"
+            f"Second table: the Fig. 2 measurements of each run's last evaluation on the first target-val "
+            f"images (pwda_fast.weight_stats), mean over seeds: the fraction of pixels with p* > T (the "
+            f"row's T; T = 1 floors none) and the mean pixel weight w by ground-truth class group (eq. 6 "
+            f"for GenMap + DisMap, eq. 4 otherwise; rows that do not weight show what their T would "
+            f"give). Third: mean Δ IoU per class. Last: mIoU per seed.\n\n"
+            f"{markdown_tables(summary, groups)}\n\nCommand: `{command}` ({date}).\n")
+
+
+def update_doc(path: Path, pair: str, text: str) -> None:
+    """Put `text` between the pair's markers in the Markdown file `path` (appended when it has none)."""
+    start, end = f"<!-- ablation:{pair}:start -->", f"<!-- ablation:{pair}:end -->"
+    old = path.read_text() if path.is_file() else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old.split(start, 1)[1]:
+        before, rest = old.split(start, 1)
+        new = before + block + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old.strip() else "") + block + "\n"
+    path.write_text(new)
 
 
 def render_rows(run_dirs: dict[str, Path], out: Path, image_index: int, zoom: int = 0) -> Path:
@@ -90,49 +259,53 @@ def render_rows(run_dirs: dict[str, Path], out: Path, image_index: int, zoom: in
     return out / "ablation.png"
 
 
-def main(argv: list[str] | None = None) -> int:
-    # No abbreviations: everything unknown passes through to train as --section.key=value.
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.ablate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", default="toy", help="preset or TOML file every run starts from")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="runs per row, seeded first-seed, first-seed + 1, ...")
-    parser.add_argument("--first-seed", type=int, default=1234)
-    parser.add_argument("--iters", type=int, default=None, help="override train.iters of every run")
-    parser.add_argument("--out", default="runs/ablation", help="folder of the run dirs and the results")
-    parser.add_argument("--image", type=int, default=0, help="index of the target-val image to render")
-    args, extra = parser.parse_known_args(argv)
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [args.first_seed + k for k in range(args.seeds)]
-    results, first_runs = {}, {}
+def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int, dict, dict, int]:
+    """Train (or resume, or re-evaluate) every row and seed of one pair.
+
+    -> (exit code, {row: {seed: {"miou", "iou", "fig2"}}}, {panel title: first seed's run_dir},
+    train.iters of the runs).
+    """
+    raw, first_runs, iters = {}, {}, 0
     for slug, name, flags in ROWS:
-        for seed in seeds:
-            run_dir = out / f"{slug}-s{seed}"
-            argv_run = ["--config", args.config, f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
+        for seed in args.seed_list:
+            run_dir = Path(args.out) / pair / f"{slug}-s{seed}"
+            argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
+                        f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
             argv_run += [f"--train.iters={args.iters}"] if args.iters else []
             argv_run += extra
-            code, final = train.run_for_result(argv_run, f"{name}, seed {seed}")
+            code, final = train.run_for_result(argv_run, f"{pair}: {name}, seed {seed}")
             if code != 0:
-                return code
-            results.setdefault(name, {})[seed] = final["miou"]
-            first_runs.setdefault(f"{name}: {results[name][seed]:.1f}", run_dir)
-    summary = summarise(results)
+                return code, raw, first_runs, iters
+            iters = config.load(*config.parse_args(argv_run)).train.iters
+            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"],
+                                              "fig2": fig2_at_end(run_dir)}
+            first_runs.setdefault(f"{name}: {final['miou']:.1f}", run_dir)
+    return 0, raw, first_runs, iters
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parse_args(argv)
     # Quoted so that it reruns as printed (list overrides such as --data.crop=[48, 96] hold spaces).
-    command = shlex.join(["python", "-m", "pwda_fast.ablate", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "pwda_fast.ablate", *argv])
     date = datetime.date.today().isoformat()
-    table = markdown_table(summary)
-    text = (f"Target-val mIoU (%) on the {args.config} domains, {len(seeds)} seed(s) {seeds}; "
-            f"std is the sample standard deviation over seeds.\n\n{table}\n\n"
-            f"Command: `{command}` ({date}).\n")
-    (out / "ablation.md").write_text(text)
-    (out / "ablation.json").write_text(json.dumps({"command": command, "date": date, "seeds": seeds,
-                                                   "rows": summary}, indent=2))
-    print(f"\n{text}")
-    print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and "
-          f"{render_rows(first_runs, out, args.image)}")
+    for pair in args.pairs:
+        code, raw, first_runs, iters = run_pair(pair, args, extra)
+        if code != 0:
+            return code
+        groups = {g: [CLASSES[i] for i in ids] for g, ids in class_groups(pair).items()}
+        summary = analyse(raw, groups)
+        out = Path(args.out) / pair
+        text = report(pair, summary, groups, args.seed_list, iters, command, date)
+        (out / "ablation.md").write_text(text)
+        (out / "ablation.json").write_text(json.dumps(
+            {"pair": pair, "command": command, "date": date, "iters": iters, "seeds": args.seed_list,
+             "level": LEVEL, "groups": groups, "rows": summary}, indent=2))
+        print(f"\n{text}")
+        if args.doc:
+            update_doc(Path(args.doc), pair, text)
+        print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}"
+              + (f", {args.doc}" if args.doc else "") + f" and {render_rows(first_runs, out, args.image)}")
     return 0
 
 

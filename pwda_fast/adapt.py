@@ -9,6 +9,9 @@
    BCE(D_aux(F(x_s)), 0) + BCE(D_aux(F(x_t)), 1).
 Then, if every loss and gradient is finite on every rank, all three optimizers step; else none does.
 The returned losses are means over ranks (one all-reduce carries them and the finite flag).
+With train.amp=fp16 every backward runs on the loss times one dynamic loss scale, and the gradients
+are unscaled before that check: an fp16 gradient overflow is an ordinary skipped step that also
+halves the scale.
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from pwda_fast.config import AdaptConfig, OptimConfig
 from pwda_fast.reference import upsample_to
 
 SOURCE, TARGET = 0.0, 1.0
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device_type: str, amp: str):
+    """train.amp ("none" | "bf16" | "fp16") -> the autocast context of that precision."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -78,6 +88,9 @@ class Adapter:
     nets may be DDP-wrapped or compiled; optimizers hold the bare networks' parameters.
     restore_bn: BatchNorm running statistics change in the forward pass (model.bn "train" and
     "stats"), before the finite check, so a skipped step puts them back.
+    amp="fp16" adds a gradient scaler; `calibrating` then says whether the last step was skipped
+    for a gradient overflow that the scaler answered by halving its scale to a value >= 1: what a
+    scale that starts too high for the gradients does in the first steps of a run.
     """
 
     def __init__(self, nets: Nets, optimizers, adapt_cfg: AdaptConfig, schedule: Schedule, *,
@@ -89,8 +102,13 @@ class Adapter:
         self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
         self.adapt = adapt_cfg.mode == "adapt"
         self.use_aux = self.adapt and adapt_cfg.weighting == "gen+dis"
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp == "bf16" \
-            else contextlib.nullcontext
+        self.autocast = lambda: autocast(device.type, amp)
+        # One scaler for the three networks, not one per optimizer: they step or skip as one, and a
+        # single scale mirrors that decision exactly (an overflow anywhere skips all three and halves
+        # the scale once; its growth tracker counts the steps all three took). Per-optimizer scalers
+        # would count a step skipped for another network's overflow as one of their good steps.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+        self.calibrating = False
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # One inf activation would otherwise poison every later step through the running statistics.
         self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] if restore_bn else []
@@ -99,11 +117,14 @@ class Adapter:
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
 
     def state_dict(self) -> dict:
-        return {"often": self.often}
+        """{"often": (K,) tensor or None, "scaler": the loss scaler's state ({} unless amp=fp16)}."""
+        return {"often": self.often, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.often is not None and state.get("often") is not None:
             self.often.copy_(state["often"])
+        if state.get("scaler"):  # a checkpoint written without fp16 leaves the fresh scaler as it is
+            self.scaler.load_state_dict(state["scaler"])
 
     def set_lr(self, step: int) -> None:
         lr_g, lr_d = self.schedule.lr_g(step), self.schedule.lr_d(step)
@@ -137,6 +158,8 @@ class Adapter:
         if self.adapt:
             tgt = self.generator_stage(target, losses, step)
             self.discriminator_stage(src, tgt, losses)
+        for opt in self.opt:  # a no-op without fp16; inf and nan survive the division
+            self.scaler.unscale_(opt)
         means, finite = self._reduce(losses)
         if finite:
             self.opt.g.step()
@@ -145,7 +168,18 @@ class Adapter:
                 self.opt.d_aux.step()
         elif saved:
             torch._foreach_copy_(state, saved)
+        self._update_scale(finite)
         return means, finite
+
+    def _update_scale(self, finite: bool) -> None:
+        """Halve the loss scale if any gradient overflowed (the scaler's own check, which agrees on
+        every rank: DDP has averaged the gradients), else count towards doubling it. A step skipped
+        only for a non-finite loss with finite gradients keeps the scale: it cannot be the cause."""
+        if not self.scaler.is_enabled():
+            return
+        before = None if finite else self.scaler.get_scale()  # a host sync on skipped steps only
+        self.scaler.update()
+        self.calibrating = before is not None and 1.0 <= self.scaler.get_scale() < before
 
     def _input(self, batch: dict) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -167,7 +201,7 @@ class Adapter:
                     self.often.copy_(often)
             loss_seg = reference.multi_level_seg_loss(upsample_to(aux_s.float(), size), main_s, y_s,
                                                       self.a.lambda_seg, weights, self.a.hard_pixels)
-            loss_seg.backward()
+            self.scaler.scale(loss_seg).backward()
         losses["seg"] = loss_seg.detach()
         return {"main": main_s.detach(), "feat": feat_s.detach()}
 
@@ -210,7 +244,7 @@ class Adapter:
         else:
             # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
             loss_g = loss_g + 0.0 * aux_t.mean()
-        loss_g.backward()
+        self.scaler.scale(loss_g).backward()
         set_requires_grad(d, True)
         set_requires_grad(d_aux, True)
         return {"main": main_t.detach(), "feat": feat_t.detach(), "weight_aux": weight_aux}
@@ -231,7 +265,7 @@ class Adapter:
             loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
             losses["d_aux"] = loss_d_aux.detach()
             loss_d = loss_d + loss_d_aux
-        loss_d.backward()
+        self.scaler.scale(loss_d).backward()
 
     def _reduce(self, losses: dict) -> tuple[dict, bool]:
         """-> ({name: mean over ranks}, every loss and gradient finite on every rank); one all-reduce."""

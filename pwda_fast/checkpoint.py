@@ -1,12 +1,14 @@
 """Checkpoints that survive crashes: temp file + fsync + atomic rename, a "latest" pointer, keep-last-K.
 
-Files in run_dir: ckpt_<step:08d>.pt, latest (a text file naming one of them), and .tmp-* leftovers
-of an interrupted write, cleaned at start. Everything loads with weights_only=True: a pickle that
-would run code is refused before any of it runs.
+Files in run_dir: ckpt_<step:08d>.pt, latest (a text file naming one of them), best.pt and best.json
+(the networks of the evaluation with the highest target mIoU so far, and its scores), and .tmp-*
+leftovers of an interrupted write, cleaned at start. keep_last counts ckpt_* files only. Everything
+loads with weights_only=True: a pickle that would run code is refused before any of it runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -19,6 +21,8 @@ from pwda_fast.adapt import Nets
 from pwda_fast.models import build_networks
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+BEST, BEST_JSON = "best.pt", "best.json"
+_SCORES = ("miou", "miou16", "miou13")  # what best.json records of an evaluation result
 
 
 class CheckpointError(RuntimeError):
@@ -103,19 +107,62 @@ def load(path: str | Path, map_location="cpu") -> dict:
                               f"damaged or not a PyTorch checkpoint ({first[:160]})".strip()) from e
 
 
-def training_state(engine, step: int, cfg, world_size: int, skipped: int) -> dict:
-    """Everything a resumed run needs to continue bit for bit (the config travels with it)."""
+def networks_state(engine, step: int, cfg) -> dict:
+    """What evaluation, export and a warm start need: G, D and D_aux weights and the config."""
+    return {"step": step, **{name: net.state_dict() for name, net in zip(("g", "d", "d_aux"), engine.nets)},
+            "config": cfg.to_dict(), "backend": engine.backend}
+
+
+def training_state(engine, step: int, cfg, world_size: int, skipped: int,
+                   loaders: dict | None = None) -> dict:
+    """Everything a resumed run needs to continue bit for bit (the config travels with it).
+
+    loaders: {role: [position of rank 0, 1, ...]} of input pipelines that report one (DALI's
+    DaliBatches.state()); the torch loader needs none, its position follows from the step.
+    """
     return {
-        "step": step,
-        **{name: net.state_dict() for name, net in zip(("g", "d", "d_aux"), engine.nets)},
+        **networks_state(engine, step, cfg),
         **engine.optimizers.state_dict(),
         "adapter": engine.adapter.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "config": cfg.to_dict(), "backend": engine.backend, "world_size": world_size,
-        "data": {"samples_per_rank": step * cfg.data.batch_size},
+        "world_size": world_size,
+        "data": {"samples_per_rank": step * cfg.data.batch_size, **({"loaders": loaders} if loaders else {})},
         "skipped": skipped,
     }
+
+
+def best_score(run_dir: str | Path) -> dict | None:
+    """run_dir's best.json ({"step", "miou"[, "miou16", "miou13"], "checkpoint"}); None when there is
+    none. One that cannot be read raises CheckpointError (a run must not replace a best it cannot rank)."""
+    path = Path(run_dir) / BEST_JSON
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+    except ValueError as e:
+        best = f"not JSON ({e})"
+    if not (isinstance(best, dict) and isinstance(best.get("step"), int)
+            and isinstance(best.get("miou"), int | float)):
+        raise CheckpointError(f"{path} is {best!r:.200}, not the best evaluation's "
+                              f"{{\"step\", \"miou\", ...}}; delete it and {BEST} to rank this run's "
+                              "evaluations afresh")
+    return best
+
+
+def save_best(run_dir: str | Path, step: int, result: dict, state: dict) -> bool:
+    """Keep best.pt (`state`, e.g. networks_state) and best.json when result["miou"] beats the mIoU
+    in best.json (strictly; none yet: any) -> True when written. best.pt is written before best.json,
+    each atomically, so best.json never names weights that are not on disk."""
+    run_dir = Path(run_dir)
+    best = best_score(run_dir)
+    if best is not None and result["miou"] <= best["miou"]:
+        return False
+    scores = {k: result[k] for k in _SCORES if k in result}
+    _atomic_write(run_dir / BEST, lambda f: torch.save({**state, "best": scores}, f))
+    record = {"step": step, **scores, "checkpoint": BEST}
+    _atomic_write(run_dir / BEST_JSON, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    return True
 
 
 def _newest_loadable(run_dir: Path, main: bool, log) -> tuple[Path, dict] | None:
@@ -142,9 +189,10 @@ def _newest_loadable(run_dir: Path, main: bool, log) -> tuple[Path, dict] | None
                           "Move the folder away to start afresh, or restore a good checkpoint into it")
 
 
-def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]:
+def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | None = None) -> tuple[int, int]:
     """Load the newest loadable checkpoint of run_dir into `engine` -> (step, skipped); (0, 0) when
-    there is none.
+    there is none. `loaders`, when given, receives the checkpoint's input-pipeline positions
+    ({role: [position per rank]}, see training_state).
 
     Refused (ConfigError) when it was written by another number of processes (unless
     train.allow_world_size_change) or with a config that differs in a key that changes results
@@ -169,6 +217,8 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print) -> tuple[int, int]
                                   f"{str(e).splitlines()[0][:200]}); use another train.run_dir") from None
     engine.optimizers.load_state_dict(state)
     engine.adapter.load_state_dict(state.get("adapter", {}))
+    if loaders is not None:
+        loaders.update(state.get("data", {}).get("loaders", {}))
     if dist.main:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
@@ -202,7 +252,7 @@ def _check_same_run(path: Path, state: dict, cfg, log) -> None:
 
 
 def load_networks(path: str | Path, device: torch.device):
-    """A training checkpoint -> (Nets in eval mode on `device`, the config it was trained with).
+    """A training checkpoint or best.pt -> (Nets in eval mode on `device`, the config it was trained with).
 
     G must be in the file; D and D_aux are loaded when present (a generator-only file evaluates).
     """

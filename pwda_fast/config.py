@@ -51,7 +51,10 @@ class ModelConfig:
     head_dropout: float = 0.1
     """MRNet heads: Dropout2d probability before the classifier."""
     init_weights: str = ""
-    """Local file with ImageNet / DeepLab initial weights (torchvision or "Scale." layout); "" = random."""
+    """Local file with initial weights for G: ImageNet / DeepLab / AdaptSegNet / MRNet weights (torchvision
+    or "Scale." layout), or a warm start from a pwda_fast checkpoint (ckpt_*.pt, best.pt) or exported
+    generator.pt (generator weights only; its generator keys must match and its input normalisation is
+    used); "" = random."""
     disc_width: int = 64
     """Channels of the first output-space discriminator conv (64-128-256-512 in the paper)."""
     aux_disc_width: int = 256
@@ -61,10 +64,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["toy", "gta5", "synthia"] = "toy"
-    """Source (labelled) domain: "toy", "gta5" or "synthia"."""
-    target: Literal["toy", "cityscapes"] = "toy"
-    """Target (unlabelled) domain: "toy" or "cityscapes"."""
+    source: Literal["toy", "toy_partial", "gta5", "synthia"] = "toy"
+    """Source (labelled) domain: "toy", "toy_partial" (the built-in pairs; give both roles the same
+    one), "gta5" or "synthia"."""
+    target: Literal["toy", "toy_partial", "cityscapes"] = "toy"
+    """Target (unlabelled) domain: "toy", "toy_partial" (some classes aligned, others shifted:
+    docs/TOY_PARTIAL.md) or "cityscapes"."""
     source_root: str = ""
     """Root folder of the source dataset ("" = the toy cache)."""
     target_root: str = ""
@@ -74,7 +79,11 @@ class DataConfig:
     target_prepared: str = ""
     """Where `pwda_fast.data.prepare --out` put the target's trainId labels ("" = target_root)."""
     loader: Literal["auto", "torch", "dali"] = "auto"
-    """Input pipeline: "torch", "dali" or "auto" (DALI on a GPU when installed; exact resume: torch only)."""
+    """Input pipeline: "torch", "dali" or "auto" (DALI on a GPU when installed); both resume exactly."""
+    image_format: Literal["auto", "original", "jpeg"] = "auto"
+    """Which files the training sets read when `prepare --jpeg` wrote JPEG copies: "original", "jpeg"
+    (the copies; an error without them) or "auto" (the copies only for DALI decoding on a GPU).
+    Evaluation always reads the original images."""
     source_size: list[int] = field(default_factory=lambda: [1280, 720])
     """Source images are resized to this (width, height) before cropping."""
     target_size: list[int] = field(default_factory=lambda: [1024, 512])
@@ -192,8 +201,10 @@ class TrainConfig:
     """Append a metrics.jsonl line every this many iterations."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
-    amp: Literal["none", "bf16"] = "none"
-    """Autocast precision: "none" (fp32) or "bf16"."""
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """Autocast precision: "none" (fp32), "bf16", or "fp16" with a dynamic loss scale (for GPUs
+    without bf16, such as V100 and T4): a step whose scaled gradients overflow is skipped and the
+    scale halved."""
     channels_last: bool = False
     """Run networks and inputs in channels_last memory format."""
     compile: bool = False

@@ -89,12 +89,23 @@ def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distribute
 def resolve(cfg: config.Config) -> config.Config:
     """Make the settings that follow model.init_weights concrete (in place; returns cfg): the bottleneck
     stride placement and the input normalisation of the weights' layout ("caffe" for DeepLab-v2 /
-    AdaptSegNet / MRNet weights, "imagenet" for torchvision's or without weights)."""
-    if "auto" in (cfg.model.stride_on, cfg.data.normalize):
-        layout = models.weights_layout(cfg.model.init_weights)
+    AdaptSegNet / MRNet weights, "imagenet" for torchvision's or without weights).
+
+    A warm start (a pwda_fast checkpoint or exported generator) takes both from the run that trained
+    it; a generator key or an explicit data.normalize that disagrees with that run is a ConfigError.
+    """
+    init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
+    try:
         cfg.model = models.resolve_model(cfg.model)
-        if cfg.data.normalize == "auto":
-            cfg.data.normalize = "caffe" if layout == "caffe" else "imagenet"
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
+    if init is not None and init.layout == "pwda" and cfg.data.normalize not in ("auto", init.normalize):
+        raise config.ConfigError(
+            f"model.init_weights {init.path} was trained on data.normalize = {init.normalize!r} inputs, "
+            f"but the config sets {cfg.data.normalize!r}; pass --data.normalize={init.normalize} "
+            "(or auto)")
+    if cfg.data.normalize == "auto":
+        cfg.data.normalize = init.normalize if init is not None else "imagenet"
     return cfg
 
 
@@ -106,8 +117,9 @@ def check_trainable(cfg: config.Config) -> None:
         raise config.ConfigError(
             f"model.bn={cfg.model.bn} freezes BatchNorm's affine parameters, which only trains from "
             "pretrained weights: give model.init_weights=FILE (DeepLab-v2 'Scale.' weights, e.g. "
-            "DeepLab_resnet_pretrained_init-f81d91e8.pth, or a torchvision ResNet), or train from scratch "
-            "with --model.bn=train")
+            "DeepLab_resnet_pretrained_init-f81d91e8.pth, a torchvision ResNet, or a pwda_fast "
+            "checkpoint or exported generator.pt to warm-start from), or train from scratch with "
+            "--model.bn=train")
 
 
 def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | None = None, *,
@@ -117,7 +129,11 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
+    init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
     nets = Nets(*models.build_networks(cfg.model))
+    if init is not None and init.layout == "pwda":
+        log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "
+            "D, D_aux, the optimizers and the step start fresh")
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for net in nets:
         net.to(device, memory_format=fmt).train()

@@ -2,7 +2,8 @@
 
     python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE --dataset cityscapes --root DIR [--json FILE]
-    python -m pwda_fast.evaluate --predictions DIR --root DIR [--source synthia] [--json FILE]
+    python -m pwda_fast.evaluate --checkpoint FILE [...] --save-predictions OUT [--format labelid]
+    python -m pwda_fast.evaluate --predictions DIR --root DIR [--format ...] [--source synthia] [--json FILE]
 
 Scores are over the 19 Cityscapes classes at the labels' full resolution (2048x1024 for Cityscapes
 val). For SYNTHIA-trained models (the checkpoint's data.source, or --source synthia) the 16- and
@@ -11,8 +12,16 @@ A checkpoint's predictions come from one of two test protocols (--protocol, defa
 checkpoint's train.eval_protocol): "single", the main head's argmax at the val size, or "mrnet",
 MRNet's fusion of both heads over two scales and flips (fused_probabilities); the result's
 "protocol" names it.
-Saved predictions are 8-bit trainId PNGs named like the val images (<city>_<seq>_<frame>_leftImg8bit.png),
-in DIR or in DIR/<city>/.
+--save-predictions OUT also writes the prediction that was scored, at the label resolution, as one
+PNG per val image: OUT/<image folder>/<image stem>.png, for Cityscapes val
+OUT/<city>/<city>_<seq>_<frame>_leftImg8bit.png, the names the official evaluation
+(cityscapesscripts' evalPixelLevelSemanticLabeling, CITYSCAPES_RESULTS=OUT) and the benchmark
+server look for. --format: "trainid" (8-bit, 0..18), "labelid" (8-bit Cityscapes label ids, 7..33:
+what the official evaluation and the test-set server read) or "color" (RGB, Cityscapes palette).
+--predictions DIR scores such PNGs, read in --format, found for each val image as
+<image stem>.png (any image extension: a .jpg image's prediction is a .png) in DIR or
+DIR/<image folder>/. A pixel that names no evaluated class (trainId 255, a labelId such as 0 or 4,
+black) counts as wrong, as the official evaluation counts it.
 """
 
 from __future__ import annotations
@@ -30,8 +39,17 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from pwda_fast import checkpoint, distributed, metrics
+from pwda_fast.adapt import autocast
 from pwda_fast.data import build_val, open_split
-from pwda_fast.data.labels import CLASSES
+from pwda_fast.data.labels import (
+    CITYSCAPES_ID_TO_TRAIN,
+    CITYSCAPES_LABELS,
+    CLASSES,
+    IGNORE,
+    PALETTE,
+    TRAIN_TO_CITYSCAPES_ID,
+    colorize,
+)
 from pwda_fast.data.loader import SegmentationDataset, val_loader
 from pwda_fast.data.validate import describe
 from pwda_fast.reference import upsample_to
@@ -40,7 +58,7 @@ from pwda_fast.reference import upsample_to
 @torch.no_grad()
 def predict(g: torch.nn.Module, image: torch.Tensor, size, amp: str = "none") -> torch.Tensor:
     """image (N, 3, H, W) -> main-head logits (N, K, *size), bilinear align_corners=True, fp32."""
-    with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+    with autocast(image.device.type, amp):
         _, main, _ = g(image)
     return upsample_to(main.float(), size)
 
@@ -67,7 +85,7 @@ def fused_probabilities(g: torch.nn.Module, images: Sequence[torch.Tensor], size
     for image in images:
         for mirrored in (False, True):
             x = image.flip(-1) if mirrored else image
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            with autocast(x.device.type, amp):
                 aux, main, _ = g(x)
             logits = 0.5 * aux.float() + main.float()  # (N, K, h, w)
             if mirrored:
@@ -90,14 +108,71 @@ def rescaled(dataset, factor: float):
     return dataset.at_size((int(w * factor + 0.5), int(h * factor + 0.5)))
 
 
+FORMATS = ("trainid", "labelid", "color")
+# Colour -> trainId, with the 24-bit code r << 16 | g << 8 | b as key; black (colorize's void) names no class.
+_COLOUR_TO_TRAIN = {(int(r) << 16) | (int(g) << 8) | int(b): k for k, (r, g, b) in enumerate(PALETTE)}
+_COLOUR_TO_TRAIN[0] = IGNORE
+# The largest Cityscapes labelId (33, bicycle); ids 0..6, 9, 10, ... name no evaluated class.
+MAX_LABEL_ID = max(i for _, i, _ in CITYSCAPES_LABELS)
+
+
+def prediction_name(image: Path) -> str:
+    """The file name of an image's prediction: its stem with .png, whatever the image's extension
+    (predictions must be lossless); Cityscapes X_leftImg8bit.png or .jpg -> X_leftImg8bit.png."""
+    return f"{image.stem}.png"
+
+
+def encode(train_ids: np.ndarray, fmt: str) -> Image.Image:
+    """(H, W) uint8 trainIds 0..18 -> the prediction image in `fmt` (one of FORMATS)."""
+    if fmt == "trainid":
+        return Image.fromarray(train_ids, "L")
+    if fmt == "labelid":
+        return Image.fromarray(TRAIN_TO_CITYSCAPES_ID[train_ids], "L")
+    if fmt == "color":
+        return Image.fromarray(colorize(train_ids), "RGB")
+    raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+class PredictionWriter:
+    """Writes predictions as `root`/<image folder>/prediction_name(image) in `fmt`, counting them.
+
+    For Cityscapes val that is root/<city>/<city>_<seq>_<frame>_leftImg8bit.png: the official
+    evalPixelLevelSemanticLabeling finds a ground truth's prediction as the one file under its results
+    folder matching <city>_<seq>_<frame>*.png, so the tree holds nothing else of that pattern.
+    """
+
+    def __init__(self, root: str | Path, fmt: str = "trainid"):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+        self.root, self.fmt, self.count = Path(root), fmt, 0
+
+    def write(self, image: Path, train_ids: np.ndarray) -> Path:
+        """image: the val image's path; train_ids (H, W) uint8 at the label resolution."""
+        path = self.root / image.parent.name / prediction_name(image)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        encode(train_ids, self.fmt).save(path)
+        self.count += 1
+        return path
+
+
+def _image_paths(dataset) -> list[Path]:
+    """The image path of each index a val batch's "index" can hold (a Subset's are its base's)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return [Path(image) for image, _ in dataset.pairs]
+
+
 @torch.no_grad()
 def evaluate_model(g: torch.nn.Module, dataset, device: torch.device, amp: str = "none",
-                   progress: bool = False, protocol: str = "single") -> dict:
+                   progress: bool = False, protocol: str = "single",
+                   writer: PredictionWriter | None = None) -> dict:
     """Confusion over the whole dataset (labels at their stored resolution) -> iou table with
     "protocol": "single" (main head, argmax at the dataset's size) or "mrnet" (fused_probabilities
-    over the dataset at MRNET_SCALES, each scale read from the image files)."""
+    over the dataset at MRNET_SCALES, each scale read from the image files). A `writer` receives
+    each scored (H, W) prediction, at the label resolution."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    images = _image_paths(dataset) if writer else []
     scales = MRNET_SCALES if protocol == "mrnet" else (1.0,)
     loaders = [val_loader(dataset if s == 1.0 else rescaled(dataset, s)) for s in scales]
     was_training = g.training
@@ -112,50 +187,89 @@ def evaluate_model(g: torch.nn.Module, dataset, device: torch.device, amp: str =
             scores = fused_probabilities(g, [b["image"].to(device) for b in batches], size, amp)
         else:
             scores = predict(g, batches[0]["image"].to(device), size, amp)
-        conf += metrics.confusion(scores.argmax(1), label, k)
+        pred = scores.argmax(1)  # (N, H, W)
+        conf += metrics.confusion(pred, label, k)
+        if writer:
+            for index, ids in zip(batches[0]["index"].tolist(), pred.to(torch.uint8).cpu().numpy()):
+                writer.write(images[index], ids)
     g.train(was_training)
     return {**metrics.iou_table(conf), "protocol": protocol}
 
 
 def _find_prediction(pred_dir: Path, image: Path) -> Path | None:
-    for candidate in (pred_dir / image.name, pred_dir / image.parent.name / image.name):
+    """DIR/prediction_name(image), else DIR/<image folder>/prediction_name(image), else None."""
+    name = prediction_name(image)
+    for candidate in (pred_dir / name, pred_dir / image.parent.name / name):
         if candidate.is_file():
             return candidate
     return None
 
 
-def read_prediction(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A saved prediction -> (H, W) uint8 trainIds; errors say how to fix the file."""
-    img = Image.open(path)
-    if img.mode not in ("L", "P"):
-        raise ValueError(f"{path}: predictions must be 8-bit trainId PNGs (mode L or P), "
-                         f"got mode {img.mode}")
-    pred = np.asarray(img)
-    if pred.shape != shape:
+def read_prediction(path: Path, shape: tuple[int, int], fmt: str = "trainid") -> np.ndarray:
+    """A saved prediction in `fmt` -> (H, W) uint8 trainIds, 255 where it names no evaluated class;
+    errors say how to fix the file."""
+    with Image.open(path) as img:
+        mode, pred = img.mode, np.asarray(img)
+    if mode not in (("RGB",) if fmt == "color" else ("L", "P")):
+        kind = "RGB PNGs" if fmt == "color" else "8-bit PNGs (mode L or P)"
+        raise ValueError(f"{path}: {fmt} predictions must be {kind}, got mode {mode}; is --format right?")
+    if pred.shape[:2] != shape:
         raise ValueError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} but its label is "
                          f"{shape[1]}x{shape[0]}; upsample predictions to the label resolution")
-    if pred.max(initial=0) >= len(CLASSES):
-        raise ValueError(f"{path}: holds value {int(pred.max())}, but predictions must be trainIds "
-                         f"0..{len(CLASSES) - 1} (labelIds or colour images must be converted back)")
+    if fmt == "color":
+        return _from_colours(pred, path)
+    if fmt == "labelid":
+        if pred.max(initial=0) > MAX_LABEL_ID:
+            raise ValueError(f"{path}: holds value {int(pred.max())}, but Cityscapes labelIds are "
+                             f"0..{MAX_LABEL_ID}; is --format right?")
+        return CITYSCAPES_ID_TO_TRAIN[pred]
+    bad = pred[(pred >= len(CLASSES)) & (pred != IGNORE)]
+    if bad.size:
+        raise ValueError(f"{path}: holds value {int(bad.max())}, but trainId predictions are "
+                         f"0..{len(CLASSES) - 1} (or {IGNORE}, no class); for labelIds or colour images "
+                         f"pass --format labelid or --format color")
     return pred
 
 
+def _from_colours(rgb: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 Cityscapes-palette colours -> (H, W) uint8 trainIds (black: 255)."""
+    code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours, inverse = np.unique(code, return_inverse=True)
+    unknown = [c for c in colours.tolist() if c not in _COLOUR_TO_TRAIN]
+    if unknown:
+        c = unknown[0]
+        raise ValueError(f"{path}: holds colour {(c >> 16, (c >> 8) & 255, c & 255)}, which is no Cityscapes "
+                         f"class colour ({len(unknown)} such colours); colour predictions must use the "
+                         f"palette exactly (no resampling blur, no JPEG)")
+    lut = np.array([_COLOUR_TO_TRAIN[c] for c in colours.tolist()], np.uint8)
+    return lut[inverse.reshape(code.shape)]
+
+
 def score_predictions(pred_dir: str | Path, root: str | Path, device: torch.device,
-                      progress: bool = False) -> dict:
-    """Saved trainId PNGs vs Cityscapes val labels (gtFine labelIds, or a prepared tree) -> iou table."""
+                      progress: bool = False, fmt: str = "trainid") -> dict:
+    """Saved prediction PNGs in `fmt` vs Cityscapes val labels (gtFine labelIds, or a prepared tree)
+    -> iou table."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
     pred_dir = Path(pred_dir)
     val = open_split("cityscapes", str(root), "val")
     found = [(_find_prediction(pred_dir, image), label) for image, label in val.pairs]
-    missing = [{"image": str(image), "problem": f"no {image.name} in {pred_dir} or {pred_dir}/<city>/"}
+    missing = [{"image": str(image), "problem": f"no {prediction_name(image)} in {pred_dir} or "
+                                                f"{pred_dir}/{image.parent.name}/"}
                for (image, _), (pred, _) in zip(val.pairs, found) if pred is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(found)} val images have no prediction:\n"
                          f"{describe(missing)}")
-    conf = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64, device=device)
+    # A pixel predicted as no class goes to an extra column K: a miss in its label's row, as the
+    # official evaluation counts it; no label is K, so its row stays empty and iou_table skips it.
+    k = len(CLASSES)
+    conf = torch.zeros(k + 1, k + 1, dtype=torch.int64, device=device)
     for pred_path, label_path in tqdm(found, disable=not progress, desc="score", leave=False):
         label = np.asarray(val.label_reader(label_path))
-        pred = read_prediction(pred_path, label.shape)
-        conf += metrics.confusion(torch.tensor(pred, device=device), torch.tensor(label, device=device))
+        pred = read_prediction(pred_path, label.shape, fmt)
+        pred = np.where(pred == IGNORE, k, pred)
+        conf += metrics.confusion(torch.tensor(pred, device=device), torch.tensor(label, device=device),
+                                  k + 1)
     return metrics.iou_table(conf)
 
 
@@ -164,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a ckpt_*.pt written by pwda_fast.train")
-    what.add_argument("--predictions", help="a folder of trainId PNGs named like the val images")
+    what.add_argument("--predictions", help="a folder of prediction PNGs (in --format) named like the "
+                                            "val images, as --save-predictions writes them")
     parser.add_argument("--dataset", choices=("cityscapes",),
                         help="evaluate on this dataset at --root instead of the checkpoint's target")
     parser.add_argument("--root", help="the Cityscapes root (leftImg8bit/, gtFine/)")
@@ -173,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=PROTOCOLS,
                         help="how a checkpoint is scored: single (main head, one scale) or mrnet "
                              "(fused heads, scales 1 and 1.25, flips); default: its train.eval_protocol")
+    parser.add_argument("--save-predictions", metavar="DIR",
+                        help="with --checkpoint: also write each scored prediction (label resolution) "
+                             "to DIR/<city>/<image stem>.png, as the Cityscapes benchmark names them")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="prediction PNGs written by --save-predictions or read by --predictions: "
+                             "trainid (0..18), labelid (Cityscapes label ids, what the official "
+                             "evaluation and the benchmark server read) or color (Cityscapes palette); "
+                             "default trainid")
     parser.add_argument("--json", help="also write {miou, iou[, protocol, miou16, miou13]} to this file")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
@@ -180,10 +303,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--predictions and --dataset need --root (the Cityscapes folder)")
     if args.predictions and args.protocol:
         parser.error("--protocol scores a --checkpoint; saved predictions are scored as they are")
+    if args.predictions and args.save_predictions:
+        parser.error("--save-predictions writes a --checkpoint's predictions; --predictions are saved")
+    if args.format and not (args.predictions or args.save_predictions):
+        parser.error("--format names the PNGs of --save-predictions or --predictions; give one of them")
+    args.format = args.format or "trainid"
+    writer = None
     try:
         device = distributed.choose_device(args.device)
         if args.predictions:
-            result = score_predictions(args.predictions, args.root, device, progress=True)
+            result = score_predictions(args.predictions, args.root, device, progress=True, fmt=args.format)
             source = args.source
             title = f"{args.predictions} on Cityscapes val ({args.root})"
         else:
@@ -191,14 +320,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.dataset:
                 cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
             protocol = args.protocol or cfg.train.eval_protocol
-            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True, protocol=protocol)
+            writer = PredictionWriter(args.save_predictions, args.format) if args.save_predictions else None
+            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True, protocol=protocol,
+                                    writer=writer)
             source = args.source or cfg.data.source
             title = f"{args.checkpoint} on the {cfg.data.target} target val set ({protocol} protocol)"
-    except (RuntimeError, FileNotFoundError, ValueError) as e:
+    except (RuntimeError, OSError, ValueError) as e:  # OSError: unreadable inputs, an unwritable DIR
         print(f"error: {e}", file=sys.stderr)
         return 2
     result = metrics.with_protocols(result, source)
     print(metrics.format_result(result, title))
+    if writer:
+        print(f"wrote {writer.count} {writer.fmt} prediction PNGs (the ones scored above) to "
+              f"{writer.root}/<image folder>/")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pwda_fast import checkpoint, config, distributed, engine, evaluate, metrics, pictures
-from pwda_fast.data import build_datasets, train_batches
+from pwda_fast import checkpoint, config, distributed, engine, evaluate, metrics, pictures, weight_stats
+from pwda_fast.data import build_datasets, class_groups, train_batches
+from pwda_fast.data.loader import DataError, data_error_message
 from pwda_fast.logger import LoggerError, MetricsLogger
 
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -54,9 +56,12 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_requested = False
         self.skipped = self.consecutive = 0
+        self.streak_start: tuple[int, str | None] = (0, None)  # (step, first non-finite loss) of a streak
         self.engine: engine.Engine | None = None
         self.datasets: dict | None = None
         self.logger: MetricsLogger | None = None
+        self.loaders: dict = {}  # role -> the batch iterator of that domain
+        self.saved_positions: dict = {}  # role -> [loader position per rank], from the checkpoint
 
     def log(self, msg: str) -> None:
         if self.dist.main:
@@ -73,13 +78,22 @@ class Trainer:
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and not distributed.cpu_has_bf16():
             self.log("warning: train.amp=bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is "
                      "emulated: the toy step measured 7.7x slower than fp32; use train.amp=none here")
+        if cfg.train.amp == "fp16" and self.device.type == "cpu":
+            self.log("warning: train.amp=fp16 is for GPUs without bf16; CPU convolutions in fp16 take "
+                     "torch's slow path (the toy step measured 13x slower than fp32); use "
+                     "train.amp=none here")
         self.log(f"device {self.device}, {info.world} process(es), weighted-loss backend "
                  f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), amp {cfg.train.amp}, "
                  f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
                  f"{cfg.data.workers} loader worker(s)")
-        start, self.skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log)
+        start, self.skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,
+                                                loaders=self.saved_positions)
+        best = checkpoint.best_score(self.run_dir)  # read now: an unreadable best.json stops the run here
+        if best is not None:
+            self.log(f"best so far: target mIoU {best['miou']:.2f} at step {best['step']} "
+                     f"({checkpoint.BEST})")
         try:  # layout, validation and decoding problems: messages that name the files, no traceback
-            self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log)
+            self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log, self.device)
         except (ValueError, OSError) as e:
             raise config.ConfigError(f"data: {e}") from e
         self.log(f"data: {len(self.datasets['source'])} source, {len(self.datasets['target'])} target, "
@@ -94,12 +108,19 @@ class Trainer:
     def batches(self, start: int):
         """Endless (source, target-or-None) batch pairs, positioned at `start`."""
         cfg, info = self.cfg, self.dist
-        src = train_batches(cfg.data, self.datasets["source"], cfg.train.seed, info.rank, info.world,
-                            start, self.device)
-        tgt = (train_batches(cfg.data, self.datasets["target"], cfg.train.seed + 1, info.rank, info.world,
-                             start, self.device) if cfg.adapt.mode == "adapt" else None)
+        seeds = {"source": cfg.train.seed, "target": cfg.train.seed + 1}
+        for role in ("source", "target") if cfg.adapt.mode == "adapt" else ("source",):
+            saved = self.saved_positions.get(role)  # positions of another number of ranks do not fit
+            position = saved[info.rank] if saved and len(saved) == info.world else None
+            self.loaders[role] = train_batches(cfg.data, self.datasets[role], seeds[role], info.rank,
+                                               info.world, start, self.device, position, self.log)
+        src, tgt = self.loaders["source"], self.loaders.get("target")
         while True:
-            yield next(src), next(tgt) if tgt is not None else None
+            pair = next(src), next(tgt) if tgt is not None else None
+            for batch in filter(None, pair):
+                for problem in batch.pop("skipped", ()):
+                    self.log(f"warning: skipped {problem} (data.skip_bad=true)")
+            yield pair
 
     @contextlib.contextmanager
     def sigterm_stops_after_the_step(self):
@@ -139,24 +160,53 @@ class Trainer:
         return 0
 
     def count_skips(self, step: int, losses: dict, stepped: bool) -> None:
-        """Count a skipped (non-finite) step; too many in a row stop the run."""
+        """Count a skipped (non-finite) step; too many in a row stop the run.
+
+        Every skip counts once in `skipped`. An fp16 overflow that halved the loss scale to 1 or more
+        (Adapter.calibrating) does not count towards train.max_skips: the scale starts high on
+        purpose and finds its level that way, at most 16 halvings from 65536 to 1. Overflowing below
+        scale 1 means the gradients themselves exceed fp16's range, so those skips count like any other.
+        """
         if stepped:
             self.consecutive = 0
             return
-        self.consecutive += 1
         self.skipped += 1
+        adapter = self.engine.adapter
+        if adapter.calibrating:
+            self.log(f"step {step}: fp16 gradient overflow; loss scale lowered to "
+                     f"{adapter.scaler.get_scale():g}, skipped all three optimizer steps "
+                     f"({self.skipped} skipped in all)")
+            return
+        self.consecutive += 1
         bad = ", ".join(f"{k}={v:.3g}" for k, v in losses.items())
+        if self.consecutive == 1:  # the losses come in computation order: the first bad one went first
+            self.streak_start = step, next((k for k, v in losses.items() if not math.isfinite(v)), None)
         self.log(f"step {step}: non-finite loss or gradient ({bad}); skipped all three "
                  f"optimizer steps ({self.consecutive} in a row, {self.skipped} in all)")
         if self.consecutive >= self.cfg.train.max_skips:
-            raise NonFiniteError(f"{self.consecutive} consecutive non-finite steps (last: {bad}); "
-                                 "lower optim.lr, check the data, or try train.amp=none")
+            first_step, term = self.streak_start
+            raise NonFiniteError(
+                f"{self.consecutive} consecutive non-finite steps from step {first_step} (first non-finite: "
+                f"{f'the {term} loss' if term else 'a gradient, with finite losses'}; last: {bad}). "
+                f"Likely causes: {'; '.join(likely_causes(self.cfg, term))}")
 
     def log_step(self, step: int, losses: dict, rate: float) -> None:
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.iters:
             lr = self.engine.optimizers.g.param_groups[0]["lr"]
             self.logger.write({"step": step, "lr": lr, **losses, "skipped": self.skipped,
                                "it_s": round(rate, 3)})
+
+    def loader_positions(self) -> dict:
+        """{role: [position of rank 0, 1, ...]} of the loaders that report one (DALI), gathered from
+        every rank (each reads its own shard); {} with the torch loader. Every rank calls this."""
+        local = {role: it.state() for role, it in self.loaders.items() if hasattr(it, "state")}
+        if not local:
+            return {}
+        gathered = [local]
+        if self.dist.enabled:
+            gathered = [None] * self.dist.world
+            torch.distributed.all_gather_object(gathered, local)
+        return {role: [positions[role] for positions in gathered] for role in local}
 
     def checkpoint_or_stop(self, step: int) -> bool:
         """Checkpoint at the cadence, at the end and on preemption -> True when the run must stop now."""
@@ -165,8 +215,10 @@ class Trainer:
         self.stop_requested = distributed.any_true(self.stop_requested, self.device, self.dist)
         preempted = self.stop_requested or step == cfg.train.stop_at
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters or preempted:
+            positions = self.loader_positions()
             if self.dist.main:
-                state = checkpoint.training_state(self.engine, step, cfg, self.dist.world, self.skipped)
+                state = checkpoint.training_state(self.engine, step, cfg, self.dist.world, self.skipped,
+                                                  positions)
                 checkpoint.save(self.run_dir, step, state, cfg.train.keep_last)
             distributed.barrier(self.dist)
         if preempted:
@@ -175,7 +227,8 @@ class Trainer:
         return preempted
 
     def evaluate(self, step: int) -> dict | None:
-        """Target-val mIoU (rank 0), logged with the prediction and weighting-map pictures."""
+        """Target-val mIoU (rank 0), logged with the prediction and weighting-map pictures; a new
+        highest mIoU replaces best.pt and best.json."""
         result = None
         if self.dist.main:
             val, g = self.datasets["val"], self.engine.nets.g
@@ -184,12 +237,17 @@ class Trainer:
             result = metrics.with_protocols(  # SYNTHIA runs add the 16- and 13-class mIoU
                 evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp,
                                         protocol=self.cfg.train.eval_protocol), self.cfg.data.source)
+            fig2 = weight_stats.measure(g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt,
+                                        class_groups(self.cfg.data.target))
             self.logger.write({"step": step, "eval": True,
-                               **{k: result[k] for k in ("miou", "miou16", "miou13") if k in result}})
+                               **{k: result[k] for k in ("miou", "miou16", "miou13") if k in result}, **fig2})
             if self.logger.tensorboard and self.cfg.log.images:
                 self.logger.images(step, pictures.training_figures(
                     g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt, self.cfg.log.images))
-            self.log(f"step {step}: target mIoU {result['miou']:.2f}")
+            state = checkpoint.networks_state(self.engine, step, self.cfg)
+            best = checkpoint.save_best(self.run_dir, step, result, state)
+            self.log(f"step {step}: target mIoU {result['miou']:.2f}"
+                     + (f" (best so far: wrote {checkpoint.BEST})" if best else ""))
         distributed.barrier(self.dist)
         return result
 
@@ -200,6 +258,25 @@ class Trainer:
             a = self.cfg.adapt
             self.log(metrics.format_result(
                 result, f"target val after {step} iterations ({a.mode}, weighting {a.weighting})"))
+
+
+def likely_causes(cfg: config.Config, term: str | None) -> list[str]:
+    """What most likely made a run diverge, from its config and the first loss that went non-finite."""
+    causes = []
+    if term in ("adv", "adv_aux", "d", "d_aux"):
+        causes.append(f"the adversarial terms diverged first: lower adapt.lambda_adv / adapt.lambda_aux "
+                      f"(now {cfg.adapt.lambda_adv:g} / {cfg.adapt.lambda_aux:g}) or optim.lr_d (now "
+                      f"{cfg.optim.lr_d:g})")
+    else:
+        causes.append(f"the segmenter diverged first: lower optim.lr (now {cfg.optim.lr:g})")
+    if not cfg.model.init_weights:
+        causes.append(f"the generator starts from random weights (no model.init_weights) with model.bn="
+                      f"{cfg.model.bn}" + ("" if cfg.model.bn == "train" else
+                                           ", which needs pretrained weights: set model.bn=train"))
+    if cfg.train.amp != "none":
+        causes.append(f"train.amp={cfg.train.amp}: retry with train.amp=none")
+    causes.append("a bad file: data.validate=full checks every file")
+    return causes
 
 
 def run_for_result(argv: list[str], title: str) -> tuple[int, dict | None]:
@@ -241,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.run()
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, LoggerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except DataError as e:  # a file that fails mid-run, possibly raised in a loader worker
+        print(f"error: data: {data_error_message(e)}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)

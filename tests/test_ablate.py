@@ -1,4 +1,4 @@
-"""The Table 3 ablation: every row is a real training run; the table and pictures come from them."""
+"""The Table 3 ablation: options, paired statistics and outputs on fake results; one tiny real run."""
 
 import json
 import statistics
@@ -8,7 +8,10 @@ import pytest
 from helpers import tiny_overrides
 from PIL import Image
 
-from pwda_fast import ablate, config, pictures
+from pwda_fast import ablate, config, pictures, stats, train
+
+ALIGNED, SHIFTED = ["road", "building"], ["sidewalk", "car"]
+GROUPS = {"aligned": ALIGNED, "shifted": SHIFTED}
 
 
 def test_rows_are_the_papers_table_3_settings():
@@ -22,16 +25,164 @@ def test_rows_are_the_papers_table_3_settings():
     assert (settings["genmap-t0.9"].weighting, settings["genmap-t0.9"].threshold) == ("gen", 0.9)
     last = settings["genmap-t0.9-dismap"]
     assert (last.mode, last.weighting, last.threshold) == ("adapt", "gen+dis", 0.9)
+    assert ablate.BASELINE in {name for _, name, _ in ablate.ROWS}
 
 
-def test_table_reports_mean_sample_std_and_every_seed():
-    summary = ablate.summarise({"A": {1: 40.0, 2: 42.0, 3: 44.0}, "B": {1: 10.0}})
-    assert summary["A"]["mean"] == 42.0 and summary["A"]["std"] == statistics.stdev([40, 42, 44]) == 2.0
-    assert summary["B"]["std"] is None
-    table = ablate.markdown_table(summary).splitlines()
-    assert table[0] == "| method | mIoU mean ± std | seed 1 | seed 2 | seed 3 |"
-    assert table[2] == "| A | 42.00 ± 2.00 | 40.00 | 42.00 | 44.00 |"
-    assert table[3] == "| B | 10.00 | 10.00 | – | – |"
+def test_options_pairs_seeds_and_iters():
+    args, extra = ablate.parse_args(["--pair", "both", "--seeds", "4", "--iters", "300", "--optim.lr=0.02"])
+    assert args.pairs == ["toy", "toy_partial"] and args.seed_list == [1234, 1235, 1236, 1237]
+    assert args.iters == 300 and extra == ["--optim.lr=0.02"]
+    args, _ = ablate.parse_args(["--seeds", "7,3,11", "--pair", "toy_partial"])
+    assert args.seed_list == [7, 3, 11] and args.pairs == ["toy_partial"]
+    assert ablate.parse_args(["--seeds", "5,"])[0].seed_list == [5]  # one explicit seed
+    args, _ = ablate.parse_args(["--first-seed", "10", "--seeds", "2"])
+    assert args.seed_list == [10, 11] and args.pairs == ["toy"] and args.iters is None
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0"], ["--seeds", "a,b"], ["--seeds", "1,1"],
+                                  ["--seeds", "three"], ["--pair", "gta5"], ["--iters", "0"]])
+def test_bad_options_exit_2_with_the_reason(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ablate.parse_args(argv)
+    assert stop.value.code == 2
+    assert "--seeds" in capsys.readouterr().err or argv[0] != "--seeds"
+
+
+def _fake(miou_by_row: dict[str, list[float]], seeds=(1, 2, 3)) -> dict:
+    """Per-seed results whose class IoUs are the mIoU plus a fixed offset per class."""
+    offsets = {"road": 20.0, "building": 10.0, "sidewalk": -10.0, "car": -20.0}
+    raw = {}
+    for row, values in miou_by_row.items():
+        raw[row] = {s: {"miou": v, "iou": {c: v + o for c, o in offsets.items()},
+                        "fig2": {"above_t": 0.1 * k, "weight_aligned": 0.2}}
+                    for k, (s, v) in enumerate(zip(seeds, values))}
+    return raw
+
+
+def test_paired_differences_and_their_intervals_by_hand():
+    """Baseline 40, 42, 44; GenMap (T=1) 41, 42, 46: paired differences 1, 0, 2 -> mean 1,
+    sd = sqrt(((0)^2 + (-1)^2 + 1^2) / 2) = 1, half width t_{0.975, 2} * 1 / sqrt(3) = 4.3026527 / 1.7320508
+    = 2.4841377. The class IoUs move with the mIoU, so every group and class differs by the same."""
+    raw = _fake({"source-only": [20.0, 25.0, 30.0], ablate.BASELINE: [40.0, 42.0, 44.0],
+                 "GenMap (T=1)": [41.0, 42.0, 46.0]})
+    raw["GenMap (T=1)"][3]["iou"]["car"] = 26.0 + 100.0  # one class on one seed: +100 more
+    summary = ablate.analyse(raw, GROUPS)
+    base, row = summary[ablate.BASELINE], summary["GenMap (T=1)"]
+    assert base["mean"] == 42.0 and base["std"] == statistics.stdev([40, 42, 44]) == 2.0
+    assert "diff" not in base and base["seeds"] == {1: 40.0, 2: 42.0, 3: 44.0}
+    assert row["diff"]["per_seed"] == {1: 1.0, 2: 0.0, 3: 2.0}
+    assert (row["diff"]["mean"], row["diff"]["sd"], row["diff"]["n"]) == (1.0, 1.0, 3)
+    assert row["diff"]["half_width"] == pytest.approx(2.4841377, abs=1e-6)
+    assert row["diff"]["low"] == pytest.approx(1 - 2.4841377, abs=1e-6)
+    assert row["groups"]["aligned"]["per_seed"] == {1: 1.0, 2: 0.0, 3: 2.0}
+    # shifted on seed 3: (sidewalk +2, car +102) / 2 = 52
+    assert row["groups"]["shifted"]["per_seed"] == {1: 1.0, 2: 0.0, 3: 52.0}
+    assert row["classes"] == pytest.approx({"road": 1.0, "building": 1.0, "sidewalk": 1.0, "car": 103 / 3})
+    assert row["groups"]["shifted"]["mean"] == pytest.approx(53 / 3)
+    assert row["fig2"] == pytest.approx({"above_t": 0.1, "weight_aligned": 0.2})  # mean of 0, 0.1, 0.2
+    assert summary["source-only"]["diff"]["mean"] == pytest.approx(-17.0)
+
+
+def test_a_class_missing_from_a_run_is_left_out_of_its_differences():
+    raw = _fake({ablate.BASELINE: [40.0, 42.0], "GenMap (T=1)": [41.0, 45.0]}, seeds=(1, 2))
+    del raw["GenMap (T=1)"][2]["iou"]["car"]  # never predicted nor present: no IoU
+    row = ablate.analyse(raw, GROUPS)["GenMap (T=1)"]
+    assert row["groups"]["shifted"]["per_seed"] == {1: 1.0, 2: 3.0}  # seed 2: sidewalk alone
+    assert row["classes"]["car"] == 1.0  # seed 1 alone
+
+
+def test_tables_show_intervals_groups_fig2_classes_and_seeds():
+    raw = _fake({"source-only": [20.0, 25.0, 30.0], ablate.BASELINE: [40.0, 42.0, 44.0],
+                 "GenMap (T=1)": [41.0, 42.0, 46.0]})
+    lines = ablate.markdown_tables(ablate.analyse(raw, GROUPS), GROUPS).splitlines()
+    assert lines[0] == ("| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] "
+                        "| Δ aligned classes [95% CI] | Δ shifted classes [95% CI] |")
+    assert lines[3] == f"| {ablate.BASELINE} | 42.00 ± 2.00 | – | – | – |"
+    interval = "+1.00 [-1.48, +3.48]"
+    assert lines[4] == f"| GenMap (T=1) | 43.00 ± 2.65 | {interval} | {interval} | {interval} |"
+    assert "| method | p* > T, all pixels | mean w, aligned |" in lines
+    assert "| GenMap (T=1) | 0.100 | 0.200 |" in lines
+    assert "| car | shifted | -17.00 | +1.00 |" in lines
+    assert "| source-only | 20.00 | 25.00 | 30.00 |" in lines
+    # One group ("all", the toy pair): no group columns; one seed: means without intervals.
+    one = ablate.analyse(_fake({ablate.BASELINE: [40.0], "GenMap (T=1)": [39.5]}, seeds=(9,)),
+                         {"all": ALIGNED + SHIFTED})
+    lines = ablate.markdown_tables(one, {"all": ALIGNED + SHIFTED}).splitlines()
+    assert lines[0] == "| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] |"
+    assert lines[3] == "| GenMap (T=1) | 39.50 | -0.50 |"
+
+
+def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
+    doc = tmp_path / "RESULTS.md"
+    toy = "<!-- ablation:toy:start -->\n{}\n<!-- ablation:toy:end -->"
+    doc.write_text(f"# Results\n\nkept\n{toy.format('old table')}\ntail\n")
+    ablate.update_doc(doc, "toy", "new table\n")
+    ablate.update_doc(doc, "toy_partial", "partial table")
+    ablate.update_doc(doc, "toy_partial", "partial table 2")
+    assert doc.read_text() == (f"# Results\n\nkept\n{toy.format('new table')}\ntail\n\n"
+                               "<!-- ablation:toy_partial:start -->\npartial table 2\n"
+                               "<!-- ablation:toy_partial:end -->\n")
+
+
+def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypatch, capsys):
+    """Training replaced by fake results: what main asks train for, and what it writes."""
+    asked = []
+
+    def fake_run(argv, title):
+        overrides = config.parse_args(argv)[1]
+        asked.append(overrides)
+        run_dir = tmp_path / overrides["train.run_dir"]
+        run_dir.mkdir(parents=True)
+        seed, pair = overrides["train.seed"], overrides["data.source"]
+        miou = 30.0 + seed + (5.0 if overrides.get("adapt.weighting") == "gen" else 0.0)
+        iou = {"road": miou, "sidewalk": miou, "car": miou}
+        records = [{"step": 5, "eval": True, "miou": 1.0, "above_t": 0.9},
+                   {"step": 10, "eval": True, "miou": miou},  # before the measurements existed
+                   {"step": 10, "seg": 0.5},
+                   {"step": 10, "eval": True, "miou": miou, "above_t": 0.25, f"weight_{pair}": 0.5}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return 0, {"miou": miou, "iou": iou, "protocol": "single"}
+
+    monkeypatch.setattr(train, "run_for_result", fake_run)
+    monkeypatch.setattr(ablate, "render_rows", lambda runs, out, index: out / "ablation.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--pair", "both", "--seeds", "1,2", "--iters", "10", "--out", "abl", "--doc", "R.md",
+            "--train.log_every=5"]
+    assert ablate.main(argv) == 0
+    assert len(asked) == 2 * len(ablate.ROWS) * 2
+    for o in asked:
+        assert o["data.source"] == o["data.target"] and o["train.iters"] == 10 and o["train.log_every"] == 5
+        slug = next(slug for slug, _, flags in ablate.ROWS
+                    if config.parse_args(flags)[1].items() <= o.items())
+        assert o["train.run_dir"] == f"abl/{o['data.source']}/{slug}-s{o['train.seed']}"
+    out = capsys.readouterr().out
+    for pair in ("toy", "toy_partial"):
+        result = json.loads((tmp_path / "abl" / pair / "ablation.json").read_text())
+        assert (result["pair"], result["seeds"], result["iters"], result["level"]) == (pair, [1, 2], 10, 0.95)
+        assert result["command"] == "python -m pwda_fast.ablate " + " ".join(argv)
+        rows = result["rows"]
+        assert list(rows) == [name for _, name, _ in ablate.ROWS]
+        assert rows["GenMap (T=1)"]["seeds"] == {"1": 36.0, "2": 37.0}
+        assert rows["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 5.0, "2": 5.0}
+        assert rows["GenMap (T=1)"]["diff"]["half_width"] == 0.0
+        # The latest evaluation of the last step (a finished run re-evaluated by the rerun).
+        assert rows["source-only"]["fig2"] == {"above_t": 0.25, f"weight_{pair}": 0.5}
+        groups = {"toy": ["all"], "toy_partial": ["aligned", "shifted"]}[pair]
+        assert list(result["groups"]) == groups and list(rows["GenMap (T=1)"]["groups"]) == groups
+        text = (tmp_path / "abl" / pair / "ablation.md").read_text()
+        assert f"on the `{pair}` pair, 10 iterations, 2 seed(s) (1, 2)" in text
+        assert "| GenMap (T=1) | 36.50 ± 0.71 | +5.00 [+5.00, +5.00]" in text
+        assert text.strip() in out
+        assert f"<!-- ablation:{pair}:start -->\n{text.rstrip()}\n<!-- ablation:{pair}:end -->" in \
+            (tmp_path / "R.md").read_text()
+
+
+def test_t_interval_in_the_summary_is_the_stats_one():
+    raw = _fake({ablate.BASELINE: [40.0, 41.0, 45.0, 39.0], "GenMap (T=1)": [41.5, 40.0, 47.0, 38.0]},
+                seeds=(1, 2, 3, 4))
+    diff = ablate.analyse(raw, GROUPS)["GenMap (T=1)"]["diff"]
+    expected = stats.t_interval([1.5, -1.0, 2.0, -1.0]).to_dict()
+    assert {k: diff[k] for k in expected} == expected
 
 
 @pytest.mark.slow
@@ -39,26 +190,28 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
     tiny = tiny_overrides(tmp_path, **{"data.batch_size": 1, "train.eval_images": 4})
     extra = [f"--{k}={json.dumps(v)}" for k, v in tiny.items() if k not in ("train.run_dir", "train.iters")]
     out = tmp_path / "ablation"
-    assert ablate.main(["--seeds", "1", "--iters", "2", "--out", str(out), *extra]) == 0
-    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    argv = ["--pair", "toy_partial", "--seeds", "1", "--iters", "2", "--out", str(out), *extra]
+    assert ablate.main(argv) == 0
+    pair_dir = out / "toy_partial"
+    runs = sorted(p.name for p in pair_dir.iterdir() if p.is_dir())
     assert runs == sorted(f"{slug}-s1234" for slug, _, _ in ablate.ROWS)
     for slug, _, _ in ablate.ROWS:
-        saved = json.loads((out / f"{slug}-s1234" / "config.json").read_text())
+        saved = json.loads((pair_dir / f"{slug}-s1234" / "config.json").read_text())
         assert saved["train"]["iters"] == 2 and saved["train"]["seed"] == 1234
-        assert Image.open(out / f"{slug}-s1234.png").size == (2 * 192, pictures.TITLE_H + 2 * 96)
-    text = (out / "ablation.md").read_text()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| method")]
-    assert [r.split(" | ")[0][2:] for r in rows] == [name for _, name, _ in ablate.ROWS]
-    result = json.loads((out / "ablation.json").read_text())
-    for _, name, _ in ablate.ROWS:
-        miou = json.loads((out / f"{_slug(name)}-s1234" / "final.json").read_text())["miou"]
-        assert result["rows"][name]["seeds"]["1234"] == miou
-    assert "Command: `python -m pwda_fast.ablate --seeds 1" in text
+        assert saved["data"]["source"] == saved["data"]["target"] == "toy_partial"
+        assert Image.open(pair_dir / f"{slug}-s1234.png").size == (2 * 192, pictures.TITLE_H + 2 * 96)
+    text = (pair_dir / "ablation.md").read_text()
+    first = text.split("\n\n| method | mIoU")[1].split("\n\n")[0].splitlines()
+    assert [r.split(" | ")[0][2:] for r in first[2:]] == [name for _, name, _ in ablate.ROWS]
+    result = json.loads((pair_dir / "ablation.json").read_text())
+    for slug, name, _ in ablate.ROWS:
+        final = json.loads((pair_dir / f"{slug}-s1234" / "final.json").read_text())
+        assert result["rows"][name]["seeds"]["1234"] == final["miou"]
+        fig2 = result["rows"][name]["fig2"]  # logged by the trainer at its last evaluation
+        assert {"above_t", "above_t_aligned", "above_t_shifted", "weight_aligned", "weight_shifted"} \
+            <= set(fig2)
+    assert "Command: `python -m pwda_fast.ablate --pair toy_partial --seeds 1" in text
     assert text.strip() in capsys.readouterr().out
-    picture = np.asarray(Image.open(out / "ablation.png"))
+    picture = np.asarray(Image.open(pair_dir / "ablation.png"))
     panels = 2 + len(ablate.ROWS)  # image, ground truth, one prediction per row
     assert picture.shape[1] == panels * 2 * 192 + (panels - 1) * pictures.GAP
-
-
-def _slug(name: str) -> str:
-    return next(slug for slug, row, _ in ablate.ROWS if row == name)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pwda_fast import config
 from pwda_fast.data import build_datasets, dali, train_batches
-from pwda_fast.data.loader import InfiniteSampler, SegmentationDataset
+from pwda_fast.data.loader import DataError, InfiniteSampler, SegmentationDataset
 from pwda_fast.data.prepare import prepare
 
 CPU = torch.device("cpu")
@@ -33,6 +33,7 @@ def trees(tmp_path_factory):
         make_tree(root / name, name, n=12)
     prepared = root / "prepared"  # a prepared copy of GTA5 for DALI; the raw tree stays raw
     prepare("gta5", root / "gta5", out=prepared, jpeg=True, progress=False)
+    prepare("cityscapes", root / "cityscapes", out=root / "prepared_city", jpeg=True, progress=False)
     return root
 
 
@@ -79,14 +80,14 @@ def test_loader_choice():
     assert dali.choose("torch", ds, CPU) == "torch"
     assert dali.choose("auto", ds, CPU) == "torch"
     if dali.available():
-        with pytest.raises(RuntimeError, match="raw/labels/a.png are not 8-bit trainId.*data.prepare"):
+        with pytest.raises(DataError, match="raw/labels/a.png are not 8-bit trainId.*pwda-prepare"):
             dali.choose("dali", ds, CPU)
         assert dali.choose("dali", SegmentationDataset([]), CPU) == "dali"
 
 
 def test_explicit_dali_without_dali_installed_says_how_to_install(monkeypatch):
     monkeypatch.setattr(dali, "import_error", lambda: ImportError("No module named 'nvidia.dali'"))
-    with pytest.raises(RuntimeError, match="pip install nvidia-dali-cuda130.*data.loader=torch"):
+    with pytest.raises(DataError, match="pip install nvidia-dali-cuda130.*data.loader=torch"):
         dali.choose("dali", SegmentationDataset([]), CPU)
     assert dali.choose("auto", SegmentationDataset([]), torch.device("cuda")) == "torch"
 
@@ -94,9 +95,11 @@ def test_explicit_dali_without_dali_installed_says_how_to_install(monkeypatch):
 @needs_dali
 def test_dali_cpu_pipeline_aligned_with_prepared_labels(trees):
     cfg = _cfg("gta5", trees / "gta5", trees / "cityscapes", loader="dali",
-               source_prepared=str(trees / "prepared"))
+               source_prepared=str(trees / "prepared"), target_prepared=str(trees / "prepared_city"),
+               image_format="jpeg")
     sets = build_datasets(cfg)
-    assert sets["source"].pairs[0][0].suffix == ".jpg"
+    assert sets["source"].pairs[0][0].suffix == ".jpg" and sets["target"].pairs[0][0].suffix == ".jpg"
+    assert all(image.suffix == ".png" for image, _ in sets["val"].pairs)  # evaluation: the originals
     batches = train_batches(cfg, sets["source"], 3, 0, 1, 0, CPU)
     seen = set()
     for batch in itertools.islice(batches, 3):

@@ -1,6 +1,7 @@
 """prepare: labels converted once to 8-bit trainId PNGs beside the originals, resumable, used by training."""
 
 import hashlib
+import shutil
 
 import numpy as np
 import pytest
@@ -29,11 +30,11 @@ def test_prepare_converts_labels_and_leaves_originals(tmp_path, dataset):
     assert domain.stored_train_ids  # the prepared tree is what training reads now
     by_stem = {img.name.split(".")[0]: lab for img, _, lab in made}
     for image, label in domain.pairs:
-        assert image.suffix == ".jpg"
+        assert image.suffix == ".png"  # the originals: JPEG copies are for the training sets that ask
         assert label.is_relative_to(tmp_path / f"{LAYOUTS[dataset].label_dir}_trainIds")
         assert Image.open(label).mode == "L"
         np.testing.assert_array_equal(np.asarray(Image.open(label)), by_stem[image.name.split(".")[0]])
-        assert Image.open(image).format == "JPEG"
+        assert Image.open(domain.jpeg[image]).format == "JPEG"
 
 
 def test_prepare_resumes_and_skips_finished_outputs(tmp_path):
@@ -79,4 +80,29 @@ def test_prepare_cli_errors(tmp_path, capsys):
     made[1][1].unlink()
     assert main(["--dataset", "gta5", "--root", str(tmp_path / "g")]) == 1
     err = capsys.readouterr().err
-    assert f"failed: {made[1][1]}" in err and "1 inputs could not be converted" in err
+    assert f"failed: {made[1][1]}" in err and "1 inputs could not be converted: 1 FileNotFoundError" in err
+    assert "not marked prepared" in err and not (tmp_path / "g" / ".pwda_prepared_gta5.json").exists()
+    assert not open_split("gta5", str(tmp_path / "g"), "source").stored_train_ids  # raw labels still read
+
+
+def test_prepare_refuses_a_tree_with_a_missing_split(tmp_path, capsys):
+    make_tree(tmp_path, "cityscapes", n=2)
+    shutil.rmtree(tmp_path / "gtFine")  # images unpacked, labels forgotten
+    assert main(["--dataset", "cityscapes", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gtFine' / 'val'} is missing" in err and "Nothing was marked prepared" in err
+    assert err.count("\n") < 10 and "skip_bad" not in err  # one message, not one per file
+    assert not list(tmp_path.glob(".pwda_prepared_*")) and not (tmp_path / "gtFine_trainIds").exists()
+
+
+def test_out_of_date_prepared_tree_says_rerun_prepare(tmp_path):
+    made = make_tree(tmp_path / "g", "gta5", n=3)
+    assert main(["--dataset", "gta5", "--root", str(tmp_path / "g"), "--out", str(tmp_path / "p")]) == 0
+    (tmp_path / "p" / "labels_trainIds" / made[1][1].name).unlink()  # e.g. deleted, or a frame added later
+    cfg = config.load(None, {"data.source": "gta5", "data.source_root": str(tmp_path / "g"),
+                             "data.source_prepared": str(tmp_path / "p"), "data.skip_bad": True}).data
+    with pytest.raises(ValueError) as info:
+        build_datasets(cfg)
+    msg = str(info.value)
+    assert f"although the raw label {made[1][1]} is there" in msg
+    assert f"rerun `pwda-prepare --dataset gta5 --root {tmp_path / 'g'} --out {tmp_path / 'p'}`" in msg

@@ -133,7 +133,17 @@ def test_injected_nan_is_skipped_and_persistent_nan_stops(tmp_path, monkeypatch,
     monkeypatch.setattr(reference, "seg_ce", lambda logits, labels, *w: real(logits, labels, *w) * math.nan)
     code = run(tiny_overrides(tmp_path / "always", **{"train.max_skips": 2}))
     assert code == train.EXIT_NONFINITE
-    assert "2 consecutive non-finite steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2 consecutive non-finite steps from step 1 (first non-finite: the seg loss" in err
+    assert "the segmenter diverged first: lower optim.lr (now 0.01)" in err
+    assert "random weights (no model.init_weights) with model.bn=train" in err  # the toy trains BN
+
+
+def test_likely_causes_name_what_the_run_saw():
+    paper = config.load("gta5_to_cityscapes", {"train.amp": "bf16"})
+    causes = "; ".join(train.likely_causes(paper, "d"))
+    assert "adversarial terms diverged first" in causes and "optim.lr_d (now 0.0001)" in causes
+    assert "needs pretrained weights: set model.bn=train" in causes and "train.amp=bf16" in causes
 
 
 def test_config_errors_exit_2_with_message(tmp_path, capsys):
@@ -182,3 +192,16 @@ def test_evaluation_during_training_logs_miou_at_its_cadence(tmp_path, capsys):
     assert [ln["step"] for ln in evals] == [2, 4]  # the cadence, then the final evaluation
     assert 0.0 <= evals[0]["miou"] <= 100.0
     assert f"step 2: target mIoU {evals[0]['miou']:.2f}" in capsys.readouterr().out
+
+
+def test_evaluating_during_training_does_not_change_training(tmp_path):
+    """train.eval_every is result-neutral: an evaluation draws nothing from the training's random
+    streams (the toy generator's dropout would show it in the next step's losses)."""
+    losses = {}
+    for every in (0, 1):
+        run_dir = tmp_path / f"every{every}"
+        assert run(tiny_overrides(run_dir, **{"train.iters": 3, "train.eval_every": every,
+                                               "train.eval_images": 2})) == 0
+        lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[every] = [(ln["seg"], ln["d"]) for ln in lines if "seg" in ln]
+    assert len(losses[0]) == 3 and losses[1] == losses[0]

@@ -12,22 +12,25 @@ pipeline runs on the CPU (device_id=None).
 Labels must be 8-bit trainId PNGs (the toy domains or a prepared tree): DALI decodes GTA5's palette
 PNGs to colours and SYNTHIA's 16-bit labels to 8 bits, losing the class ids.
 
-Resume: DALI readers cannot start in the middle of an epoch, so a run resumed at step k starts a new
-permutation seeded by (seed, k) instead of replaying the torch loader's exact sample order. Use
-data.loader=torch where bit-exact resume matters.
+Resume: pipelines are built with DALI's checkpointing on, and DaliBatches.state() is the state of
+the readers and random operators after the batches handed out so far (DALI records it per consumed
+batch, so the two it prefetches are not in it). A pipeline rebuilt from that state continues with
+the next batch an uninterrupted run would read: the same files, scales, crops and flips. The
+training checkpoint keeps one state per rank and domain; a run resumed from one without it (written
+by the torch loader or by another number of processes), or over a different number of files,
+starts a fresh permutation seeded by (seed, k) instead, and says so.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from pwda_fast.data import normalization
 from pwda_fast.data.labels import CLASSES, IGNORE
-from pwda_fast.data.loader import SegmentationDataset
+from pwda_fast.data.loader import DataError, SegmentationDataset
 
 
 @functools.cache
@@ -55,11 +58,11 @@ def choose(requested: str, dataset: SegmentationDataset, device: torch.device) -
     elif not dataset.labels_are_train_ids and any(lab is not None for _, lab in dataset.pairs):
         first = next(lab for _, lab in dataset.pairs if lab is not None)
         problem = (f"labels such as {first} are not 8-bit trainId PNGs, the only labels DALI decodes "
-                   f"without losing class ids; run `python -m pwda_fast.data.prepare --dataset "
+                   f"without losing class ids; run `pwda-prepare --dataset "
                    f"gta5|synthia|cityscapes --root DIR` once for that dataset")
     if requested == "dali":
         if problem:
-            raise RuntimeError(f"data.loader=dali cannot run: {problem}; or set data.loader=torch")
+            raise DataError(f"data.loader=dali cannot run: {problem}; or set data.loader=torch")
         return "dali"
     # "auto": DALI pays off when it can decode on a GPU; on a CPU the torch loader is as fast.
     return "dali" if problem is None and device.type == "cuda" else "torch"
@@ -132,9 +135,10 @@ def _graph(images, labels, indices, size, crop, scale, flip, norm, interpolation
 
 
 def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-             threads: int = 2, device_id: int | None = None):
+             threads: int = 2, device_id: int | None = None, checkpoint: bytes | None = None):
     """A built DALI pipeline over `dataset`'s files, augmentation, interpolation and normalisation
-    settings (train mode).
+    settings (train mode), with checkpointing on; `checkpoint` (from a pipeline built with the same
+    arguments) puts its readers and random operators where that one stood.
 
     Outputs per batch: image (B, 3, h, w) float32, label (B, h, w) uint8 and two (B,) int32 file
     indices (image and label reader) when the dataset has labels; else image and index.
@@ -146,7 +150,7 @@ def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int
     labels = _permuted([p[1] for p in dataset.pairs], seed)[0] if labelled else None
     seed %= 2**31
     pipe = Pipeline(batch_size=batch_size, num_threads=max(threads, 1), device_id=device_id, seed=seed,
-                    prefetch_queue_depth=2)
+                    prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=checkpoint)
     with pipe:
         pipe.set_outputs(*_graph(images, labels, order, dataset.size, dataset.crop, dataset.scale,
                                  dataset.flip, normalization.get(dataset.normalize),
@@ -155,35 +159,63 @@ def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int
     return pipe
 
 
+class DaliBatches:
+    """Endless {"image" (B, 3, h, w) float32, "label" (B, h, w) int64, "index" (B,)} batches from one
+    DALI pipeline, and state(): where it stands, for train_loader(state=...) to continue from."""
+
+    def __init__(self, iterator, labelled: bool, seed: int, files: int):
+        self.iterator, self.labelled, self.seed, self.files = iterator, labelled, seed, files
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            (out,) = next(self.iterator)
+        except StopIteration:  # an epoch ended; auto_reset has rewound the iterator for the next one
+            (out,) = next(self.iterator)
+        image, index = out["image"], out["index"].reshape(-1).long()
+        if self.labelled:
+            if not torch.equal(index, out["label_index"].reshape(-1).long()):
+                raise RuntimeError(f"DALI image and label readers fell out of step: images "
+                                   f"{index.tolist()} vs labels {out['label_index'].flatten().tolist()}")
+            label = out["label"].long()
+        else:  # the unlabelled target: void everywhere, like the torch loader
+            label = torch.full((image.shape[0], *image.shape[2:]), IGNORE, dtype=torch.int64,
+                               device=image.device)
+        return {"image": image, "label": label, "index": index}
+
+    def state(self) -> dict:
+        """{"seed": the pipeline's seed, "files": how many it reads, "pipeline": DALI's serialized
+        checkpoint (bytes) after the batches handed out so far}."""
+        return {"seed": self.seed, "files": self.files, "pipeline": self.iterator.checkpoints()[0]}
+
+
 def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int, world: int,
-                 start_step: int, workers: int, device: torch.device) -> Iterator[dict]:
-    """Endless {"image" (B, 3, h, w) float32, "label" (B, h, w) int64, "index" (B,)} batches.
+                 start_step: int, workers: int, device: torch.device, state: dict | None = None
+                 ) -> DaliBatches:
+    """Endless batches (DaliBatches) of `dataset`.
 
     On a CUDA device images and labels arrive on that device. `seed` must be the same on every rank:
-    the ranks shard one seeded file order. A resumed run (start_step > 0) draws a fresh permutation
-    (see the module docstring).
+    the ranks shard one seeded file order. `state`, this rank's DaliBatches.state() of an earlier run
+    with the same arguments, continues that run's batches exactly; without it a run resumed at
+    start_step > 0 draws a fresh permutation (see the module docstring).
     """
     if not dataset.train:
         raise ValueError("the DALI pipeline serves training batches only; evaluate with val_loader")
+    if state is not None and state["files"] != len(dataset):
+        raise ValueError(f"a DALI state saved over {state['files']} files cannot continue over "
+                         f"{len(dataset)}")
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-    pipe = pipeline(dataset, batch_size, seed * 1_000_003 + start_step, rank, world, workers, device_id)
+    seed = state["seed"] if state is not None else seed * 1_000_003 + start_step
+    pipe = pipeline(dataset, batch_size, seed, rank, world, workers, device_id,
+                    state["pipeline"] if state is not None else None)
     labelled = all(p[1] is not None for p in dataset.pairs)
     names = ["image", "label", "index", "label_index"] if labelled else ["image", "index"]
     it = DALIGenericIterator([pipe], names, reader_name="images", auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP)
-    while True:
-        for (out,) in it:
-            image, index = out["image"], out["index"].reshape(-1).long()
-            if labelled:
-                if not torch.equal(index, out["label_index"].reshape(-1).long()):
-                    raise RuntimeError(f"DALI image and label readers fell out of step: images "
-                                       f"{index.tolist()} vs labels {out['label_index'].flatten().tolist()}")
-                label = out["label"].long()
-            else:  # the unlabelled target: void everywhere, like the torch loader
-                label = torch.full((image.shape[0], *image.shape[2:]), IGNORE, dtype=torch.int64,
-                                   device=image.device)
-            yield {"image": image, "label": label, "index": index}
+    return DaliBatches(it, labelled, seed, len(dataset))

@@ -3,14 +3,15 @@
 Each layout lists (image, label) pairs of a split and turns a label file into 8-bit Cityscapes
 trainIds (255 = void). `python -m pwda_fast.data.prepare` writes those trainIds once into a sibling
 folder (`labels_trainIds/`, `GT/LABELS_trainIds/`, `gtFine_trainIds/`) and marks the prepared tree
-complete; a complete prepared tree is read instead of the raw labels (and by DALI, which cannot
-decode palette or 16-bit class ids).
+complete; a complete prepared tree's labels are read instead of the raw labels (and by DALI, which
+cannot decode palette or 16-bit class ids). Its optional JPEG copies of the images are offered to
+the training sets only (data.image_format); evaluation always reads the original images.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -179,7 +180,9 @@ class Domain:
     pairs: [(image, label or None)]; read_ids: label path -> (H, W) integer ids as stored; lut: ids ->
     trainIds; stored_train_ids: the labels are 8-bit trainId PNGs already (prepared or toy), which
     DALI can read; known_ids / label_modes: the values a valid label file may hold (checked by full
-    validation) and the Pillow modes it may open as (checked from the header).
+    validation) and the Pillow modes it may open as (checked from the header). A prepared tree adds
+    jpeg: {image: its JPEG copy} (when prepare wrote them), raw_labels: {prepared label: the raw
+    label it came from}, and prepare_command: the command that (re)writes it.
     """
 
     name: str
@@ -189,6 +192,9 @@ class Domain:
     stored_train_ids: bool
     known_ids: frozenset
     label_modes: frozenset
+    jpeg: dict = field(default_factory=dict)
+    raw_labels: dict = field(default_factory=dict)
+    prepare_command: str = ""
 
     @property
     def label_reader(self):
@@ -201,26 +207,31 @@ def stored_domain(name: str, pairs: list) -> Domain:
     return Domain(name, pairs, read_stored_train_ids, TRAIN_ID_TO_TRAIN, True, TRAIN_IDS, STORED_MODES)
 
 
+def prepare_command(name: str, root: Path, prepared: Path, jpeg: bool = False) -> str:
+    """The prepare command line that (re)writes the prepared tree of `name` at `prepared`."""
+    out = f" --out {prepared}" if prepared != root else ""
+    return f"pwda-prepare --dataset {name} --root {root}{out}{' --jpeg' if jpeg else ''}"
+
+
 def open_domain(name: str, root: str | Path, split: str, prepared_root: str | Path = "") -> Domain:
     """The (image, label) pairs of `split` of dataset `name` under `root`.
 
-    Prepared trainId labels (and JPEG images) under `prepared_root` ("" = `root`) are used when
-    prepare finished there for this split; otherwise raw labels are converted as they are read.
+    Prepared trainId labels under `prepared_root` ("" = `root`) are used when prepare finished there
+    for this split (its JPEG copies are listed in Domain.jpeg, not used here); otherwise raw labels
+    are converted as they are read.
     """
     layout = LAYOUTS[name]
     root = Path(root)
     prepared = Path(prepared_root) if prepared_root else root
     images = layout.images(root, split)
     labelled = layout.splits[split][1]
+    pairs = [(image, layout.label_for(root, image, split) if labelled else None) for image in images]
     done = read_marker(prepared, layout)
-    use_prepared = done is not None and split in done["splits"]
-    use_jpeg = use_prepared and done["jpeg"]
-    pairs = []
-    for image in images:
-        label = layout.label_for(root, image, split) if labelled else None
-        if use_prepared and label is not None:
-            label = layout.prepared_label(root, prepared, label)
-        pairs.append((layout.prepared_image(root, prepared, image) if use_jpeg else image, label))
-    if use_prepared:
-        return stored_domain(name, pairs)
-    return Domain(name, pairs, layout.read_ids, layout.lut, False, layout.known_ids, layout.label_modes)
+    if done is None or split not in done["splits"]:
+        return Domain(name, pairs, layout.read_ids, layout.lut, False, layout.known_ids, layout.label_modes)
+    raw_labels = {layout.prepared_label(root, prepared, lab): lab for _, lab in pairs if lab is not None}
+    return replace(
+        stored_domain(name, [(img, layout.prepared_label(root, prepared, lab) if lab else None)
+                             for img, lab in pairs]),
+        jpeg={img: layout.prepared_image(root, prepared, img) for img in images} if done["jpeg"] else {},
+        raw_labels=raw_labels, prepare_command=prepare_command(name, root, prepared, done["jpeg"]))

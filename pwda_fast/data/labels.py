@@ -62,6 +62,10 @@ def lookup_table(mapping: dict[int, int], size: int = 256) -> np.ndarray:
 
 
 CITYSCAPES_ID_TO_TRAIN = lookup_table({i: t for _, i, t in CITYSCAPES_LABELS if t != IGNORE})
+# The inverse for the 19 classes: (19,) uint8, the labelId of each trainId (7, 8, 11, ..., 33), what the
+# Cityscapes benchmark's evaluation reads from prediction files.
+TRAIN_TO_CITYSCAPES_ID = np.array([i for k in range(len(CLASSES)) for _, i, t in CITYSCAPES_LABELS if t == k],
+                                  np.uint8)
 SYNTHIA_ID_TO_TRAIN = lookup_table(SYNTHIA_TO_TRAIN, 1 << 16)
 # Sanitises stored trainId labels: 0..18 stay, anything else (a stray 19, 254, ...) becomes void.
 TRAIN_ID_TO_TRAIN = lookup_table({i: i for i in range(len(CLASSES))})

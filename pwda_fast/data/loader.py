@@ -24,6 +24,21 @@ from pwda_fast.data.labels import IGNORE
 FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
+# With data.skip_bad, a file that fails to decode is replaced by the next one in the list; this many
+# failures in a row mean the data is broken rather than a few files.
+MAX_CONSECUTIVE_BAD = 8
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names it and says what to do."""
+
+
+def data_error_message(e: BaseException) -> str:
+    """The message of a DataError, without the worker traceback a DataLoader wraps around it when
+    it re-raises the error in the main process."""
+    return str(e).rsplit(f"{DataError.__name__}: ", 1)[-1].strip()
+
+
 def read_image(path: Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
@@ -40,13 +55,15 @@ class SegmentationDataset(Dataset):
     padded with the mean colour and void if needed, and a horizontal flip, all with identical
     parameters for image and label. `normalize` names the input normalisation (normalization.py;
     "auto" reads as "imagenet"). Items are (index, draw) pairs from InfiniteSampler; `draw` seeds
-    the augmentation.
+    the augmentation. A pair that fails to decode raises DataError naming it; with skip_bad the next
+    pair stands in and the sample lists the skipped one under "skipped".
     """
 
     def __init__(self, pairs, size=None, crop=None, scale=(1.0, 1.0), flip=False, train=True,
                  label_reader=to_train_ids, labels_are_train_ids=True, resize_label=True,
-                 normalize="imagenet", interpolation="bilinear"):
+                 normalize="imagenet", interpolation="bilinear", skip_bad=False):
         self.pairs = list(pairs)
+        self.skip_bad = skip_bad
         self.size, self.crop, self.scale, self.flip, self.train = size, crop, tuple(scale), flip, train
         self.label_reader, self.labels_are_train_ids = label_reader, labels_are_train_ids
         self.resize_label = resize_label
@@ -68,15 +85,40 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, item):
         index, draw = item if isinstance(item, tuple) else (item, 0)
+        skipped = []
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, len(self.pairs))):
+            i = (index + attempt) % len(self.pairs)
+            try:
+                img, lab = self._read(i)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append(str(e))
+                continue
+            return {**self._sample(img, lab, draw), "index": i, "skipped": skipped}
+        raise DataError(f"{len(skipped)} files in a row failed to decode, even with data.skip_bad=true "
+                        f"(the last: {skipped[-1]}); check the dataset")
+
+    def _read(self, index: int):
+        """The pair's image (RGB) and label ("L" trainIds, or None); DataError names a file that fails."""
         img_path, lab_path = self.pairs[index]
         try:
             img = read_image(img_path)
+        except OSError as e:  # e.g. a truncated file, which header-only validation cannot see
+            raise DataError(f"{img_path}: the image does not decode ({e}); replace the file, or set "
+                            "data.skip_bad=true to skip such files (data.validate=\"full\" finds them "
+                            "all before training)") from None
+        try:
             lab = self.label_reader(lab_path) if lab_path is not None else None
-        except OSError as e:  # a truncated file that header-only validation could not see
-            raise OSError(f"{img_path} / {lab_path}: {e}; run with data.validate=\"full\" and "
-                          f"data.skip_bad=true to find and skip such files before training") from e
+        except (OSError, ValueError) as e:
+            raise DataError(f"{lab_path}: the label does not decode ({e}); replace the file, or set "
+                            "data.skip_bad=true to skip such files") from None
         if lab is not None and lab.size != img.size:
-            raise ValueError(f"{lab_path}: label size {lab.size} differs from image {img_path} {img.size}")
+            raise DataError(f"{lab_path}: label size {lab.size} differs from image {img_path} {img.size}")
+        return img, lab
+
+    def _sample(self, img, lab, draw: int) -> dict:
+        """Decoded pair -> {"image": (3, h, w) float32, "label": (h, w) int64}, resized, augmented."""
         if self.size:
             img = img.resize(tuple(self.size), FILTERS[self.interpolation])
             if lab is not None and self.resize_label:
@@ -91,7 +133,7 @@ class SegmentationDataset(Dataset):
         if self.train:
             image, label = self._crop_and_flip(image, label, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "label": torch.from_numpy(np.ascontiguousarray(label)), "index": index}
+                "label": torch.from_numpy(np.ascontiguousarray(label))}
 
     def _rescale(self, image, label, rng):
         """(H, W, 3) 0-255 image, (H, W) label -> both resized by one random factor in `scale`."""
@@ -154,7 +196,8 @@ class InfiniteSampler(Sampler):
 def _collate(items):
     return {"image": torch.stack([i["image"] for i in items]),
             "label": torch.stack([i["label"] for i in items]),
-            "index": torch.tensor([i["index"] for i in items])}
+            "index": torch.tensor([i["index"] for i in items]),
+            "skipped": [s for i in items for s in i["skipped"]]}
 
 
 def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int, world: int,
@@ -171,4 +214,7 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank:
 
 
 def val_loader(dataset: SegmentationDataset, workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate)
+    # Its own generator: each iterator draws a base seed, which from the global stream would make an
+    # evaluation during training shift the later steps' randomness (dropout).
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate,
+                      generator=torch.Generator().manual_seed(0))

@@ -1,14 +1,16 @@
 """Convert a dataset's labels once to 8-bit trainId PNGs (and optionally its images to JPEG).
 
-    python -m pwda_fast.data.prepare --dataset gta5|synthia|cityscapes --root DIR [--out DIR] [--jpeg]
+    pwda-prepare --dataset gta5|synthia|cityscapes --root DIR [--out DIR] [--jpeg]
+    (or python -m pwda_fast.data.prepare ...)
 
 Outputs go to sibling folders under --out (default: the dataset root): labels_trainIds/,
 GT/LABELS_trainIds/ or gtFine_trainIds/, and with --jpeg images_jpeg/, RGB_jpeg/ or leftImg8bit_jpeg/
-(quality 95, no chroma subsampling; DALI decodes JPEG on the GPU, PNG only on the CPU). The original
-files are only read. Each output is written to a temporary name and renamed, and existing outputs
-are skipped, so an interrupted run resumes where it stopped. A marker file written at the end tells
-training that the tree is complete (point data.source_prepared / data.target_prepared at --out when
-it is not the root).
+(quality 95, no chroma subsampling; DALI decodes JPEG on the GPU, PNG only on the CPU; only the
+training sets read them, see data.image_format). The original files are only read. Each output is
+written to a temporary name and renamed, and existing outputs are skipped, so an interrupted run
+resumes where it stopped. A marker file written last, only when every split is there and every file
+converted, tells training that the tree is complete (point data.source_prepared /
+data.target_prepared at --out when it is not the root).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,29 +54,34 @@ def convert_image(src: Path, out: Path, quality: int = JPEG_QUALITY) -> None:
 
 
 def tasks(layout: Layout, root: Path, out: Path, jpeg: bool) -> tuple[list, list[str]]:
-    """-> ([(kind, source, output)] still to do, the splits found)."""
-    todo, splits = [], []
-    for split, (sub, labelled) in layout.splits.items():
-        if not (root / layout.image_dir / sub).is_dir():
-            continue  # e.g. Cityscapes without leftImg8bit/train: prepare what is there
-        splits.append(split)
+    """-> ([(kind, source, output)] still to do, the splits). A missing split folder (images, or the
+    labels of a labelled split) raises ValueError showing the layout: a tree is prepared whole."""
+    missing = [root / folder / sub for sub, labelled in layout.splits.values()
+               for folder in (layout.image_dir, layout.label_dir)[: 1 + labelled]
+               if not (root / folder / sub).is_dir()]
+    if missing:
+        raise ValueError(f"{layout.name}: {', '.join(map(str, missing))} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing. Expected layout under "
+                         f"{root}:\n{layout.tree}\nNothing was marked prepared; unpack the missing "
+                         "folders (or point --root at the folder that holds them) and rerun")
+    todo = []
+    for split, (_, labelled) in layout.splits.items():
         for image in layout.images(root, split):
             if labelled:
                 label = layout.label_for(root, image, split)
                 todo.append(("label", label, layout.prepared_label(root, out, label)))
             if jpeg:
                 todo.append(("image", image, layout.prepared_image(root, out, image)))
-    if not splits:
-        layout.images(root, next(iter(layout.splits)))  # raises the error that shows the layout
-    return [t for t in todo if not t[2].is_file()], splits
+    return [t for t in todo if not t[2].is_file()], list(layout.splits)
 
 
 def prepare(dataset: str, root: str | Path, out: str | Path | None = None, jpeg: bool = False,
             workers: int | None = None, progress: bool = True) -> tuple[Path, list[str]]:
-    """Convert what is not converted yet; -> (marker path, ["file: problem"] for inputs that failed).
+    """Convert what is not converted yet; -> (marker path, or None when not every file converted,
+    ["file: problem"] for the inputs that failed).
 
-    The marker is written even when some inputs failed: training's validation then reports those
-    pairs as missing their prepared label (data.skip_bad=true skips them).
+    Without the marker training keeps reading the raw labels (and the original images), so a tree
+    with failed files is never mistaken for a complete one.
     """
     layout = LAYOUTS[dataset]
     root = Path(root)
@@ -92,6 +100,8 @@ def prepare(dataset: str, root: str | Path, out: str | Path | None = None, jpeg:
         results = list(tqdm(pool.map(run, todo), total=len(todo), desc=f"prepare {dataset}",
                             disable=not progress, dynamic_ncols=True))
     failed = [r for r in results if r]
+    if failed:
+        return None, failed
     previous = read_marker(out, layout) or {}
     done = {"dataset": dataset, "root": str(root.resolve()), "splits": splits,
             "jpeg": jpeg or bool(previous.get("jpeg")), "jpeg_quality": JPEG_QUALITY}
@@ -101,7 +111,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path | None = None, jpeg:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.data.prepare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pwda-prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(LAYOUTS))
     parser.add_argument("--root", required=True, help="the dataset in its published layout")
@@ -119,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {line}", file=sys.stderr)
     if failed:
         shown = " (first 20 above)" if len(failed) > 20 else ""
-        print(f"{len(failed)} inputs could not be converted{shown}; fix them and rerun (finished "
-              f"outputs are kept), or train with data.skip_bad=true", file=sys.stderr)
+        reasons = Counter(line.split(": ")[1] for line in failed)
+        print(f"{len(failed)} inputs could not be converted{shown}: "
+              f"{', '.join(f'{n} {why}' for why, n in reasons.most_common())}. The tree is not marked "
+              "prepared, so training keeps reading the raw files. Fix or remove those files and rerun "
+              "(finished outputs are kept and not converted again)", file=sys.stderr)
         return 1
     print(f"prepared {args.dataset}: {path}")
     return 0

@@ -40,6 +40,10 @@ def check_pair(domain: Domain, image: Path, label: Path | None, full: bool) -> s
         with Image.open(label) as lab:
             lab_size, mode = lab.size, lab.mode
     except FileNotFoundError:
+        raw = domain.raw_labels.get(label)
+        if raw is not None and raw.is_file():
+            return (f"has no prepared label: {label} is missing although the raw label {raw} is there "
+                    f"(the prepared tree is out of date: rerun `{domain.prepare_command}`)")
         return f"has no label: {label} is missing"
     except Exception as e:
         return f"label {label} does not decode ({type(e).__name__}: {e})"
@@ -89,6 +93,10 @@ def validate(domain: Domain, role: str, *, full: bool = False, skip_bad: bool = 
         return domain, bad
     total = len(domain.pairs)
     head = f"{role} data ({domain.name}): {len(bad)} of {total} files are bad"
+    stale = sum("has no prepared label" in b["problem"] for b in bad)
+    if stale:  # skipping cannot help here: the files are there, their prepared copies are not
+        raise ValueError(f"{head}:\n{describe(bad)}\n{stale} of them are missing from the prepared tree "
+                         f"only; rerun `{domain.prepare_command}` (it converts only what is missing).")
     if not skip_bad:
         raise ValueError(f"{head}:\n{describe(bad)}\nFix or remove them, or set data.skip_bad=true to "
                          f"train without them (up to data.max_bad_fraction={max_bad_fraction}).")

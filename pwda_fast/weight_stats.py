@@ -1,0 +1,66 @@
+"""The quantities behind the paper's Fig. 2, measured at each evaluation on a fixed set of target images.
+
+The target training images carry no labels (adaptation never sees them), so the statistics are taken
+on the first IMAGES target-val images, the same ones at every evaluation, with their ground truth:
+how many pixels are confident enough (p* > T) to get the floor weight, and the mean weight w of
+eq. (6) on the pixels of each class group (`data.class_groups`: toy_partial's aligned and shifted
+classes, one group "all" elsewhere). The maps are those of the Fig. 2 pictures
+(`pictures.weighting_maps`, the formulas training uses), with the networks in eval mode (running
+BatchNorm statistics, no dropout), so measuring changes nothing in the run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pwda_fast import pictures
+
+# Target-val images, taken one at a time: at 1024x512, D_aux's first map at image size alone holds
+# 256 x 524,288 fp32 values (0.5 GB).
+IMAGES = 8
+
+
+@torch.no_grad()
+def measure(g, d_aux, val_dataset, adapt_cfg, groups: dict[str, tuple[int, ...]],
+            images: int = IMAGES) -> dict[str, float]:
+    """-> {"above_t": fraction of all pixels with p* > adapt.threshold, and for each group G with
+    labelled pixels among the images: "above_t_G" (the same fraction over G's pixels) and "weight_G"
+    (mean w over G's pixels)}.
+
+    g and d_aux: the bare networks (their train/eval modes are restored); val_dataset items are
+    {"image": (3, H, W), "label": (h0, w0) trainIds}, labels brought to (H, W) by nearest neighbour.
+    w is the map this run's adapt settings give (eq. 6 with D_aux for "gen+dis", else eq. 4), also
+    for runs that do not weight (weighting "none", source-only): what weighting would do there.
+    """
+    device = next(g.parameters()).device
+    modes = (g.training, d_aux.training)
+    g.eval()
+    d_aux.eval()
+    above = total = 0.0
+    sums = {name: [0.0, 0.0, 0] for name in groups}  # above-T pixels, weight sum, pixels
+    try:
+        for i in range(min(images, len(val_dataset))):
+            item = val_dataset[i]
+            image = item["image"][None].to(device)  # (1, 3, H, W)
+            maps = pictures.weighting_maps(g, d_aux, image, adapt_cfg)
+            confident = (maps["logits"].softmax(1).amax(1) > adapt_cfg.threshold)[0]  # (H, W)
+            weight = maps["weight"][0]  # (H, W)
+            label = F.interpolate(item["label"][None, None].float(), size=confident.shape,
+                                  mode="nearest")[0, 0].to(device).long()  # (H, W)
+            above += float(confident.sum())
+            total += confident.numel()
+            for name, classes in groups.items():
+                member = torch.isin(label, torch.tensor(classes, device=device))  # void is in no group
+                sums[name][0] += float(confident[member].sum())
+                sums[name][1] += float(weight[member].sum())
+                sums[name][2] += int(member.sum())
+    finally:
+        g.train(modes[0])
+        d_aux.train(modes[1])
+    out = {"above_t": above / total} if total else {}
+    for name, (n_above, w_sum, n) in sums.items():
+        if n:
+            out[f"above_t_{name}"] = n_above / n
+            out[f"weight_{name}"] = w_sum / n
+    return out

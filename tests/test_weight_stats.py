@@ -1,0 +1,82 @@
+"""Fig. 2 measurements: hand-checked on crafted maps, real networks, and logged by the trainer."""
+
+import json
+
+import pytest
+import torch
+from helpers import as_argv, tiny_overrides
+
+from pwda_fast import config, models, pictures, train, weight_stats
+
+GROUPS = {"aligned": (0, 2), "shifted": (1, 9)}  # road, building | sidewalk, terrain
+SURE, UNSURE = (10.0, 0.0), (0.0, 0.0)  # two-class logits: p* = 0.99995 and 0.5
+
+
+def _maps(confident_logits, weight):
+    logits = torch.tensor(confident_logits).permute(2, 0, 1)[None]  # (1, 2, H, W)
+    return {"logits": logits, "weight": torch.tensor(weight)[None]}
+
+
+def test_fractions_and_group_means_by_hand(monkeypatch):
+    """Image 0 (labels at image size 2x3; 255 = void):
+
+        labels      0    0    2        p* > 0.9   yes  no   yes      w   0.1  0.5  0.2
+                    1   255   9                   no   yes  no           0.9  0.3  0.7
+
+    Image 1: every pixel road (labels stored at 4x6, read at 2x3), none confident, w = 1.0.
+    Image 0 alone: above_t = 3/6 = 0.5; aligned (road, building): 3 pixels, 2 confident -> 2/3,
+    w = (0.1 + 0.5 + 0.2) / 3 = 0.266667; shifted (sidewalk, terrain): 2 pixels, none confident,
+    w = (0.9 + 0.7) / 2 = 0.8; the void pixel counts in above_t only.
+    Both images: above_t = 3/12 = 0.25; aligned 9 pixels, 2 confident -> 2/9,
+    w = (0.8 + 6 * 1.0) / 9 = 0.755556; shifted unchanged.
+    """
+    maps = [_maps([[SURE, UNSURE, SURE], [UNSURE, SURE, UNSURE]], [[0.1, 0.5, 0.2], [0.9, 0.3, 0.7]]),
+            _maps([[UNSURE] * 3] * 2, [[1.0] * 3] * 2)]
+    g, d_aux = torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(1, 1, 1)
+    calls = []
+
+    def fake_maps(g_, d_aux_, image, adapt_cfg):
+        assert not g_.training and not d_aux_.training  # measured in eval mode
+        calls.append(image.shape)
+        return maps[int(image[0, 0, 0, 0])]  # each image holds its own index
+
+    monkeypatch.setattr(pictures, "weighting_maps", fake_maps)
+    val = [{"image": torch.zeros(3, 2, 3), "label": torch.tensor([[0, 0, 2], [1, 255, 9]])},
+           {"image": torch.ones(3, 2, 3), "label": torch.zeros(4, 6, dtype=torch.int64)}]
+    adapt = config.AdaptConfig(threshold=0.9)
+    one = weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=1)
+    assert one == pytest.approx({"above_t": 0.5, "above_t_aligned": 2 / 3, "weight_aligned": 0.8 / 3,
+                                 "above_t_shifted": 0.0, "weight_shifted": 0.8})
+    calls.clear()
+    both = weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=5)  # only 2 exist
+    assert len(calls) == 2 and calls[0] == (1, 3, 2, 3)
+    assert both == pytest.approx({"above_t": 0.25, "above_t_aligned": 2 / 9, "weight_aligned": 6.8 / 9,
+                                  "above_t_shifted": 0.0, "weight_shifted": 0.8})
+    assert g.training and d_aux.training  # modes restored
+    assert "weight_all" not in weight_stats.measure(g, d_aux, val[1:], adapt, {"all": (13,)})  # no car pixels
+
+
+@pytest.mark.parametrize("weighting", ["gen", "gen+dis"])
+def test_real_networks_give_weights_in_their_range(weighting):
+    torch.manual_seed(0)
+    cfg = config.load("toy", {"adapt.weighting": weighting, "adapt.threshold": 0.5})
+    g, _, d_aux = models.build_networks(cfg.model)
+    val = [{"image": torch.randn(3, 48, 96), "label": torch.randint(0, 19, (48, 96))} for _ in range(2)]
+    rng = torch.get_rng_state()
+    out = weight_stats.measure(g, d_aux, val, cfg.adapt, {"all": tuple(range(19))})
+    assert torch.equal(rng, torch.get_rng_state())  # draws nothing: training goes on as without it
+    assert set(out) == {"above_t", "above_t_all", "weight_all"}
+    assert 0.0 <= out["above_t"] <= 1.0 and out["above_t"] == pytest.approx(out["above_t_all"])
+    a = cfg.adapt  # w = (d + mu) * sigmoid(a) with d in [floor, 1]: between 0 and 1 + mu
+    low = a.floor + a.mu if weighting == "gen" else 0.0
+    assert low <= out["weight_all"] <= 1.0 + a.mu
+
+
+def test_every_evaluation_logs_them(tmp_path):
+    overrides = tiny_overrides(tmp_path, **{"train.iters": 2, "train.eval_every": 1, "train.eval_images": 2})
+    assert train.main(as_argv(overrides)) == 0
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [ln for ln in lines if ln.get("eval")]
+    assert [e["step"] for e in evals] == [1, 2]
+    for e in evals:  # the toy pair: one group of all its classes
+        assert {"above_t", "above_t_all", "weight_all"} <= set(e) and 0 <= e["above_t"] <= 1
