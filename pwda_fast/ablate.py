@@ -15,8 +15,9 @@ run's last evaluation (pwda_fast.weight_stats: the fraction of target pixels wit
 pixel weight per class group) are averaged over the seeds.
 
 Writes per pair OUT/<pair>/ablation.md (the tables, with the command and date), OUT/<pair>/ablation.json
-(the same numbers and every seed's), and OUT/<pair>/ablation.png: one target-val image with each row's
-prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png per row. With --doc FILE each
+(the same numbers and every seed's), OUT/<pair>/curves.png (per row over training: target mIoU and the
+fraction of pixels with p* > T, mean and min-max band over seeds), and OUT/<pair>/ablation.png: one
+target-val image with each row's prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png per row. With --doc FILE each
 pair's tables also replace the text between `<!-- ablation:<pair>:start -->` and
 `<!-- ablation:<pair>:end -->` in FILE (a marked section is appended when FILE has none).
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from pwda_fast import checkpoint, config, pictures, stats, train
+from pwda_fast import checkpoint, config, curves, pictures, stats, train
 from pwda_fast.data import build_val, class_groups
 from pwda_fast.data.labels import CLASSES, colorize
 
@@ -91,17 +92,34 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
-def fig2_at_end(run_dir: Path) -> dict[str, float]:
-    """The Fig. 2 measurements of a run's last evaluation in its metrics.jsonl ({} if it has none)."""
+def eval_series(run_dir: Path) -> dict[int, dict]:
+    """{step: the evaluation line of that step} from a run's metrics.jsonl ({} without one). A
+    re-evaluated finished run logs its last step again: the latest line of a step counts (a run trained
+    before the Fig. 2 measurements existed gains them that way)."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    evals = [r for r in records if r.get("eval")]
-    if not evals:
-        return {}
-    # A re-evaluated finished run logs its last step again: the latest line of the last step counts
-    # (a run trained before these measurements existed gains them that way).
-    last = sorted(evals, key=lambda r: r["step"])[-1]
-    return {k: v for k, v in last.items() if k.startswith(FIG2_PREFIXES)}
+    return {r["step"]: r for r in records if r.get("eval")}
+
+
+def fig2_at_end(run_dir: Path) -> dict[str, float]:
+    """The Fig. 2 measurements of a run's last evaluation in its metrics.jsonl ({} if it has none)."""
+    series = eval_series(run_dir)
+    return {k: v for k, v in series[max(series)].items() if k.startswith(FIG2_PREFIXES)} if series else {}
+
+
+def plot_training(raw: dict[str, dict[int, dict]], out: Path, pair: str) -> Path:
+    """out/curves.png: per row, target mIoU and the fraction of target-val pixels with p* > T at each
+    evaluation, mean over seeds with the min-max band."""
+    charts = []
+    for key, chart in (("miou", "target-val mIoU (%)"), ("above_t", "fraction of target pixels with p* > T")):
+        series = {row: {} for row in raw}
+        for row, seeds in raw.items():
+            for run in seeds.values():
+                for step, line in run["curve"].items():
+                    if key in line:
+                        series[row].setdefault(step, []).append(line[key])
+        charts.append((chart, {row: s for row, s in series.items() if s}))
+    return curves.plot_rows(charts, out / "curves.png", f"{pair}: mean over seeds, band = min-max (x: step)")
 
 
 def _group_mean_diff(iou: dict, base: dict, names: list[str]) -> float | None:
@@ -278,7 +296,7 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
                 return code, raw, first_runs, iters
             iters = config.load(*config.parse_args(argv_run)).train.iters
             raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"],
-                                              "fig2": fig2_at_end(run_dir)}
+                                              "fig2": fig2_at_end(run_dir), "curve": eval_series(run_dir)}
             first_runs.setdefault(f"{name}: {final['miou']:.1f}", run_dir)
     return 0, raw, first_runs, iters
 
@@ -304,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{text}")
         if args.doc:
             update_doc(Path(args.doc), pair, text)
-        print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}"
+        plot_training(raw, out, pair)
+        print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'curves.png'}"
               + (f", {args.doc}" if args.doc else "") + f" and {render_rows(first_runs, out, args.image)}")
     return 0
 

@@ -84,3 +84,65 @@ def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
     return out / "curves.png"
 
 
+
+
+def plot_rows(charts: list[tuple[str, dict[str, dict[int, list[float]]]]], out: str | Path,
+              title: str) -> Path:
+    """Rows of a study over training -> out (PNG): one chart per (chart title, {row: {step: [value
+    per seed]}}), each row's mean over seeds as a line over its min-max band, with a legend."""
+    width, height, left, right, top, bottom = 560, 260, 58, 12, 24, 26
+    rows = list(dict.fromkeys(row for _, series in charts for row in series))
+    last = len(_VIRIDIS) - 2  # the last, yellow entry is hard to see on white
+    palette = {row: tuple(int(c) for c in _VIRIDIS[round(i * last / max(len(rows) - 1, 1))])
+               for i, row in enumerate(rows)}
+    legend_h = 16 * len(rows) + 8
+    canvas = Image.new("RGBA", (width, 24 + len(charts) * height + legend_h), BACKGROUND + (255,))
+    font = _font()
+    ImageDraw.Draw(canvas).text((6, 4), title, fill=INK, font=font)
+    for k, (chart_title, series) in enumerate(charts):
+        y0 = 24 + k * height
+        x_lo, x_hi = min(min(s) for s in series.values()), max(max(s) for s in series.values())
+        values = [v for s in series.values() for vs in s.values() for v in vs]
+        y_lo, y_hi = min(values), max(values)
+        y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
+
+        def at(x, y, y0=y0, x_lo=x_lo, x_hi=x_hi, y_lo=y_lo, y_hi=y_hi):
+            return (left + (x - x_lo) / ((x_hi - x_lo) or 1) * (width - left - right),
+                    y0 + height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+        bands = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        band_draw = ImageDraw.Draw(bands)
+        for row, s in series.items():
+            steps = sorted(s)
+            if len(steps) > 1:
+                band = [at(x, min(s[x])) for x in steps] + [at(x, max(s[x])) for x in reversed(steps)]
+                band_draw.polygon(band, fill=palette[row] + (60,))
+        canvas.alpha_composite(bands)
+        draw = ImageDraw.Draw(canvas)
+        draw.text((left, y0 + 4), chart_title, fill=INK, font=font)
+        axis_bottom = y0 + height - bottom
+        draw.line([(left, y0 + top), (left, axis_bottom), (width - right, axis_bottom)], fill=INK)
+        for value in (y_lo, (y_lo + y_hi) / 2, y_hi):
+            text = f"{value:.3g}"
+            _, py = at(x_lo, value)
+            draw.text((left - 5 - draw.textlength(text, font=font), py - 6), text, fill=INK, font=font)
+        for step in (x_lo, x_hi):
+            px, py = at(step, y_lo)
+            text = str(step)
+            draw.text((px - draw.textlength(text, font=font) / 2, py + 4), text, fill=INK, font=font)
+        for row, s in series.items():
+            steps = sorted(s)
+            line = [at(x, sum(s[x]) / len(s[x])) for x in steps]
+            if len(line) > 1:
+                draw.line(line, fill=palette[row], width=2)
+            for px, py in line:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=palette[row])
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(rows):
+        y = 24 + len(charts) * height + 4 + 16 * i
+        draw.rectangle([left, y + 3, left + 14, y + 11], fill=palette[row])
+        draw.text((left + 20, y), row, fill=INK, font=font)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.convert("RGB").save(out)
+    return out

@@ -175,6 +175,17 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         assert text.strip() in out
         assert f"<!-- ablation:{pair}:start -->\n{text.rstrip()}\n<!-- ablation:{pair}:end -->" in \
             (tmp_path / "R.md").read_text()
+        chart = Image.open(tmp_path / "abl" / pair / "curves.png")  # two charts and a 5-row legend
+        assert chart.size == (560, 24 + 2 * 260 + 16 * len(ablate.ROWS) + 8)
+
+
+def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
+    lines = [{"step": 5, "eval": True, "miou": 1.0}, {"step": 5, "seg": 0.1},
+             {"step": 10, "eval": True, "miou": 2.0}, {"step": 10, "eval": True, "miou": 3.0, "above_t": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert ablate.eval_series(tmp_path) == {5: lines[0], 10: lines[3]}
+    assert ablate.fig2_at_end(tmp_path) == {"above_t": 0.5}
+    assert ablate.eval_series(tmp_path / "missing") == {} and ablate.fig2_at_end(tmp_path / "missing") == {}
 
 
 def test_t_interval_in_the_summary_is_the_stats_one():
