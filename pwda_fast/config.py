@@ -339,6 +339,9 @@ def validate(cfg: Config) -> None:
             w, h = size
             problems.append(f"data.crop (height, width) {d.crop} must fit inside {size_key} (width, height) "
                             f"{[w, h]}")
+    if {d.source, d.target} == {"toy", "toy_partial"}:  # halves of two different built-in pairs
+        problems.append(f"data.source {d.source!r} and data.target {d.target!r} are halves of two "
+                        "different built-in pairs; set both to toy or both to toy_partial")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))
 

@@ -103,3 +103,9 @@ def test_configs_saved_before_a_key_existed_keep_their_old_meaning():
     assert (old.model.arch, old.model.stride_on, old.data.normalize, old.data.target_augment,
             old.adapt.aux_at) == ("deeplabv2", "1x1", "imagenet", True, "feature")
     assert config.from_dict(config.load("toy").to_dict()) == config.load("toy")  # current ones unchanged
+
+
+def test_halves_of_two_built_in_pairs_are_refused():
+    with pytest.raises(config.ConfigError, match="halves of two different built-in pairs"):
+        config.load("toy", {"data.target": "toy_partial"})
+    assert config.load("toy", {"data.source": "toy_partial", "data.target": "toy_partial"})
