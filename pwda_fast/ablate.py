@@ -17,9 +17,10 @@ pixel weight per class group) are averaged over the seeds.
 Writes per pair OUT/<pair>/ablation.md (the tables, with the command and date), OUT/<pair>/ablation.json
 (the same numbers and every seed's), OUT/<pair>/curves.png (per row over training: target mIoU and the
 fraction of pixels with p* > T, mean and min-max band over seeds), and OUT/<pair>/ablation.png: one
-target-val image with each row's prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png per row. With --doc FILE each
-pair's tables also replace the text between `<!-- ablation:<pair>:start -->` and
-`<!-- ablation:<pair>:end -->` in FILE (a marked section is appended when FILE has none).
+target-val image with each row's prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png
+per row. With --doc FILE each pair's tables also replace the text between
+`<!-- ablation:<pair>:start -->` and `<!-- ablation:<pair>:end -->` in FILE (a marked section is
+appended when FILE has none).
 """
 
 from __future__ import annotations
