@@ -122,8 +122,9 @@ def _specialisation_keys(cases):
 
 def test_triton_compiles_once_per_layout_not_per_shape():
     """Specialising on sizes once gave ~78 compiles across the GPU tests, one per size pattern. Sizes
-    are not specialised now: every test shape (odd, 1-pixel rows, production) shares one variant per layout and dtype. (A 1x1 image
-    has stride 1 along C and W at once: one more variant, as it should be.)"""
+    are not specialised now: every test shape (odd, 1-pixel rows, production) shares one variant per
+    layout and dtype. (A 1x1 image has stride 1 along C and W at once: one more variant, as it should
+    be.)"""
     shapes = [(1, 19, 97, 131), (2, 3, 5, 7), (1, 19, 1, 1), (3, 2, 1, 9), (2, 19, 33, 40),
               (4, 19, 512, 1024), (4, 19, 64, 128)]
     for dtype in (torch.float32, torch.bfloat16):
