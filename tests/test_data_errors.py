@@ -87,3 +87,14 @@ def test_jpeg_asked_without_copies_says_how_to_make_them(tmp_path, trees):
     command = f"pwda-prepare --dataset gta5 --root {tmp_path / 'gta5'} --jpeg"
     with pytest.raises(DataError, match=f"run `{command}`"):
         build_datasets(cfg)
+
+
+@pytest.mark.skipif(not dali.available(), reason="NVIDIA DALI is not installed")
+def test_corrupt_file_in_a_dali_pipeline_is_exit_2_with_what_to_do(tmp_path, trees, capsys):
+    prepare("gta5", tmp_path / "gta5", progress=False)
+    prepare("cityscapes", tmp_path / "city", progress=False)
+    _truncate(trees[1][0])
+    assert train.main(as_argv(_overrides(tmp_path, **{"data.loader": "dali"}))) == 2
+    err = capsys.readouterr().err
+    assert "error: data: DALI could not read a batch" in err and 'data.validate="full"' in err
+    assert "Traceback" not in err

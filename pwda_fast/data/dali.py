@@ -159,6 +159,14 @@ def pipeline(dataset: SegmentationDataset, batch_size: int, seed: int, rank: int
     return pipe
 
 
+def _data_error(e: RuntimeError) -> DataError:
+    """DALI's error for a batch it could not produce (e.g. a corrupt file, which it does not name)."""
+    said = [ln.strip() for ln in str(e).splitlines() if "operator" in ln or "failure" in ln]
+    return DataError(f"DALI could not read a batch ({' '.join(said) or str(e).splitlines()[0]}); it does not "
+                     "name the file: data.validate=\"full\" decodes every file before training and names the "
+                     "bad ones (with data.skip_bad=true it leaves them out), or data.loader=torch names it")
+
+
 class DaliBatches:
     """Endless {"image" (B, 3, h, w) float32, "label" (B, h, w) int64, "index" (B,)} batches from one
     DALI pipeline, and state(): where it stands, for train_loader(state=...) to continue from."""
@@ -171,9 +179,12 @@ class DaliBatches:
 
     def __next__(self) -> dict:
         try:
-            (out,) = next(self.iterator)
-        except StopIteration:  # an epoch ended; auto_reset has rewound the iterator for the next one
-            (out,) = next(self.iterator)
+            try:
+                (out,) = next(self.iterator)
+            except StopIteration:  # an epoch ended; auto_reset has rewound the iterator for the next one
+                (out,) = next(self.iterator)
+        except RuntimeError as e:
+            raise _data_error(e) from None
         image, index = out["image"], out["index"].reshape(-1).long()
         if self.labelled:
             if not torch.equal(index, out["label_index"].reshape(-1).long()):
@@ -216,6 +227,9 @@ def train_loader(dataset: SegmentationDataset, batch_size: int, seed: int, rank:
                     state["pipeline"] if state is not None else None)
     labelled = all(p[1] is not None for p in dataset.pairs)
     names = ["image", "label", "index", "label_index"] if labelled else ["image", "index"]
-    it = DALIGenericIterator([pipe], names, reader_name="images", auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP)
+    try:  # the iterator runs the pipeline for its first batch already
+        it = DALIGenericIterator([pipe], names, reader_name="images", auto_reset=True,
+                                 last_batch_policy=LastBatchPolicy.DROP)
+    except RuntimeError as e:
+        raise _data_error(e) from None
     return DaliBatches(it, labelled, seed, len(dataset))
