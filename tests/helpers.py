@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 
 def tiny_overrides(run_dir, **extra) -> dict:
     """A toy run small enough for a test: few steps, 2-image batches, no worker processes."""
@@ -14,3 +16,23 @@ def tiny_overrides(run_dir, **extra) -> dict:
 
 def as_argv(overrides: dict) -> list[str]:
     return ["--config", "toy"] + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
+
+
+def training_lines(run_dir) -> list[dict]:
+    """The training-step lines of a run's metrics.jsonl (evaluation lines left out)."""
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "seg" in ln]
+
+
+def assert_same_networks(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bit-identical G, D and D_aux weights."""
+    for net in ("g", "d", "d_aux"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
+
+
+def assert_same_optimizers(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bit-identical optimizer states."""
+    for opt in ("opt_g", "opt_d", "opt_d_aux"):
+        for pid, st in a[opt]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b[opt]["state"][pid][k]), f"{opt} state {pid}.{k} differs"

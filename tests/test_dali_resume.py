@@ -3,11 +3,10 @@ out the uninterrupted run's batches k+1, k+2, ... (same files, same augmented pi
 
 import copy
 import io
-import json
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, assert_same_networks, tiny_overrides, training_lines
 
 from pwda_fast import checkpoint, config, train
 from pwda_fast.data import build_datasets, dali, train_batches
@@ -105,9 +104,6 @@ def test_trainer_resumes_a_dali_run_bit_for_bit(tmp_path):
     a = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "split"))
     assert a["step"] == b["step"] == 4
-    for net in ("g", "d", "d_aux"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
-    log = lambda p: [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-                     if "seg" in ln]
-    assert [r["seg"] for r in log(tmp_path / "full")] == [r["seg"] for r in log(tmp_path / "split")]
+    assert_same_networks(a, b)
+    assert [r["seg"] for r in training_lines(tmp_path / "full")] == \
+        [r["seg"] for r in training_lines(tmp_path / "split")]

@@ -4,12 +4,11 @@ fp16 convolutions take torch's slow CPU path (13x fp32 on the toy step), so thes
 """
 
 import functools
-import json
 import math
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
 
 from pwda_fast import checkpoint, config, distributed, engine, evaluate, reference, train
 from pwda_fast.data import build_datasets
@@ -26,10 +25,6 @@ def _one_thread(one_thread):
 
 def run(overrides: dict) -> int:
     return train.main(as_argv(overrides))
-
-
-def logged(run_dir) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "seg" in ln]
 
 
 def start_scale_at(monkeypatch, scale: float) -> None:
@@ -87,7 +82,7 @@ def test_fp16_resume_matches_uninterrupted_run_and_calibration_skips_do_not_stop
     start_scale_at(monkeypatch, 2.0**18)
     common = {**TINY, "train.iters": 4, "train.ckpt_every": 100, "train.max_skips": 1}
     assert run(tiny_overrides(tmp_path / "full", **common)) == 0
-    full = logged(tmp_path / "full")
+    full = training_lines(tmp_path / "full")
     assert all(math.isfinite(v) for r in full for k, v in r.items() if k in ("seg", "adv", "d", "d_aux"))
     assert full[1]["skipped"] >= 1, "precondition: the start scale overflows, so step 1 or 2 calibrates"
     assert full[-1]["skipped"] < 4, "precondition: the scale settles and the run trains"
@@ -100,14 +95,9 @@ def test_fp16_resume_matches_uninterrupted_run_and_calibration_skips_do_not_stop
     assert a["step"] == b["step"] == 4
     assert a["adapter"]["scaler"] == b["adapter"]["scaler"]
     assert a["adapter"]["scaler"]["scale"] < 2.0**18
-    for net in ("g", "d", "d_aux"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
-    for opt in ("opt_g", "opt_d", "opt_d_aux"):
-        for pid, st in a[opt]["state"].items():
-            for k, v in st.items():
-                assert torch.equal(v, b[opt]["state"][pid][k]), f"{opt} state {pid}.{k} differs"
-    split = logged(tmp_path / "split")
+    assert_same_networks(a, b)
+    assert_same_optimizers(a, b)
+    split = training_lines(tmp_path / "split")
     row = lambda r: (r["seg"], r["d"], r["skipped"])  # noqa: E731
     assert [row(r) for r in full] == [row(r) for r in split]
 
@@ -153,7 +143,7 @@ def test_injected_gradient_inf_counts_once_and_does_not_stop_the_run(tmp_path, m
     # call 6 is step 2's stage-3 D term.
     inf_gradient_on_call(monkeypatch, 6)
     assert run(tiny_overrides(tmp_path, **TINY, **{"train.iters": 3, "train.max_skips": 1})) == 0
-    assert [r["skipped"] for r in logged(tmp_path)] == [0, 1, 1]
+    assert [r["skipped"] for r in training_lines(tmp_path)] == [0, 1, 1]
     out = capsys.readouterr().out
     assert "step 2: fp16 gradient overflow; loss scale lowered to 32768, skipped all three optimizer " \
            "steps (1 skipped in all)" in out

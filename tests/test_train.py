@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
 
 from pwda_fast import checkpoint, config, engine, evaluate, ops, reference, train
 from pwda_fast.data import build_datasets
@@ -90,16 +90,10 @@ def test_stop_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     a = checkpoint.load(checkpoint.latest(tmp_path / "full"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "split"))
     assert a["step"] == b["step"] == 5
-    for net in ("g", "d", "d_aux"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k} differs after resume"
-    for opt in ("opt_g", "opt_d", "opt_d_aux"):
-        for pid, st in a[opt]["state"].items():
-            for k, v in st.items():
-                assert torch.equal(v, b[opt]["state"][pid][k]), f"{opt} state {pid}.{k} differs"
-    log = lambda p: [json.loads(ln) for ln in (p / "metrics.jsonl").read_text().splitlines()
-                     if "seg" in ln]
-    assert [r["seg"] for r in log(tmp_path / "full")] == [r["seg"] for r in log(tmp_path / "split")]
+    assert_same_networks(a, b)
+    assert_same_optimizers(a, b)
+    assert [r["seg"] for r in training_lines(tmp_path / "full")] == \
+        [r["seg"] for r in training_lines(tmp_path / "split")]
 
 
 def test_source_only_mode_and_evaluate_cli(tmp_path, capsys):
