@@ -116,6 +116,10 @@ _COLOUR_TO_TRAIN[0] = IGNORE
 MAX_LABEL_ID = max(i for _, i, _ in CITYSCAPES_LABELS)
 
 
+def _format_error(fmt: str) -> ValueError:
+    return ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
 def prediction_name(image: Path) -> str:
     """The file name of an image's prediction: its stem with .png, whatever the image's extension
     (predictions must be lossless); Cityscapes X_leftImg8bit.png or .jpg -> X_leftImg8bit.png."""
@@ -130,7 +134,7 @@ def encode(train_ids: np.ndarray, fmt: str) -> Image.Image:
         return Image.fromarray(TRAIN_TO_CITYSCAPES_ID[train_ids], "L")
     if fmt == "color":
         return Image.fromarray(colorize(train_ids), "RGB")
-    raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+    raise _format_error(fmt)
 
 
 class PredictionWriter:
@@ -143,7 +147,7 @@ class PredictionWriter:
 
     def __init__(self, root: str | Path, fmt: str = "trainid"):
         if fmt not in FORMATS:
-            raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+            raise _format_error(fmt)
         self.root, self.fmt, self.count = Path(root), fmt, 0
 
     def write(self, image: Path, train_ids: np.ndarray) -> Path:
@@ -250,7 +254,7 @@ def score_predictions(pred_dir: str | Path, root: str | Path, device: torch.devi
     """Saved prediction PNGs in `fmt` vs Cityscapes val labels (gtFine labelIds, or a prepared tree)
     -> iou table."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise _format_error(fmt)
     pred_dir = Path(pred_dir)
     val = open_split("cityscapes", str(root), "val")
     found = [(_find_prediction(pred_dir, image), label) for image, label in val.pairs]
