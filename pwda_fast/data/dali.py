@@ -178,11 +178,8 @@ class DaliBatches:
         return self
 
     def __next__(self) -> dict:
-        try:
-            try:
-                (out,) = next(self.iterator)
-            except StopIteration:  # an epoch ended; auto_reset has rewound the iterator for the next one
-                (out,) = next(self.iterator)
+        try:  # None: an epoch ended, and auto_reset has rewound the iterator for the next one
+            (out,) = next(self.iterator, None) or next(self.iterator)
         except RuntimeError as e:
             raise _data_error(e) from None
         image, index = out["image"], out["index"].reshape(-1).long()
