@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from pwda_fast import config
+from pwda_fast import config, metrics
 from pwda_fast.adapt import Nets
 from pwda_fast.models import build_networks
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 BEST, BEST_JSON = "best.pt", "best.json"
-_SCORES = ("miou", "miou16", "miou13")  # what best.json records of an evaluation result
 
 
 class CheckpointError(RuntimeError):
@@ -158,7 +157,7 @@ def save_best(run_dir: str | Path, step: int, result: dict, state: dict) -> bool
     best = best_score(run_dir)
     if best is not None and result["miou"] <= best["miou"]:
         return False
-    scores = {k: result[k] for k in _SCORES if k in result}
+    scores = {k: result[k] for k in metrics.SCORES if k in result}
     _atomic_write(run_dir / BEST, lambda f: torch.save({**state, "best": scores}, f))
     record = {"step": step, **scores, "checkpoint": BEST}
     _atomic_write(run_dir / BEST_JSON, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))

@@ -45,6 +45,10 @@ def format_result(result: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+# The headline numbers of a result: the 19-class mIoU and, for SYNTHIA sources, the 16- and 13-class ones.
+SCORES = ("miou", "miou16", "miou13")
+
+
 def with_protocols(result: dict, source: str) -> dict:
     """Add miou16 and miou13 (the SYNTHIA protocols) to an iou_table result when source is synthia.
 

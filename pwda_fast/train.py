@@ -240,7 +240,7 @@ class Trainer:
             fig2 = weight_stats.measure(g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt,
                                         class_groups(self.cfg.data.target))
             self.logger.write({"step": step, "eval": True,
-                               **{k: result[k] for k in ("miou", "miou16", "miou13") if k in result}, **fig2})
+                               **{k: result[k] for k in metrics.SCORES if k in result}, **fig2})
             if self.logger.tensorboard and self.cfg.log.images:
                 self.logger.images(step, pictures.training_figures(
                     g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt, self.cfg.log.images))
