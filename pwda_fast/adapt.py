@@ -86,8 +86,8 @@ class Adapter:
     """Runs one iteration over a source and a target batch; owns nothing but references.
 
     nets may be DDP-wrapped or compiled; optimizers hold the bare networks' parameters.
-    restore_bn: BatchNorm running statistics change in the forward pass (model.bn "train" and
-    "stats"), before the finite check, so a skipped step puts them back.
+    restore_bn: BatchNorm running statistics and batch counts change in the forward pass (model.bn
+    "train" and "stats"), before the finite check, so a skipped step puts them back.
     amp="fp16" adds a gradient scaler; `calibrating` then says whether the last step was skipped
     for a gradient overflow that the scaler answered by halving its scale to a value >= 1: what a
     scale that starts too high for the gradients does in the first steps of a run.
@@ -111,7 +111,8 @@ class Adapter:
         self.calibrating = False
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # One inf activation would otherwise poison every later step through the running statistics.
-        self.bn_buffers = [b for b in nets.g.buffers() if b.is_floating_point()] if restore_bn else []
+        # num_batches_tracked too: BN with momentum=None averages over it.
+        self.bn_buffers = list(nets.g.buffers()) if restore_bn else []
         # MRNet's running "often" class weight (adapt.often_balance); part of the checkpoint.
         self.often = (torch.ones(num_classes, device=device)
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)

@@ -63,8 +63,8 @@ def batches():
     return [(next(src), next(tgt)) for _ in range(2)]
 
 
-def floats(state: dict) -> dict:
-    return {k: v.clone() for k, v in state.items() if v.is_floating_point()}
+def tensors(state: dict) -> dict:
+    return {k: v.clone() for k, v in state.items()}
 
 
 def optimizer_tensors(opt) -> dict:
@@ -123,7 +123,7 @@ def test_scaler_state_is_part_of_the_adapter_state(batches):
 def test_gradient_overflow_skips_all_three_optimizers_and_halves_the_scale(batches, monkeypatch):
     eng = fp16_engine()
     eng.adapter.step(0, *batches[0])
-    before = [floats(net.state_dict()) for net in eng.nets]
+    before = [tensors(net.state_dict()) for net in eng.nets]
     opt_before = [optimizer_tensors(opt) for opt in eng.optimizers]
     inf_gradient_on_call(monkeypatch, 2)  # stage 3's D loss: only D's gradients overflow
     losses, stepped = eng.adapter.step(1, *batches[1])
@@ -131,7 +131,7 @@ def test_gradient_overflow_skips_all_three_optimizers_and_halves_the_scale(batch
     assert all(math.isfinite(v) for v in losses.values())  # an overflow, not a non-finite loss
     assert eng.adapter.scaler.get_scale() == 32768.0
     for name, net, want in zip(("g", "d", "d_aux"), eng.nets, before):
-        got = floats(net.state_dict())  # weights and (restored) BatchNorm statistics untouched
+        got = tensors(net.state_dict())  # weights and (restored) BatchNorm statistics and counts untouched
         assert all(torch.equal(got[k], v) for k, v in want.items()), name
     for name, opt, want in zip(("g", "d", "d_aux"), eng.optimizers, opt_before):
         got = optimizer_tensors(opt)  # no step taken: momentum, Adam moments and step counts as before
