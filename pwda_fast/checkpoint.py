@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from pwda_fast import config, metrics
+from pwda_fast import config, metrics, tensorfile
 from pwda_fast.adapt import Nets
 from pwda_fast.models import build_networks
 
@@ -87,23 +86,9 @@ def latest(run_dir: str | Path) -> Path | None:
 
 
 def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint safely (weights_only=True); a malicious or corrupt file raises CheckpointError
-    in our words (torch's own message advises weights_only=False, the one thing not to do with a file
-    one did not write)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # no code was refused: a damaged or foreign file
-            raise CheckpointError(f"cannot load checkpoint {path}: UnpicklingError: the file is truncated, "
-                                  "damaged or not a PyTorch checkpoint") from e
-        raise CheckpointError(
-            f"cannot load checkpoint {path}: UnpicklingError: it holds Python objects other than tensors "
-            "and plain containers, which could run code when loaded, so it is refused; pwda_fast never "
-            "writes such files: it was written by something else or modified") from e
-    except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln), "")
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: the file is truncated, "
-                              f"damaged or not a PyTorch checkpoint ({first[:160]})".strip()) from e
+    """Load a checkpoint safely (weights_only=True); a malicious or corrupt file raises CheckpointError."""
+    return tensorfile.load(path, what=f"cannot load checkpoint {path}", error=CheckpointError,
+                           map_location=map_location)
 
 
 def networks_state(engine, step: int, cfg) -> dict:

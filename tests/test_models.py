@@ -125,9 +125,14 @@ def test_init_weights_refuses_code_carrying_pickle(tmp_path):
 
     torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pth")
     g = DeepLabV2(num_classes=19, depth=14, width=8)
-    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+    with pytest.raises(ValueError, match=r"model.init_weights .*evil.pth: UnpicklingError: .* refused"):
         load_init_weights(g, tmp_path / "evil.pth")
     assert not marker.exists()
+    good = tmp_path / "good.pth"
+    torch.save(g.state_dict(), good)
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.init_weights .*cut.pth: \w+Error: the file is truncated"):
+        load_init_weights(g, tmp_path / "cut.pth")
 
 
 # --- MRNet's generator -------------------------------------------------------------------------

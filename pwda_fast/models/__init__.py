@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from pwda_fast import config
+from pwda_fast import config, tensorfile
 from pwda_fast.models.backbone import DilatedResNet
 from pwda_fast.models.deeplab import DeepLabV2
 from pwda_fast.models.discriminator import FeatureDiscriminator, OutputDiscriminator
@@ -199,15 +198,7 @@ def read_init_weights(path: str | Path) -> InitWeights:
 
 
 def _read(path: Path) -> InitWeights:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's text advises weights_only=False: not for a foreign file
-        raise ValueError(f"model.init_weights {path}: UnpicklingError: it holds Python objects other "
-                         "than tensors (refused: they could run code when loaded), or it is damaged; "
-                         "give a file of tensors") from e
-    except Exception as e:
-        raise ValueError(f"model.init_weights {path}: {type(e).__name__}: the file is truncated, damaged "
-                         "or not a PyTorch weights file") from e
+    obj = tensorfile.load(path, what=f"model.init_weights {path}", error=ValueError)
     if not isinstance(obj, dict):
         raise ValueError(f"model.init_weights {path}: holds a {type(obj).__name__}, not a dict of tensors")
     if "g" in obj and "config" in obj:  # a pwda_fast training checkpoint (ckpt_*.pt, best.pt)
