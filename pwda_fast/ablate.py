@@ -61,18 +61,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     # No abbreviations: everything unknown passes through to train as --section.key=value.
     parser = argparse.ArgumentParser(prog="python -m pwda_fast.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--pair", choices=(*PAIRS, "both"), default="toy",
-                        help="built-in domain pair(s) every run trains on (data.source and data.target)")
-    parser.add_argument("--config", default="toy", help="preset or TOML file every run starts from")
-    parser.add_argument("--seeds", default="3",
-                        help="N: runs per row seeded first-seed, first-seed + 1, ...; or a comma-separated "
-                             "list of seeds (e.g. 1234,1240)")
-    parser.add_argument("--first-seed", type=int, default=1234)
-    parser.add_argument("--iters", type=int, default=None, help="override train.iters of every run")
-    parser.add_argument("--out", default="runs/ablation", help="folder of the run dirs and the results")
-    parser.add_argument("--image", type=int, default=0, help="index of the target-val image to render")
-    parser.add_argument("--doc", default=None,
-                        help="also put each pair's tables between its markers in this Markdown file")
+    add = parser.add_argument
+    add("--pair", choices=(*PAIRS, "both"), default="toy",
+        help="built-in domain pair(s) every run trains on (data.source and data.target; default toy)")
+    add("--config", default="toy", help="preset or TOML file every run starts from (default toy)")
+    add("--seeds", default="3", help="N: runs per row seeded first-seed, first-seed + 1, ...; or a "
+                                     "comma-separated list of seeds (e.g. 1234,1240); default 3")
+    add("--first-seed", type=int, default=1234, help="the first seed of --seeds N (default 1234)")
+    add("--iters", type=int, default=None, help="override train.iters of every run (default: the preset's)")
+    add("--out", default="runs/ablation", help="folder of the runs and results (default runs/ablation)")
+    add("--image", type=int, default=0, help="index of the target-val image to render (default 0)")
+    add("--doc", default=None, help="also put each pair's tables between its markers in this Markdown file")
     args, extra = parser.parse_known_args(argv)
     args.pairs = list(PAIRS) if args.pair == "both" else [args.pair]
     try:

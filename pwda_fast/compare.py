@@ -22,9 +22,9 @@ RUNS = (("source-only", ["--adapt.mode=source_only"]),
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pwda_fast.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--iters", type=int, default=None, help="override train.iters")
-    parser.add_argument("--runs", default="runs", help="parent folder of the run dirs")
+    parser.add_argument("--seed", type=int, default=1234, help="train.seed of both runs (default 1234)")
+    parser.add_argument("--iters", type=int, default=None, help="train.iters of both runs (default: toy's)")
+    parser.add_argument("--runs", default="runs", help="parent folder of the run dirs (default runs)")
     args, extra = parser.parse_known_args(argv)
     results = {}
     for name, flags in RUNS:

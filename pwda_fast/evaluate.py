@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pwda_fast.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="a ckpt_*.pt written by pwda_fast.train")
+    what.add_argument("--checkpoint", help="a ckpt_*.pt or best.pt written by pwda_fast.train")
     what.add_argument("--predictions", help="a folder of prediction PNGs (in --format) named like the "
                                             "val images, as --save-predictions writes them")
     parser.add_argument("--dataset", choices=("cityscapes",),
@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                              "evaluation and the benchmark server read) or color (Cityscapes palette); "
                              "default trainid")
     parser.add_argument("--json", help="also write {miou, iou[, protocol, miou16, miou13]} to this file")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when a GPU is visible, else cpu (default auto)")
     args = parser.parse_args(argv)
     if args.predictions and not args.root or args.dataset and not args.root:
         parser.error("--predictions and --dataset need --root (the Cityscapes folder)")

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a ckpt_*.pt or best.pt written by pwda-train")
     parser.add_argument("--out", required=True, help="output folder (created; files in it are replaced)")
     parser.add_argument("--format", choices=FORMATS, default="state_dict",
-                        help="state_dict (generator.pt) or onnx (generator.onnx); both add generator.json")
+                        help="state_dict (generator.pt) or onnx (generator.onnx); both add generator.json "
+                             "(default state_dict)")
     args = parser.parse_args(argv)
     try:
         export(args.checkpoint, args.out, args.format)

@@ -60,15 +60,16 @@ def _name(image: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pwda_fast.visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a ckpt_*.pt of an adapted run (holds G and D_aux)")
-    parser.add_argument("--source-only", help="a ckpt_*.pt of a source-only run, shown beside it")
+    parser.add_argument("--checkpoint", help="a ckpt_*.pt or best.pt of an adapted run (holds G and D_aux)")
+    parser.add_argument("--source-only", help="a ckpt_*.pt or best.pt of a source-only run, shown beside it")
     parser.add_argument("--images", nargs="+", default=["4"],
                         help="a count N (the first N target-val images) or image paths (default 4)")
     parser.add_argument("--target-root", help="the target dataset's root, if not where the run had it")
     parser.add_argument("--zoom", type=int, default=0, help="pixel-repeat factor (0 = auto)")
     parser.add_argument("--curves", help="a run_dir: plot its metrics.jsonl to OUT/curves.png")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda when a GPU is visible, else cpu (default auto)")
     args = parser.parse_args(argv)
     if not args.checkpoint and not args.curves:
         parser.error("give --checkpoint FILE (pictures) and/or --curves RUN_DIR (training curves)")

@@ -113,7 +113,8 @@ def prepare(dataset: str, root: str | Path, out: str | Path | None = None, jpeg:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pwda-prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=sorted(LAYOUTS))
+    parser.add_argument("--dataset", required=True, choices=sorted(LAYOUTS),
+                        help="which published layout --root holds")
     parser.add_argument("--root", required=True, help="the dataset in its published layout")
     parser.add_argument("--out", help="where the prepared folders go (default: the root)")
     parser.add_argument("--jpeg", action="store_true",
