@@ -8,7 +8,7 @@
 #   bash bench/gpu_check.sh --cpu-dry-run            # same steps on a CPU machine, tiny shapes
 #
 # Every step is time-boxed with `timeout` against one budget (GPU_CHECK_BUDGET_S, default 360 s: one
-# device session of 15 minutes holds start-up, this run and one rerun); a step that fails, times out
+# device lease of 15 minutes holds start-up, this run and one rerun); a step that fails, times out
 # or has no time left is reported in the table and the script goes on, and every benchmark rewrites
 # its JSON after each case, so a timeout keeps the rows already measured. The torch.compile R101 step
 # (minutes of inductor warm-up) runs only with --with-compile, after the rest, under its own limit
