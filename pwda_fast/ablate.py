@@ -194,13 +194,18 @@ def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> s
     for row, r in summary.items():
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else ""
         base = row == BASELINE
-        rows.append([row, f"{r['mean']:.2f}{spread}", "–" if base else _with_interval(r["diff"])]
+        diff = None if base else r["diff"]
+        rows.append([row, f"{r['mean']:.2f}{spread}", "–" if base else _with_interval(diff),
+                     "–" if not diff or diff["sd"] is None else f"{diff['sd']:.2f}"]
                     + ["–" if base else _with_interval(r["groups"].get(g)) for g in shown])
-    lines = _table(["method", "mIoU mean ± sd", "Δ mIoU vs no weighting [95% CI]"]
+    lines = _table(["method", "mIoU mean ± sd", "Δ mIoU vs no weighting [95% CI]", "sd of Δ"]
                    + [f"Δ {g} classes [95% CI]" for g in shown], rows)
 
-    titles = {"above_t": "p* > T, all pixels", **{f"above_t_{g}": f"p* > T, {g}" for g in groups},
-              **{f"weight_{g}": f"mean w, {g}" for g in groups}}
+    if shown:
+        titles = {"above_t": "p* > T, all pixels", **{f"above_t_{g}": f"p* > T, {g}" for g in groups},
+                  **{f"weight_{g}": f"mean w, {g}" for g in groups}}
+    else:  # the one group covers every pixel
+        titles = {"above_t": "p* > T", **{f"weight_{g}": "mean w" for g in groups}}
     keys = [k for k in titles if any(k in r["fig2"] for r in summary.values())]
     if keys:
         lines += [""] + _table(["method"] + [titles[k] for k in keys],
@@ -208,9 +213,10 @@ def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> s
                                 for row, r in summary.items()])
 
     others = [row for row in summary if row != BASELINE]
-    lines += [""] + _table(["class", "group"] + [f"Δ IoU {row}" for row in others],
-                           [[name, group] + [f"{summary[row]['classes'][name]:+.2f}"
-                                             if name in summary[row]["classes"] else "–" for row in others]
+    lines += [""] + _table(["class"] + (["group"] if shown else []) + [f"Δ IoU {row}" for row in others],
+                           [[name] + ([group] if shown else [])
+                            + [f"{summary[row]['classes'][name]:+.2f}" if name in summary[row]["classes"]
+                               else "–" for row in others]
                             for group, names in groups.items() for name in names])
 
     seeds = sorted({s for r in summary.values() for s in r["seeds"]})
@@ -224,14 +230,16 @@ def report(pair: str, summary: dict[str, dict], groups: dict[str, list[str]], se
            command: str, date: str) -> str:
     """ablation.md of one pair: what was run, how the intervals are made, the tables, the command."""
     group_text = "; ".join(f"{g}: {', '.join(names)}" for g, names in groups.items())
+    by_group = " by ground-truth class group" if len(groups) > 1 else ""
     return (f"Target-val mIoU (%) on the `{pair}` pair, {iters} iterations, {len(seeds)} seed(s) "
             f"({', '.join(map(str, seeds))}), the same seeds in every row. sd: sample standard deviation "
             f"over seeds. Δ: the paired difference to \"{BASELINE}\" on the same seed, mean over seeds "
-            f"[{LEVEL:.0%} Student t interval, n - 1 degrees of freedom]; a class group's Δ is the mean "
-            f"of its classes' IoU differences. Classes: {group_text}.\n\n"
+            f"[{LEVEL:.0%} Student t interval, n - 1 degrees of freedom]; sd of Δ: the sample standard "
+            f"deviation of the per-seed differences (what the number of seeds an interval needs depends "
+            f"on); a class group's Δ is the mean of its classes' IoU differences. Classes: {group_text}.\n\n"
             f"Second table: the Fig. 2 measurements of each run's last evaluation on the first target-val "
             f"images (pwda_fast.weight_stats), mean over seeds: the fraction of pixels with p* > T (the "
-            f"row's T; T = 1 floors none) and the mean pixel weight w by ground-truth class group (eq. 6 "
+            f"row's T; T = 1 floors none) and the mean pixel weight w{by_group} (eq. 6 "
             f"for GenMap + DisMap, eq. 4 otherwise; rows that do not weight show what their T would "
             f"give). Third: mean Δ IoU per class. Last: mIoU per seed.\n\n"
             f"{markdown_tables(summary, groups)}\n\nCommand: `{command}` ({date}).\n")

@@ -95,21 +95,25 @@ def test_tables_show_intervals_groups_fig2_classes_and_seeds():
     raw = _fake({"source-only": [20.0, 25.0, 30.0], ablate.BASELINE: [40.0, 42.0, 44.0],
                  "GenMap (T=1)": [41.0, 42.0, 46.0]})
     lines = ablate.markdown_tables(ablate.analyse(raw, GROUPS), GROUPS).splitlines()
-    assert lines[0] == ("| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] "
+    assert lines[0] == ("| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] | sd of Δ "
                         "| Δ aligned classes [95% CI] | Δ shifted classes [95% CI] |")
-    assert lines[3] == f"| {ablate.BASELINE} | 42.00 ± 2.00 | – | – | – |"
-    interval = "+1.00 [-1.48, +3.48]"
-    assert lines[4] == f"| GenMap (T=1) | 43.00 ± 2.65 | {interval} | {interval} | {interval} |"
+    assert lines[3] == f"| {ablate.BASELINE} | 42.00 ± 2.00 | – | – | – | – |"
+    interval = "+1.00 [-1.48, +3.48]"  # differences 1, 0, 2: sd 1
+    assert lines[4] == f"| GenMap (T=1) | 43.00 ± 2.65 | {interval} | 1.00 | {interval} | {interval} |"
     assert "| method | p* > T, all pixels | mean w, aligned |" in lines
     assert "| GenMap (T=1) | 0.100 | 0.200 |" in lines
     assert "| car | shifted | -17.00 | +1.00 |" in lines
     assert "| source-only | 20.00 | 25.00 | 30.00 |" in lines
-    # One group ("all", the toy pair): no group columns; one seed: means without intervals.
-    one = ablate.analyse(_fake({ablate.BASELINE: [40.0], "GenMap (T=1)": [39.5]}, seeds=(9,)),
-                         {"all": ALIGNED + SHIFTED})
+    # One group ("all", the toy pair): no group columns or titles; one seed: means without intervals.
+    raw = _fake({ablate.BASELINE: [40.0], "GenMap (T=1)": [39.5]}, seeds=(9,))
+    for runs in raw.values():
+        runs[9]["fig2"] = {"above_t": 0.5, "weight_all": 0.3}
+    one = ablate.analyse(raw, {"all": ALIGNED + SHIFTED})
     lines = ablate.markdown_tables(one, {"all": ALIGNED + SHIFTED}).splitlines()
-    assert lines[0] == "| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] |"
-    assert lines[3] == "| GenMap (T=1) | 39.50 | -0.50 |"
+    assert lines[0] == "| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] | sd of Δ |"
+    assert lines[3] == "| GenMap (T=1) | 39.50 | -0.50 | – |"
+    assert "| method | p* > T | mean w |" in lines
+    assert "| car | -0.50 |" in lines
 
 
 def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
