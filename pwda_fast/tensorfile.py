@@ -12,10 +12,13 @@ from pathlib import Path
 
 import torch
 
+OURS = "pwda_fast never writes such files: it was written by something else or modified"
 
-def load(path: str | Path, *, what: str, error: type[Exception], map_location="cpu"):
+
+def load(path: str | Path, *, what: str, error: type[Exception], refused: str = OURS, map_location="cpu"):
     """torch.load(path, weights_only=True); a refused, damaged or foreign file raises `error` with a
-    message that starts with `what` (e.g. "cannot load checkpoint runs/x/ckpt_00000010.pt")."""
+    message that starts with `what` (e.g. "cannot load checkpoint runs/x/ckpt_00000010.pt") and, for a
+    file refused for the objects it holds, ends with `refused` (what to do about it)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -23,8 +26,7 @@ def load(path: str | Path, *, what: str, error: type[Exception], map_location="c
             raise error(f"{what}: UnpicklingError: the file is truncated, damaged or not a PyTorch "
                         "file of tensors") from e
         raise error(f"{what}: UnpicklingError: it holds Python objects other than tensors and plain "
-                    "containers, which could run code when loaded, so it is refused; pwda_fast never "
-                    "writes such files: it was written by something else or modified") from e
+                    f"containers, which could run code when loaded, so it is refused; {refused}") from e
     except Exception as e:
         first = next((ln for ln in str(e).splitlines() if ln.strip() and "weights_only" not in ln), "")
         detail = f" ({first[:160]})" if first else ""
