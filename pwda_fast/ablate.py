@@ -305,7 +305,8 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
             iters = config.load(*config.parse_args(argv_run)).train.iters
             raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"],
                                               "fig2": fig2_at_end(run_dir), "curve": eval_series(run_dir)}
-            first_runs.setdefault(f"{name}: {final['miou']:.1f}", run_dir)
+            if seed == args.seed_list[0]:
+                first_runs[f"{name}: {final['miou']:.1f}"] = run_dir
     return 0, raw, first_runs, iters
 
 

@@ -148,7 +148,13 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         return 0, {"miou": miou, "iou": iou, "protocol": "single"}
 
     monkeypatch.setattr(train, "run_for_result", fake_run)
-    monkeypatch.setattr(ablate, "render_rows", lambda runs, out, index: out / "ablation.png")
+    rendered = []
+
+    def fake_render(runs, out, index):
+        rendered.append(runs)
+        return out / "ablation.png"
+
+    monkeypatch.setattr(ablate, "render_rows", fake_render)
     monkeypatch.chdir(tmp_path)
     argv = ["--pair", "both", "--seeds", "1,2", "--iters", "10", "--out", "abl", "--doc", "R.md",
             "--train.log_every=5"]
@@ -181,6 +187,10 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
             (tmp_path / "R.md").read_text()
         chart = Image.open(tmp_path / "abl" / pair / "curves.png")  # two charts and a 5-row legend
         assert chart.size == (560, 24 + 2 * 260 + 16 * len(ablate.ROWS) + 8)
+    # ablation.png: one panel per row, its first seed's run, titled with that run's mIoU.
+    for pair, runs in zip(("toy", "toy_partial"), rendered):
+        assert [str(d) for d in runs.values()] == [f"abl/{pair}/{slug}-s1" for slug, _, _ in ablate.ROWS]
+        assert list(runs)[2] == "GenMap (T=1): 36.0"
 
 
 def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
