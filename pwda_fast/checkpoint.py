@@ -87,8 +87,8 @@ def latest(run_dir: str | Path) -> Path | None:
 
 def load(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint safely (weights_only=True); a malicious or corrupt file raises CheckpointError."""
-    return tensorfile.load(path, what=f"cannot load checkpoint {path}", error=CheckpointError,
-                           map_location=map_location)
+    return tensorfile.load(path, what=f"cannot load checkpoint {path}", kind="PyTorch checkpoint",
+                           error=CheckpointError, map_location=map_location)
 
 
 def networks_state(engine, step: int, cfg) -> dict:
