@@ -96,14 +96,14 @@ def eval_series(run_dir: Path) -> dict[int, dict]:
     """{step: the evaluation line of that step} from a run's metrics.jsonl ({} without one). A
     re-evaluated finished run logs its last step again: the latest line of a step counts (a run trained
     before the Fig. 2 measurements existed gains them that way)."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    return {r["step"]: r for r in records if r.get("eval")}
+    if not (run_dir / "metrics.jsonl").is_file():
+        return {}
+    _, evals = curves.read_metrics(run_dir)  # sorted by step, stable: a step's lines keep their order
+    return {r["step"]: r for r in evals}
 
 
-def fig2_at_end(run_dir: Path) -> dict[str, float]:
-    """The Fig. 2 measurements of a run's last evaluation in its metrics.jsonl ({} if it has none)."""
-    series = eval_series(run_dir)
+def fig2_at_end(series: dict[int, dict]) -> dict[str, float]:
+    """The Fig. 2 measurements of a run's last evaluation, from its eval_series ({} if it has none)."""
     return {k: v for k, v in series[max(series)].items() if k.startswith(FIG2_PREFIXES)} if series else {}
 
 
@@ -303,8 +303,9 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
             if code != 0:
                 return code, raw, first_runs, iters
             iters = config.load(*config.parse_args(argv_run)).train.iters
+            curve = eval_series(run_dir)
             raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"],
-                                              "fig2": fig2_at_end(run_dir), "curve": eval_series(run_dir)}
+                                              "fig2": fig2_at_end(curve), "curve": curve}
             if seed == args.seed_list[0]:
                 first_runs[f"{name}: {final['miou']:.1f}"] = run_dir
     return 0, raw, first_runs, iters

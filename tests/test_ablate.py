@@ -198,8 +198,8 @@ def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
              {"step": 10, "eval": True, "miou": 2.0}, {"step": 10, "eval": True, "miou": 3.0, "above_t": 0.5}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert ablate.eval_series(tmp_path) == {5: lines[0], 10: lines[3]}
-    assert ablate.fig2_at_end(tmp_path) == {"above_t": 0.5}
-    assert ablate.eval_series(tmp_path / "missing") == {} and ablate.fig2_at_end(tmp_path / "missing") == {}
+    assert ablate.fig2_at_end(ablate.eval_series(tmp_path)) == {"above_t": 0.5}
+    assert ablate.eval_series(tmp_path / "missing") == {} and ablate.fig2_at_end({}) == {}
 
 
 def test_t_interval_in_the_summary_is_the_stats_one():
