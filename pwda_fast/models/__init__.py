@@ -198,11 +198,9 @@ def read_init_weights(path: str | Path) -> InitWeights:
 
 
 def _read(path: Path) -> InitWeights:
-    trusted = ("if you trust where it comes from (e.g. a whole model saved with torch.save(model)), re-save "
-               f"its tensors once: torch.save(torch.load('{path}', weights_only=False).state_dict(), "
-               "'weights.pth')")
     obj = tensorfile.load(path, what=f"model.init_weights {path}", kind="PyTorch weights file",
-                          error=ValueError, refused=trusted)
+                          error=ValueError, refused="give a file of tensors only: a state_dict, as "
+                          "torch.save(model.state_dict(), F) writes it, not a whole pickled model")
     if not isinstance(obj, dict):
         raise ValueError(f"model.init_weights {path}: holds a {type(obj).__name__}, not a dict of tensors")
     if "g" in obj and "config" in obj:  # a pwda_fast training checkpoint (ckpt_*.pt, best.pt)
