@@ -33,8 +33,8 @@ def _check_logits(name: str, t: torch.Tensor, like: torch.Tensor | None = None) 
             raise ValueError(f"{name} must be a non-empty (N, C, H, W) tensor; got {tuple(t.shape)}")
         return
     n, _, h, w = like.shape
-    if (t.dim() != 4 or t.shape[0] != n or t.shape[1] != 1 or not 1 <= t.shape[2] <= h
-            or not 1 <= t.shape[3] <= w):
+    shape = t.shape
+    if len(shape) != 4 or shape[0] != n or shape[1] != 1 or not 1 <= shape[2] <= h or not 1 <= shape[3] <= w:
         raise ValueError(f"{name} must be (N, 1, H, W) like seg_logits {tuple(like.shape)}, or a "
                          f"lower-resolution (N, 1, h, w) with 1 <= h <= H, 1 <= w <= W, i.e. "
                          f"({n}, 1, <={h}, <={w}); got {tuple(t.shape)}")
@@ -128,34 +128,34 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     return _resolve(backend, torch.device(device).type)
 
 
-def _forward_of(backend: str):
-    """The fused forward of `backend`: (seg, disc, aux, label, T, floor, mu) -> (loss, grad_disc)."""
-    if backend == "ext":
-        return torch.ops.pwda_fast.weighted_adv_loss_fwd
-    from pwda_fast.kernels.weighted_adv_loss import weighted_adv_loss_fwd
-    return weighted_adv_loss_fwd
-
-
 def _fused_fwd_fake(seg_logits, disc_logits, *_):
-    """Shapes of every fused forward (the custom op's and the C++ op's): () and disc's shape, fp32."""
+    """Shapes of every fused forward (Triton's and the C++ op's): () and disc's shape, fp32."""
     return (seg_logits.new_empty((), dtype=torch.float32),
             disc_logits.new_empty(disc_logits.shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("pwda_fast::weighted_adv_loss", mutates_args=())
-def _weighted_adv_loss_op(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
-                          aux_logits: torch.Tensor | None, label: float, threshold: float,
-                          floor: float, mu: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused pass of `backend` ("ext" or "triton") -> (loss () fp32, dL/dz (N, 1, h, w) fp32).
+def _loss_fake(seg_logits, *_):
+    return seg_logits.new_empty((), dtype=torch.float32)
+
+
+# Backend "ext" is one C++ op with its autograd in C++ (csrc/weighted_adv_loss_autograd.cpp): a Python
+# custom op around it cost ~110 us of host time per forward+backward. Triton's launcher is Python, so
+# backend "triton" keeps a Python custom op (what torch.compile needs to trace it).
+@torch.library.custom_op("pwda_fast::weighted_adv_loss_triton", mutates_args=())
+def _weighted_adv_loss_triton(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
+                              aux_logits: torch.Tensor | None, label: float, threshold: float,
+                              floor: float, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused pass of the Triton kernels -> (loss () fp32, dL/dz (N, 1, h, w) fp32).
 
     disc_logits / aux_logits may be (N, 1, h, w) with h <= H, w <= W: the kernel samples them bilinearly
     (align_corners=True) per output pixel, and dL/dz is w.r.t. the map as passed: the adjoint of that
-    upsampling is taken inside the backend, in a fixed order (no atomics), so it is bitwise reproducible.
+    upsampling is taken inside the kernels, in a fixed order (no atomics), so it is bitwise reproducible.
     """
-    return _forward_of(backend)(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
+    from pwda_fast.kernels.weighted_adv_loss import weighted_adv_loss_fwd
+    return weighted_adv_loss_fwd(seg_logits, disc_logits, aux_logits, label, threshold, floor, mu)
 
 
-_weighted_adv_loss_op.register_fake(_fused_fwd_fake)
+_weighted_adv_loss_triton.register_fake(_fused_fwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,18 +166,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_of_grad_disc):
     # grad_disc is a by-product, not a function of the inputs anyone differentiates: its cotangent
     # is ignored. The weights are constants (docs/METHOD.md §1), so seg and aux get no gradient.
-    # The kernels keep dL/dz in fp32 and the product with grad_loss is rounded once to D's dtype: a
-    # kernel that rounded to bf16 itself would round twice, 2.1x the reference's bf16 error at
-    # grad_loss = 0.01 (lambda_adv), over the 2x rule. One mul with a bf16 `out` is one pass on CUDA.
+    # dL/dz stays fp32 until this one rounding to D's dtype (as in the C++ backward, which says why).
     (grad_disc,) = ctx.saved_tensors
     grad = torch.mul(grad_disc, grad_loss, out=torch.empty_like(grad_disc, dtype=ctx.disc_dtype))
-    return None, grad, None, None, None, None, None, None
+    return None, grad, None, None, None, None, None
 
 
-_weighted_adv_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_weighted_adv_loss_triton.register_autograd(_backward, setup_context=_setup_context)
 
-if _ext_problem("cpu") is None:  # so the C++ op can also be traced when called directly
+if _ext_problem("cpu") is None:  # so the C++ ops can be traced by torch.compile
     torch.library.register_fake("pwda_fast::weighted_adv_loss_fwd", _fused_fwd_fake)
+    torch.library.register_fake("pwda_fast::weighted_adv_loss", _loss_fake)
 
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,
@@ -209,6 +208,7 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     if len(dtypes) > 1:
         seg_logits, disc_logits = seg_logits.float(), disc_logits.float()
         aux_logits = None if aux_logits is None else aux_logits.float()
-    loss, _ = _weighted_adv_loss_op(seg_logits, disc_logits, aux_logits, float(label), float(threshold),
-                                    float(floor), float(mu), backend)
-    return loss
+    args = (seg_logits, disc_logits, aux_logits, float(label), float(threshold), float(floor), float(mu))
+    if backend == "ext":
+        return torch.ops.pwda_fast.weighted_adv_loss(*args)
+    return _weighted_adv_loss_triton(*args)[0]

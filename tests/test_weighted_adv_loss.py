@@ -180,15 +180,46 @@ def test_resolve_backend():
                 ops.resolve_backend(backend, "cpu")
 
 
+def fused_op(backend):
+    """The registered op behind ops.weighted_adv_loss for `backend`: C++ autograd (ext) or Python (triton)."""
+    return torch.ops.pwda_fast.weighted_adv_loss if backend == "ext" else ops._weighted_adv_loss_triton
+
+
 @pytest.mark.parametrize("backend", CPU_FAST)
 def test_opcheck(backend):
     seg, disc, a = make((2, 5, 6, 7))
     for aux in (a, None):
-        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1, backend)
-        torch.library.opcheck(ops._weighted_adv_loss_op, args)
+        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1)
+        torch.library.opcheck(fused_op(backend), args)
     if backend == "ext":
         torch.library.opcheck(torch.ops.pwda_fast.weighted_adv_loss_fwd,
                               (seg, disc.detach(), a, 0.0, 0.9, 0.01, 0.1))
+
+
+@pytest.mark.skipif(not EXT_CPU, reason=str(EXT_PROBLEM))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ext_autograd_op_in_every_grad_mode(dtype):
+    """The C++ autograd op (CPU kernel below autograd) gives the reference's loss with grad on, under
+    no_grad and under inference_mode; the gradient reaches disc alone, in disc's dtype, scaled by the
+    upstream gradient."""
+    seg, disc, a = make((2, 19, 9, 13), dtype=dtype, seed=7)
+    want = reference.weighted_adv_loss(seg.float(), disc.float(), a.float(), label=0.0)
+    seg.requires_grad_()
+    a.requires_grad_()
+    disc.requires_grad_()
+    loss = ops.weighted_adv_loss(seg, disc, a, label=0.0, backend="ext")
+    (3.0 * loss).backward()
+    assert loss.requires_grad and seg.grad is None and a.grad is None and disc.grad.dtype == dtype
+    z = disc.detach().float().requires_grad_()
+    (3.0 * reference.weighted_adv_loss(seg.detach().float(), z, a.detach().float(), label=0.0)).backward()
+    # bf16: dL/dz rounded once to bf16, a relative error of at most 2^-8.
+    tol = {} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-9}
+    torch.testing.assert_close(disc.grad.float(), z.grad, **tol)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            other = ops.weighted_adv_loss(seg, disc, a, label=0.0, backend="ext")
+        assert not other.requires_grad and torch.equal(other, loss.detach())
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not EXT_CPU, reason=str(EXT_PROBLEM))
@@ -358,8 +389,8 @@ def test_pixel_weights_lowres_aux():
 def test_lowres_opcheck(backend):
     seg, disc, a = make_lowres((2, 5, 6, 7), (2, 3), (3, 2))
     for aux in (a, None):
-        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1, backend)
-        torch.library.opcheck(ops._weighted_adv_loss_op, args)
+        args = (seg, disc.requires_grad_(), aux, 1.0, 0.9, 0.01, 0.1)
+        torch.library.opcheck(fused_op(backend), args)
     if backend == "ext":
         torch.library.opcheck(torch.ops.pwda_fast.weighted_adv_loss_fwd,
                               (seg, disc.detach(), a, 0.0, 0.9, 0.01, 0.1))
