@@ -4,12 +4,17 @@
                                [--json FILE]
 
 Providers run interleaved (each provider's calls once per round), so a busy machine slows them alike.
-Each sample is `--calls` back-to-back calls timed together (between CUDA events on a GPU: device time,
-not host launch overhead); the table gives the median and p20/p80 over rounds (bench/common.py's
-quantile rule), the achieved bandwidth from the minimal byte count and its fraction of the measured
-copy bandwidth. Minimal bytes: read seg, disc and aux once; for fwd+bwd also write dL/dz once, at
-disc's size in disc's dtype. "fwd" is the loss call as training makes it (autograd recording, no
-backward); the fused kernels compute dL/dz there already, so their backward is only the scaling.
+Each sample is `--calls` back-to-back calls timed together on the host, ending with a device sync:
+the wall time a caller waits, host and device together (bench/common.time_calls). On CUDA each
+(provider, mode) is then profiled once over `--calls` calls for its device time (the sum of its
+kernels' durations) and its device operations per call: a call whose wall time is several times its
+device time is host-bound. The table gives the wall median and p20/p80 over rounds (bench/common.py's
+quantile rule), the device time, and the achieved bandwidth from the minimal byte count over the
+device time (the wall time on CPU) with its fraction of the measured copy bandwidth. Minimal bytes:
+read seg, disc and aux once; for fwd+bwd also write dL/dz once, at disc's size in disc's dtype. "fwd"
+is the loss call as training makes it (autograd recording, no backward); the fused kernels compute
+dL/dz there already, so their backward is only the scaling. The `host` case (1x19x8x8) moves almost
+no data: its wall time is the per-call host cost of each provider (checks, dispatch, autograd).
 
 `--shapes production` is the call the training loop makes (docs/METHOD.md §1, paper presets: batch 2,
 512x1024 crops): fp32 channels_last seg logits (2, 19, 512, 1024), D's map at its native 16x32,
@@ -45,7 +50,10 @@ class Case(NamedTuple):
 
 # The paper presets: batch 2, D's map at 16x32, D_aux's at image size (adapt.aux_at = "image").
 PRODUCTION = Case((2, 19, 512, 1024), (16, 32), None, channels_last=True, dtypes=("fp32",))
+# Next to no data: the wall time per call is the host's cost of the call.
+HOST = Case((1, 19, 8, 8), dtypes=("fp32",))
 SHAPES = {
+    "host": [HOST],
     "tiny": [Case((1, 19, 16, 32)),  # gpu_check.sh --cpu-dry-run: also a tiny production-like call
              Case((1, 19, 16, 32), (2, 4), (3, 5), channels_last=True, dtypes=("fp32",))],
     "small": [Case((1, 19, 64, 128)), Case((2, 19, 256, 512))],
@@ -53,10 +61,10 @@ SHAPES = {
     "full": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), Case((4, 19, 512, 1024))],
     "production": [PRODUCTION],
     # The CPU suite (bench/test_bench_loss.py): BENCHMARKS.md's CPU shapes, then the training call.
-    "cpu": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), PRODUCTION],
+    "cpu": [HOST, Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), PRODUCTION],
     # The bandwidth target (4x19x512x1024 bf16, full-size maps) and full Cityscapes size.
     "bandwidth": [Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
-    "gpu": [PRODUCTION, Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
+    "gpu": [PRODUCTION, HOST, Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
     "lowres": [Case((4, 19, 512, 1024), (16, 32), (65, 129)), Case((4, 19, 512, 1024))],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -115,8 +123,9 @@ def make_inputs(case: Case, dtype, device: str):
 
 def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int,
               keys=None) -> dict:
-    """(provider, mode) -> seconds per call, one sample per round, every (provider, mode) of `keys`
-    (default: all of fns x MODES) interleaved in each round (common.interleave)."""
+    """-> ({(provider, mode): wall seconds per call, one sample per round}, {(provider, mode): the
+    zero-argument call timed}), every (provider, mode) of `keys` (default: all of fns x MODES)
+    interleaved in each round (common.interleave)."""
     def fwd(fn):
         return lambda: fn(seg, disc, aux)
 
@@ -128,7 +137,7 @@ def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, w
 
     keys = keys or [(name, mode) for name in fns for mode in MODES]
     calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fns[name]) for name, mode in keys}
-    return common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls)
+    return common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls), calls_of
 
 
 def case_id(case: Case) -> str:
@@ -176,8 +185,8 @@ def main() -> None:
 
     print(f"device={device} ({result['machine']}) torch={torch.__version__} rounds={rounds} "
           f"calls/sample={calls} copy_GB/s={copy_gbs:.1f}")
-    print(f"{'case':>42} {'dtype':>5} {'mode':>7} {'provider':>9} {'median ms':>10} {'p20 ms':>8} "
-          f"{'p80 ms':>8} {'GB/s':>7} {'x eager':>8} {'of copy':>8}")
+    print(f"{'case':>42} {'dtype':>5} {'mode':>7} {'provider':>9} {'wall ms':>9} {'p20 ms':>8} "
+          f"{'p80 ms':>8} {'dev ms':>8} {'ops':>5} {'GB/s':>7} {'x eager':>8} {'of copy':>8}")
     for case in SHAPES[args.shapes]:
         for dtype_name in case.dtypes or args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
@@ -187,20 +196,24 @@ def main() -> None:
                 case_fns["ext+up"] = lambda s, d, a: ops.weighted_adv_loss(
                     s, reference.upsample_to(d, s.shape[2:]), reference.upsample_to(a, s.shape[2:]),
                     label=1.0, backend="ext")
-            times = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2)
+            times, calls_of = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2)
             for (name, mode), ts in times.items():
                 st = common.spread(ts)
                 eager = common.spread(times[("eager", mode)])["median"]
-                gbs = minimal_bytes(case, dtype, mode) / st["median"] / 1e9
+                dev = common.device_time(calls_of[(name, mode)], device, calls)
+                dev_s, dev_ops = dev if dev else (None, None)
+                gbs = minimal_bytes(case, dtype, mode) / (dev_s or st["median"]) / 1e9
                 row = dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
                            aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
-                           production=case == PRODUCTION, dtype=dtype_name, mode=mode, provider=name,
-                           device=device, median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3,
-                           p80_ms=st["p80"] * 1e3, gb_per_s=gbs, speedup_vs_eager=eager / st["median"],
-                           fraction_of_copy=gbs / copy_gbs)
+                           production=case == PRODUCTION, host=case == HOST, dtype=dtype_name, mode=mode,
+                           provider=name, device=device, median_ms=st["median"] * 1e3,
+                           p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
+                           device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops,
+                           gb_per_s=gbs, speedup_vs_eager=eager / st["median"], fraction_of_copy=gbs / copy_gbs)
                 result["rows"].append(row)
-                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>10.3f} "
-                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {gbs:>7.2f} "
+                dev_text = f"{row['device_ms']:>8.3f} {dev_ops:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
+                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>9.3f} "
+                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {dev_text} {gbs:>7.2f} "
                       f"{row['speedup_vs_eager']:>8.2f} {row['fraction_of_copy']:>8.1%}", flush=True)
             if args.json:
                 with open(args.json, "w") as f:

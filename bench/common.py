@@ -1,5 +1,5 @@
-"""What every bench script and suite shares: device sync, interleaved timing, the quantile rule, the
-machine's description.
+"""What every bench script and suite shares: device sync, interleaved wall timing, device time from
+the profiler, the quantile rule, the machine's description.
 
 Scripts in bench/ import it as `common` (Python puts the script's own folder first on sys.path, and
 pytest does the same for the suites, bench/ having no __init__.py); the package itself comes from the
@@ -36,25 +36,38 @@ def spread(xs) -> dict:
 
 
 def time_calls(fn: Callable[[], object], device: torch.device | str, calls: int) -> float:
-    """Seconds per call of `calls` back-to-back calls of fn.
+    """Wall seconds per call of `calls` back-to-back calls of fn, then one device sync.
 
-    On CUDA the interval is taken between two CUDA events on the current stream, with no host sync
-    between the calls, so it measures the device's time rather than the host's ~10-100 us per launch
-    and synchronisation (0.2 ms of host overhead would swamp a 22 us kernel). On CPU: perf_counter.
+    This is what a caller waits for: host and device together, whichever is slower sets the pace (on
+    CUDA the calls queue while the host runs ahead, so with enough calls a host-bound op shows its host
+    cost per call and a device-bound one its device time). It is not the device time of a host-bound
+    op: device_time() measures that.
     """
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
+    sync(device)
     return (time.perf_counter() - t0) / calls
+
+
+def device_time(fn: Callable[[], object], device: torch.device | str, calls: int) -> tuple[float, float] | None:
+    """(device seconds per call, device operations per call) of `calls` calls of fn on CUDA: the sum
+    of the durations of the kernels, memsets and copies they ran (torch.profiler's CUDA activity),
+    whatever the host did between them. None on CPU, where there is no separate device."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in events)
+    return busy_us / 1e6 / calls, len(events) / calls
 
 
 def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int, calls_per_sample: int = 1,
@@ -84,7 +97,8 @@ def copy_bandwidth(device: torch.device | str, numel: int | None = None, rounds:
     numel = numel or (2**28 if torch.device(device).type == "cuda" else 2**26)
     x = torch.empty(numel, dtype=torch.float32, device=device)
     out = torch.empty_like(x)
-    samples = [time_calls(lambda: out.copy_(x), device, 1) for _ in range(rounds + 2)][2:]
+    # 5 copies per sample: the host queues them far ahead of the device, so the wall time is the copies'.
+    samples = [time_calls(lambda: out.copy_(x), device, 5) for _ in range(rounds + 2)][2:]
     return 2 * numel * 4 / statistics.median(samples) / 1e9
 
 
