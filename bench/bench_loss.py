@@ -209,7 +209,8 @@ def main() -> None:
                            provider=name, device=device, median_ms=st["median"] * 1e3,
                            p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
                            device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops,
-                           gb_per_s=gbs, speedup_vs_eager=eager / st["median"], fraction_of_copy=gbs / copy_gbs)
+                           gb_per_s=gbs, speedup_vs_eager=eager / st["median"],
+                           fraction_of_copy=gbs / copy_gbs)
                 result["rows"].append(row)
                 dev_text = f"{row['device_ms']:>8.3f} {dev_ops:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
                 print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>9.3f} "

@@ -51,7 +51,8 @@ def time_calls(fn: Callable[[], object], device: torch.device | str, calls: int)
     return (time.perf_counter() - t0) / calls
 
 
-def device_time(fn: Callable[[], object], device: torch.device | str, calls: int) -> tuple[float, float] | None:
+def device_time(fn: Callable[[], object], device: torch.device | str,
+                calls: int) -> tuple[float, float] | None:
     """(device seconds per call, device operations per call) of `calls` calls of fn on CUDA: the sum
     of the durations of the kernels, memsets and copies they ran (torch.profiler's CUDA activity),
     whatever the host did between them. None on CPU, where there is no separate device."""

@@ -82,6 +82,7 @@ if [[ $MODE == gpu ]]; then
   DEV=cuda
   PRODUCTION_ARGS=(--shapes production --rounds 20 --calls 20)
   LOSS_ARGS=(--shapes bandwidth --rounds 10 --calls 10)
+  UPSAMPLE_ARGS=()
   STEP_ARGS=(--preset paper)
   TIMING_ARGS=(--iters 3 --rounds 2 --warmup 2)
   COMPILE_TIMING_ARGS=(--iters 3 --rounds 2 --warmup 3)
@@ -92,6 +93,7 @@ else
   DEV=cpu
   PRODUCTION_ARGS=(--shapes tiny --rounds 2 --no-compile)
   LOSS_ARGS=(--shapes tiny --rounds 3)
+  UPSAMPLE_ARGS=(--shape 1 8 9 17 --size 65 129 --rounds 2 --calls 2 --no-compile)
   STEP_ARGS=(--preset toy --crop 32 64 --batch 1 --threads 1)
   TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
   COMPILE_TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
@@ -112,7 +114,7 @@ except ImportError as e:
 print("@@probe " + json.dumps(info))'
 if [[ $MODE == gpu ]] && ! grep -q '"cuda_available": true' "$RUNLOG"; then
   say "no CUDA device visible: the GPU steps are skipped (use --cpu-dry-run on a CPU machine)"
-  for s in build bench_loss_production gpu_tests bench_loss bench_step step_profile bench_step_compile; do
+  for s in build bench_loss_production gpu_tests bench_loss bench_upsample bench_step step_profile bench_step_compile; do
     skip $s "no CUDA device"
   done
   FAILED=1
@@ -145,12 +147,17 @@ print("@@backends " + json.dumps({b: {d: ops.backend_problem(b, d) for d in devs
   if [[ $MODE == cpu ]]; then
     # Dry run only: the Triton kernel under the CPU interpreter, on its cheap test cases.
     step triton_interpret 60 "$RUNLOG" env TRITON_INTERPRET=1 "$PYTHON" -m pytest -q -p no:cacheprovider \
-      tests/test_weighted_adv_loss.py -k "triton and (shape1 or low_precision or channels_last or large_logits)"
+      tests/test_weighted_adv_loss.py tests/test_upsample_leaky_relu.py \
+      -k "triton and (shape1 or low_precision or channels_last or large_logits or upsample_leaky_relu)"
   fi
 
   # 4. Copy bandwidth + fused loss fwd and fwd+bwd: eager, torch.compile, ext, triton; fp32 and bf16.
   step bench_loss 75 "$RUNLOG" "$PYTHON" bench/bench_loss.py --device "$DEV" "${LOSS_ARGS[@]}" \
     --json "$OUT/bench_loss.json"
+
+  # 4b. D_aux's leaky_relu(upsample(.)) at image size: eager, torch.compile, the Triton kernels (its table
+  #     goes to run.log only: $OUT holds at most 8 files).
+  step bench_upsample 60 "$RUNLOG" "$PYTHON" bench/bench_upsample_leaky_relu.py --device "$DEV" "${UPSAMPLE_ARGS[@]}"
 
   # 5. Train step: eager fp32 NCHW loop vs engine (fp32, bf16); peak memory and FLOPs per provider;
   #    then, only with --with-compile (or in the dry run), with torch.compile(G) under its own limit.

@@ -18,12 +18,12 @@ compiled variant each per dtype and set of maps.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+from pwda_fast.kernels.bilinear import source_index, upsample_adjoint, upsample_ratio
 
 # The interpreter (TRITON_INTERPRET=1, CPU tensors) costs ~6 ms per program and cannot autotune ("0
 # active drivers"): few, large programs and one config. On a GPU 1024 pixels per program keeps each
@@ -33,23 +33,12 @@ _BLOCK = 4096 if _INTERPRET else 1024
 
 
 @triton.jit
-def _source_index(x, size_in, size_out, ratio):
-    """aten's align_corners=True source index along one axis: (i0, i1, lambda1); equal sizes: identity."""
-    src = ratio * x.to(tl.float32)
-    i0 = tl.minimum(src.to(tl.int64), size_in - 1)  # src >= 0: truncation is floor
-    l1 = tl.minimum(tl.maximum(src - i0.to(tl.float32), 0.0), 1.0)
-    i1 = i0 + tl.where(i0 < size_in - 1, 1, 0)
-    same = size_in == size_out
-    return tl.where(same, x, i0), tl.where(same, x, i1), tl.where(same, 0.0, l1)
-
-
-@triton.jit
 def _sample(ptr, n, h, w, sn, sh, sw, in_h, in_w, H, W, ratio_h, ratio_w, mask, UP: tl.constexpr):
     """A (N, 1, in_h, in_w) map's value at output pixels (n, h, w) of the (H, W) grid, as fp32."""
     base = ptr + n * sn
     if UP:
-        y0, y1, ly = _source_index(h, in_h, H, ratio_h)
-        x0, x1, lx = _source_index(w, in_w, W, ratio_w)
+        y0, y1, ly = source_index(h, in_h, H, ratio_h)
+        x0, x1, lx = source_index(w, in_w, W, ratio_w)
         v00 = tl.load(base + y0 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
         v01 = tl.load(base + y0 * sh + x1 * sw, mask=mask, other=0.0).to(tl.float32)
         v10 = tl.load(base + y1 * sh + x0 * sw, mask=mask, other=0.0).to(tl.float32)
@@ -122,32 +111,6 @@ def _weighted_adv_loss_fwd_kernel(seg_ptr, disc_ptr, aux_ptr, grad_ptr, partial_
     tl.store(partial_ptr + pid, tl.sum(tl.where(mask, weight * bce, 0.0), axis=0))
 
 
-@triton.jit(do_not_specialize=["total", "size_out", "size_in", "inner", "trips"])
-def _upsample_adjoint_kernel(src_ptr, dst_ptr, total, size_out, size_in, inner, ratio, trips,
-                             BLOCK: tl.constexpr):
-    """dst (outer, size_in, inner) = the adjoint of the align_corners=True upsampling size_in -> size_out
-    along the middle axis of src (outer, size_out, inner), both contiguous fp32: each lane owns one dst
-    element and adds src[o, x, k] * its tap weight for x upward from just before its first tap, `trips`
-    steps in all."""
-    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = t < total
-    k = t % inner
-    j = (t // inner) % size_in
-    o = t // (inner * size_in)
-    # The first x with i0(x) >= j - 1 is about (j - 1) / ratio; 2 less absorbs the float rounding.
-    guess = ((j - 1).to(tl.float32) / tl.where(ratio > 0.0, ratio, 1.0)).to(tl.int64) - 2
-    x = tl.where((j > 1) & (ratio > 0.0), tl.maximum(guess, 0), 0)
-    base = src_ptr + o * size_out * inner + k
-    acc = tl.zeros([BLOCK], tl.float32)
-    for _ in range(0, trips):
-        i0, i1, l1 = _source_index(x, size_in, size_out, ratio)
-        w = tl.where(i0 == j, 1.0 - l1, 0.0) + tl.where(i1 == j, l1, 0.0)
-        v = tl.load(base + x * inner, mask=mask & (x < size_out) & (w != 0.0), other=0.0)
-        acc += w * v
-        x += 1
-    tl.store(dst_ptr + t, acc, mask=mask)
-
-
 # BLOCK stays fixed (not tuned) so the number of partial sums does not depend on the chosen config. The
 # key is what changes the best warp count: work per pixel (C), layout (seg_sw: 1 for NCHW, C for
 # channels_last) and which maps are read and interpolated; the dtypes are added by triton.
@@ -164,26 +127,6 @@ _INT32_LIMIT = 2**31
 def _max_offset(t: torch.Tensor) -> int:
     """The largest element offset of t from its data pointer."""
     return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
-def _ratio(size_in: int, size_out: int) -> float:
-    """align_corners=True: (in - 1) / (out - 1), 0 for a 1-pixel output. One definition for the
-    sampling and its adjoint, so both see the same fp32 ratio and the same taps."""
-    return (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
-
-
-def _upsample_adjoint(src: torch.Tensor, outer: int, size_out: int, size_in: int, inner: int) -> torch.Tensor:
-    """(outer, size_out, inner) fp32 -> (outer, size_in, inner): the adjoint of size_in -> size_out."""
-    if size_in == size_out:
-        return src
-    dst = torch.empty((outer, size_in, inner), dtype=torch.float32, device=src.device)
-    ratio = _ratio(size_in, size_out)
-    # A bin's taps span about 2 / ratio outputs; 6 more cover the start guess and the float rounding.
-    trips = math.ceil(2.0 / ratio) + 6 if ratio > 0.0 else size_out
-    total = outer * size_in * inner
-    _upsample_adjoint_kernel[(triton.cdiv(total, _BLOCK),)](src, dst, total, size_out, size_in, inner, ratio,
-                                                            trips, BLOCK=_BLOCK)
-    return dst
 
 
 def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
@@ -206,9 +149,9 @@ def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
             *seg_logits.stride(),
             disc_logits.stride(0), disc_logits.stride(2), disc_logits.stride(3),
             disc_logits.shape[2], disc_logits.shape[3],
-            _ratio(disc_logits.shape[2], h), _ratio(disc_logits.shape[3], w),
+            upsample_ratio(disc_logits.shape[2], h), upsample_ratio(disc_logits.shape[3], w),
             aux.stride(0), aux.stride(2), aux.stride(3), aux.shape[2], aux.shape[3],
-            _ratio(aux.shape[2], h), _ratio(aux.shape[3], w),
+            upsample_ratio(aux.shape[2], h), upsample_ratio(aux.shape[3], w),
             float(label), float(threshold), float(floor), float(mu), 1.0 / pixels,
             HAS_AUX=aux_logits is not None, UP_DISC=tuple(disc_logits.shape[2:]) != (h, w),
             UP_AUX=tuple(aux.shape[2:]) != (h, w),
@@ -217,7 +160,7 @@ def weighted_adv_loss_fwd(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
         )
         dh, dw = disc_logits.shape[2:]
         if (dh, dw) != (h, w):  # fold the per-pixel gradient onto the low-res map: columns, then rows
-            cols = _upsample_adjoint(grad, n * h, w, dw, 1)
-            grad = _upsample_adjoint(cols, n, h, dh, dw).view(n, 1, dh, dw)
+            cols = upsample_adjoint(grad, n * h, w, dw, 1)
+            grad = upsample_adjoint(cols, n, h, dh, dw).view(n, 1, dh, dw)
     loss = (partial.sum(dtype=torch.float64) / pixels).to(torch.float32)
     return loss, grad

@@ -230,6 +230,9 @@ class TrainConfig:
 class KernelsConfig:
     backend: Literal["auto", "torch", "ext", "triton"] = "auto"
     """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA) or "triton"."""
+    upsample: Literal["auto", "torch", "triton"] = "auto"
+    """D_aux's leaky_relu(upsample(.)) at image size: "auto" (Triton on CUDA, else torch), "torch" or
+    "triton"."""
 
 
 @dataclass

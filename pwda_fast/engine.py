@@ -131,6 +131,7 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
     init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
     nets = Nets(*models.build_networks(cfg.model))
+    nets.d_aux.upsample_backend = ops.resolve_upsample_backend(cfg.kernels.upsample, device)
     if init is not None and init.layout == "pwda":
         log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "
             "D, D_aux, the optimizers and the step start fresh")

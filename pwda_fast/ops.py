@@ -5,10 +5,13 @@
                           backend="auto")                                           -> () fp32
     ops.available_backends()                                                        -> list[str]
     ops.backend_problem(backend, device_type)                                       -> str | None
+    ops.upsample_leaky_relu(x, size, *, slope=0.2, backend="auto")                   -> (N, C, *size)
+    ops.resolve_upsample_backend(backend, device)                                   -> "torch" | "triton"
 
 Backends: "torch" (reference.py), "ext" (torch.ops.pwda_fast from csrc/), "triton" (kernels/, on
 CPU only with TRITON_INTERPRET=1), "auto" (fastest available). An explicit backend that cannot run
-raises with the reason; only "auto" falls back.
+raises with the reason; only "auto" falls back. upsample_leaky_relu has "torch" and "triton" only;
+its "auto" is "triton" on CUDA where Triton runs, else "torch".
 """
 
 from __future__ import annotations
@@ -113,7 +116,9 @@ def available_backends() -> list[str]:
 @torch.compiler.assume_constant_result
 def _resolve(backend: str, device_type: str) -> str:
     if backend == "auto":
-        prefer = ("triton", "ext") if device_type == "cuda" else ("ext",)
+        # ext first on CUDA too: on an H200 (BENCHMARKS.md, 2026-12-04) its fwd+bwd kernels take
+        # 141 us against Triton's 167 us at 4x19x512x1024 bf16, and its autograd is C++.
+        prefer = ("ext", "triton") if device_type == "cuda" else ("ext",)
         return next((b for b in prefer if backend_problem(b, device_type) is None), "torch")
     problem = backend_problem(backend, device_type)
     if problem is not None:
@@ -212,3 +217,92 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     if backend == "ext":
         return torch.ops.pwda_fast.weighted_adv_loss(*args)
     return _weighted_adv_loss_triton(*args)[0]
+
+
+def _upsample_problem(backend: str, device_type: str) -> str | None:
+    if backend == "torch":
+        return None
+    try:
+        import pwda_fast.kernels.upsample_leaky_relu  # noqa: F401
+    except Exception as e:  # as for the loss: any import-time failure means "cannot run here"
+        return (f"upsample backend 'triton' cannot import pwda_fast.kernels.upsample_leaky_relu "
+                f"({type(e).__name__}: {e}); install triton (pip install triton) and the package")
+    return _triton_problem(device_type)
+
+
+def resolve_upsample_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """kernels.upsample ("auto", "torch", "triton") -> the backend upsample_leaky_relu runs on `device`;
+    "auto" is "triton" on CUDA where it can run, else "torch"; an explicit one that cannot run raises."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"upsample backend must be one of ('auto', 'torch', 'triton'); got {backend!r}")
+    device_type = torch.device(device).type
+    if backend == "auto":
+        return "triton" if device_type == "cuda" and _upsample_problem("triton", "cuda") is None else "torch"
+    problem = _upsample_problem(backend, device_type)
+    if problem is not None:
+        raise RuntimeError(problem)
+    return backend
+
+
+def _upsampled_like(x: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """An empty (n, c, h, w) tensor of x's dtype and device, channels_last when x is (as the kernels
+    write it)."""
+    out = x.new_empty((n, c, h, w))
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@torch.library.custom_op("pwda_fast::upsample_leaky_relu_triton", mutates_args=())
+def _upsample_leaky_relu_triton(x: torch.Tensor, height: int, width: int, slope: float) -> torch.Tensor:
+    from pwda_fast.kernels.upsample_leaky_relu import upsample_leaky_relu_fwd
+    return upsample_leaky_relu_fwd(x, (height, width), slope)
+
+
+@_upsample_leaky_relu_triton.register_fake
+def _(x, height, width, slope):
+    return _upsampled_like(x, x.shape[0], x.shape[1], height, width)
+
+
+@torch.library.custom_op("pwda_fast::upsample_leaky_relu_triton_backward", mutates_args=())
+def _upsample_leaky_relu_triton_backward(grad: torch.Tensor, out: torch.Tensor, in_height: int,
+                                         in_width: int, slope: float) -> torch.Tensor:
+    from pwda_fast.kernels.upsample_leaky_relu import upsample_leaky_relu_bwd
+    return upsample_leaky_relu_bwd(grad, out, (in_height, in_width), slope, out.dtype)
+
+
+@_upsample_leaky_relu_triton_backward.register_fake
+def _(grad, out, in_height, in_width, slope):
+    return _upsampled_like(out, out.shape[0], out.shape[1], in_height, in_width)
+
+
+def _upsample_setup_context(ctx, inputs, output):
+    x, _, _, slope = inputs
+    ctx.save_for_backward(output)
+    ctx.in_hw, ctx.slope = tuple(x.shape[2:]), slope
+
+
+def _upsample_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return _upsample_leaky_relu_triton_backward(grad, out, *ctx.in_hw, ctx.slope), None, None, None
+
+
+_upsample_leaky_relu_triton.register_autograd(_upsample_backward, setup_context=_upsample_setup_context)
+
+
+def upsample_leaky_relu(x: torch.Tensor, size, *, slope: float = 0.2, backend: str = "auto") -> torch.Tensor:
+    """leaky_relu(upsample(x, size), slope), bilinear with align_corners=True, differentiable in x.
+
+    x (N, C, h, w) float32 / bfloat16 / float16 -> (N, C, H, W) in x's dtype, H >= h, W >= w; the
+    Triton backend writes channels_last output for channels_last x and computes in fp32.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or min(x.shape) == 0:
+        raise ValueError(f"x must be a non-empty (N, C, h, w) tensor; got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16; got {x.dtype}")
+    height, width = (int(v) for v in size)
+    if height < x.shape[2] or width < x.shape[3]:
+        raise ValueError(f"size must be at least x's (h, w) = {tuple(x.shape[2:])} (an upsampling); "
+                         f"got {(height, width)}")
+    if resolve_upsample_backend(backend, x.device) == "torch":
+        return reference.upsample_leaky_relu(x, (height, width), slope)
+    return _upsample_leaky_relu_triton(x, height, width, float(slope))

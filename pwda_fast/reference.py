@@ -56,6 +56,12 @@ def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def upsample_leaky_relu(x: torch.Tensor, size, slope: float = 0.2) -> torch.Tensor:
+    """leaky_relu(upsample(x, size)): D_aux's first activation at image size (models/discriminator.py).
+    x (N, C, h, w) -> (N, C, *size), bilinear with align_corners=True."""
+    return F.leaky_relu(upsample_to(x, size), slope)
+
+
 def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                       aux_logits: torch.Tensor | None = None, *, label: float,
                       threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1) -> torch.Tensor:

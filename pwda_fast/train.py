@@ -83,7 +83,8 @@ class Trainer:
                      "torch's slow path (the toy step measured 13x slower than fp32); use "
                      "train.amp=none here")
         self.log(f"device {self.device}, {info.world} process(es), weighted-loss backend "
-                 f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), amp {cfg.train.amp}, "
+                 f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), D_aux upsampling "
+                 f"{self.engine.nets.d_aux.upsample_backend!r}, amp {cfg.train.amp}, "
                  f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
                  f"{cfg.data.workers} loader worker(s)")
         start, self.skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,

@@ -10,8 +10,9 @@ the image size (computed exactly and cheaply: see FeatureDiscriminator.forward).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pwda_fast import ops
 
 
 class OutputDiscriminator(nn.Module):
@@ -37,11 +38,15 @@ class FeatureDiscriminator(nn.Module):
     on image-size encodings, without upsampling the F = 2048 channels: the first 1x1 conv is linear
     and bilinear weights sum to 1, so conv(upsample(x)) == upsample(conv(x)); the first conv runs at
     feature size and only its `width` outputs are upsampled. At 512x1024 and width 256 that is 4.4
-    GMAC at 65x129 instead of 275 GMAC at image size for the first conv.
+    GMAC at 65x129 instead of 275 GMAC at image size for the first conv. The upsampling and the leaky
+    ReLU after it are one op (ops.upsample_leaky_relu: one pass forward, two backward on CUDA).
     """
 
-    def __init__(self, in_channels: int = 2048, width: int = 256):
+    def __init__(self, in_channels: int = 2048, width: int = 256, upsample_backend: str = "auto"):
         super().__init__()
+        # Backend of the image-size path's leaky_relu(upsample(.)) (ops.upsample_leaky_relu): "auto" is
+        # the fused Triton kernels on CUDA, torch elsewhere; engine.build sets it from kernels.upsample.
+        self.upsample_backend = upsample_backend
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width, width // 2, 1), nn.LeakyReLU(0.2, inplace=True),
@@ -51,5 +56,6 @@ class FeatureDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == tuple(x.shape[2:]):
             return self.net(x)
-        first = F.interpolate(self.net[0](x), size=tuple(size), mode="bilinear", align_corners=True)
-        return self.net[1:](first)
+        first = ops.upsample_leaky_relu(self.net[0](x), size, slope=self.net[1].negative_slope,
+                                        backend=self.upsample_backend)
+        return self.net[2:](first)
