@@ -7,8 +7,8 @@
 #   OUT=/some/dir bash bench/gpu_check.sh --with-compile   # also the torch.compile(G) R101 step
 #   bash bench/gpu_check.sh --cpu-dry-run            # same steps on a CPU machine, tiny shapes
 #
-# Every step is time-boxed with `timeout` against one budget (GPU_CHECK_BUDGET_S, default 360 s: one
-# device lease of 15 minutes holds start-up, this run and one rerun); a step that fails, times out
+# Every step is time-boxed with `timeout` against one budget (GPU_CHECK_BUDGET_S, default 420 s: one
+# device lease of 15 minutes holds start-up, this run and one short rerun); a step that fails, times out
 # or has no time left is reported in the table and the script goes on, and every benchmark rewrites
 # its JSON after each case, so a timeout keeps the rows already measured. The torch.compile R101 step
 # (minutes of inductor warm-up) runs only with --with-compile, after the rest, under its own limit
@@ -43,7 +43,7 @@ RUNLOG="$OUT/run.log"
 # The source tree itself is the package (pwda_fast/kernels/__init__.py finds kernels/); setup.py finds
 # the CUDA toolkit from the nvcc on PATH unless CUDA_HOME is set.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-BUDGET="${GPU_CHECK_BUDGET_S:-360}"
+BUDGET="${GPU_CHECK_BUDGET_S:-420}"
 COMPILE_LIMIT="${GPU_CHECK_COMPILE_S:-240}"
 T0=$SECONDS
 FAILED=0
@@ -83,6 +83,7 @@ if [[ $MODE == gpu ]]; then
   PRODUCTION_ARGS=(--shapes production --rounds 20 --calls 20)
   LOSS_ARGS=(--shapes bandwidth --rounds 10 --calls 10)
   UPSAMPLE_ARGS=()
+  REAL_SIZE_ARGS=(--iters 50 --workers 4 8)
   STEP_ARGS=(--preset paper)
   TIMING_ARGS=(--iters 3 --rounds 2 --warmup 2)
   COMPILE_TIMING_ARGS=(--iters 3 --rounds 2 --warmup 3)
@@ -94,6 +95,7 @@ else
   PRODUCTION_ARGS=(--shapes tiny --rounds 2 --no-compile)
   LOSS_ARGS=(--shapes tiny --rounds 3)
   UPSAMPLE_ARGS=(--shape 1 8 9 17 --size 65 129 --rounds 2 --calls 2 --no-compile)
+  REAL_SIZE_ARGS=(--cpu-dry-run)
   STEP_ARGS=(--preset toy --crop 32 64 --batch 1 --threads 1)
   TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
   COMPILE_TIMING_ARGS=(--iters 1 --rounds 1 --warmup 1)
@@ -114,7 +116,8 @@ except ImportError as e:
 print("@@probe " + json.dumps(info))'
 if [[ $MODE == gpu ]] && ! grep -q '"cuda_available": true' "$RUNLOG"; then
   say "no CUDA device visible: the GPU steps are skipped (use --cpu-dry-run on a CPU machine)"
-  for s in build bench_loss_production gpu_tests bench_loss bench_upsample bench_step step_profile bench_step_compile; do
+  for s in build bench_loss_production gpu_tests bench_loss bench_upsample bench_step step_profile real_size \
+    bench_step_compile; do
     skip $s "no CUDA device"
   done
   FAILED=1
@@ -165,6 +168,10 @@ print("@@backends " + json.dumps({b: {d: ops.backend_problem(b, d) for d in devs
     "${TIMING_ARGS[@]}" --json "$OUT/bench_step.json"
   step step_profile 45 "$RUNLOG" "$PYTHON" bench/step_profile.py --device "$DEV" "${STEP_ARGS[@]}" \
     --json "$OUT/step_profile.json"
+  # 5b. The whole pipeline at real size: generated GTA5 / Cityscapes trees at their published
+  #     resolutions, torchrun training with 4 and 8 loader workers; images/s against bench_step's.
+  step real_size 130 "$RUNLOG" "$PYTHON" bench/real_size_run.py --out "$ROOT/build/real_size" \
+    --bench-step "$OUT/bench_step.json" "${REAL_SIZE_ARGS[@]}"
   if [[ $WITH_COMPILE == 1 || $MODE == cpu ]]; then
     OWN_LIMIT=1 step bench_step_compile "$COMPILE_LIMIT" "$RUNLOG" "$PYTHON" bench/bench_step.py \
       --device "$DEV" "${STEP_ARGS[@]}" "${COMPILE_TIMING_ARGS[@]}" --compile --json "$OUT/bench_step_compile.json"

@@ -34,8 +34,8 @@ _PYTEST_RE = re.compile(r"^(?:=+ )?((?:\d+ \w+(?:, )?)+) in [\d.]+s")
 
 def parse_run_log(text: str) -> dict:
     """-> {"steps": {name: {"rc", "seconds", "limit"} | {"skipped": reason}}, "probe", "backends",
-    "pytest": {step name: {"passed": n, ...}}} from run.log."""
-    steps, pytest, probe, backends, current = {}, {}, None, None, None
+    "real_size", "pytest": {step name: {"passed": n, ...}}} from run.log."""
+    steps, pytest, probe, backends, real_size, current = {}, {}, None, None, None, None
     for line in text.splitlines():
         m = _STEP_RE.match(line)
         if m:
@@ -52,9 +52,11 @@ def parse_run_log(text: str) -> dict:
             probe = _loads(line[len("@@probe "):])
         elif line.startswith("@@backends "):
             backends = _loads(line[len("@@backends "):])
+        elif line.startswith("@@real_size "):
+            real_size = _loads(line[len("@@real_size "):])
         elif current is not None and (m := _PYTEST_RE.match(line.strip())):
             pytest[current] = {w: int(n) for n, w in (part.split() for part in m.group(1).split(", "))}
-    return {"steps": steps, "pytest": pytest, "probe": probe, "backends": backends}
+    return {"steps": steps, "pytest": pytest, "probe": probe, "backends": backends, "real_size": real_size}
 
 
 def _loads(text: str):
@@ -193,6 +195,26 @@ def _step_ratio_row(label: str, bench: dict, gpu: bool, compiled: bool) -> tuple
     return label, "MET" if ratio >= STEP_TARGET else "NOT MET", nums
 
 
+def real_size_row(result: dict | None, gpu: bool, status: str | None) -> tuple[str, str, str]:
+    """The real-size pipeline runs: training images/s per loader worker count against the bench step."""
+    label = "real-size pipeline keeps up (GTA5 -> Cityscapes trees, torchrun, images/s vs bench step)"
+    if result is None:
+        return label, status or "missing", "no @@real_size line; log: run.log"
+    parts = []
+    for r in result.get("runs", []):
+        if r.get("rc") != 0:
+            parts.append(f"{r['workers']} workers: exit {r.get('rc')}")
+        elif r.get("images_per_s") is None:
+            parts.append(f"{r['workers']} workers: ran ({r['seconds']} s), too few steps to time")
+        else:
+            ratio = f" = {r['of_bench_step']:.0%} of the bench step" if r.get("of_bench_step") else ""
+            parts.append(f"{r['workers']} workers: {r['images_per_s']:.2f} img/s{ratio}")
+    text = "; ".join(parts) or "no runs"
+    if not gpu:
+        return label, NO_GPU, f"cpu dry run (tiny model): {text}"
+    return label, status or "measured", text
+
+
 def _gib(b) -> str:
     return "n/a" if b is None else f"{b / 2**30:.2f} GiB"
 
@@ -302,6 +324,7 @@ def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
         rows.append(_step_ratio_row(label, data, gpu, compiled))
     rows.extend(profile_rows(_read_json(out / "step_profile.json"), step_jsons, gpu,
                              step_status(steps, "step_profile")))
+    rows.append(real_size_row(log["real_size"], gpu, step_status(steps, "real_size")))
     return rows
 
 

@@ -67,6 +67,11 @@ def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected 
         "@@step bench_loss rc=0 seconds=50 limit=90",
         "@@step bench_step rc=0 seconds=40 limit=90",
         "@@step step_profile rc=0 seconds=20 limit=60",
+        "@@step real_size start limit=130",
+        '@@real_size {"iters": 50, "runs": [{"workers": 4, "rc": 0, "seconds": 40.0, "images_per_s": 15.0, '
+        '"of_bench_step": 0.6}, {"workers": 8, "rc": 0, "seconds": 38.0, "images_per_s": 24.0, '
+        '"of_bench_step": 0.96}], "bench_step_images_per_s": 25.0}',
+        "@@step real_size rc=0 seconds=80 limit=130",
         "@@step bench_step_compile skipped time budget",
     ]
     (out / "run.log").write_text("\n".join(log) + "\n")
@@ -115,6 +120,9 @@ def test_gpu_table_reports_targets_and_failures(tmp_path):
         "eager fp32 NCHW (AdaptSegNet loop) 20.00 GiB; engine bf16 channels_last 10.00 GiB")
     # 2 TFLOP per iteration at 0.5 s (eager) on a 1 PFLOP/s device: 0.4%
     assert "eager fp32 NCHW (AdaptSegNet loop) 0.4%" in row(rows, "train step MFU")[1]
+    assert row(rows, "real-size pipeline") == (
+        "measured",
+        "4 workers: 15.00 img/s = 60% of the bench step; 8 workers: 24.00 img/s = 96% of the bench step")
 
 
 def test_gpu_table_passes_and_misses(tmp_path):
