@@ -86,17 +86,17 @@ class Adapter:
     """Runs one iteration over a source and a target batch; owns nothing but references.
 
     nets may be DDP-wrapped or compiled; optimizers hold the bare networks' parameters.
-    restore_bn: BatchNorm running statistics and batch counts change in the forward pass (model.bn
-    "train" and "stats"), before the finite check, so a skipped step puts them back.
+    A skipped step leaves every state it could touch as it was: the optimizers do not step, and what
+    changes before the finite check is put back (the networks' buffers, the running class weight).
     amp="fp16" adds a gradient scaler; `calibrating` then says whether the last step was skipped
     for a gradient overflow that the scaler answered by halving its scale to a value >= 1: what a
     scale that starts too high for the gradients does in the first steps of a run.
     """
 
     def __init__(self, nets: Nets, optimizers, adapt_cfg: AdaptConfig, schedule: Schedule, *,
-                 amp: str = "none", channels_last: bool = False, restore_bn: bool = False,
-                 backend: str = "torch", device: torch.device | None = None,
-                 dist: distributed.Dist | None = None, num_classes: int = 19):
+                 amp: str = "none", channels_last: bool = False, backend: str = "torch",
+                 device: torch.device | None = None, dist: distributed.Dist | None = None,
+                 num_classes: int = 19):
         self.nets, self.opt, self.a, self.schedule = nets, optimizers, adapt_cfg, schedule
         device = device or torch.device("cpu")
         self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
@@ -110,9 +110,11 @@ class Adapter:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.calibrating = False
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        # One inf activation would otherwise poison every later step through the running statistics.
+        # BatchNorm running statistics change in the forward pass, before the finite check: the
+        # backbone's with model.bn "train" or "stats", BN heads (model.head_norm = "bn") with any
+        # model.bn. One inf activation would otherwise poison every later step through them.
         # num_batches_tracked too: BN with momentum=None averages over it.
-        self.bn_buffers = list(nets.g.buffers()) if restore_bn else []
+        self.buffers = [b for net in nets for b in net.buffers()]
         # MRNet's running "often" class weight (adapt.often_balance); part of the checkpoint.
         self.often = (torch.ones(num_classes, device=device)
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
@@ -152,7 +154,7 @@ class Adapter:
         self.set_lr(step)
         for opt in self.opt:
             opt.zero_grad(set_to_none=True)
-        state = self.bn_buffers + ([self.often] if self.often is not None else [])
+        state = self.buffers + ([self.often] if self.often is not None else [])
         saved = [b.clone() for b in state]
         losses = {}
         src = self.segmenter_stage(source, losses)
@@ -174,13 +176,21 @@ class Adapter:
 
     def _update_scale(self, finite: bool) -> None:
         """Halve the loss scale if any gradient overflowed (the scaler's own check, which agrees on
-        every rank: DDP has averaged the gradients), else count towards doubling it. A step skipped
-        only for a non-finite loss with finite gradients keeps the scale: it cannot be the cause."""
+        every rank: DDP has averaged the gradients), else count a step towards doubling it. A step
+        skipped only for a non-finite loss with finite gradients leaves the scale and its count of
+        good steps as they were: the scale cannot be the cause, and no optimizer stepped."""
         if not self.scaler.is_enabled():
             return
-        before = None if finite else self.scaler.get_scale()  # a host sync on skipped steps only
-        self.scaler.update()
-        self.calibrating = before is not None and 1.0 <= self.scaler.get_scale() < before
+        if finite:
+            self.scaler.update()
+            self.calibrating = False
+            return
+        before = self.scaler.state_dict()  # a host sync on skipped steps only
+        self.scaler.update()  # also clears the per-optimizer unscale records the next step needs clear
+        lowered = self.scaler.get_scale() < before["scale"]
+        if not lowered:
+            self.scaler.load_state_dict(before)
+        self.calibrating = lowered and self.scaler.get_scale() >= 1.0
 
     def _input(self, batch: dict) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)

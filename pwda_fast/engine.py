@@ -141,6 +141,6 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     optimizers = build_optimizers(cfg.optim, nets, device)
     adapter = Adapter(_wrap(cfg, nets, device, dist, log), optimizers, cfg.adapt,
                       Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
-                      channels_last=cfg.train.channels_last, restore_bn=cfg.model.bn != "frozen",
-                      backend=backend, device=device, dist=dist, num_classes=cfg.model.num_classes)
+                      channels_last=cfg.train.channels_last, backend=backend, device=device, dist=dist,
+                      num_classes=cfg.model.num_classes)
     return Engine(nets, optimizers, adapter, backend)

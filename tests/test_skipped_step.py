@@ -1,0 +1,156 @@
+"""A skipped step (a non-finite loss or gradient) leaves every state it could have touched as it was.
+
+The step's forward passes have already moved BatchNorm statistics (model.bn "train" and the paper's
+"stats" in the backbone; BN heads in every mode) and MRNet's running class weight `often` when the
+finite check fails; the optimizers have momentum and Adam moments to lose; under fp16 the loss scaler
+counts good steps. Each test compares all of them before and after a skipped step, then takes the
+same step unskipped to show that it does change each of them (so the comparison had something to see).
+"""
+
+import math
+
+import pytest
+import torch
+
+from pwda_fast import config, engine, reference
+from pwda_fast.data import build_datasets
+from pwda_fast.data.loader import train_loader
+
+CPU = torch.device("cpu")
+# MRNet at toy size with the paper's recipe: class balance with the running weight, hard pixels, the
+# memory term from the first step.
+RECIPE = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.disc_width": 8,
+          "model.aux_disc_width": 8, "data.crop": [32, 64], "kernels.backend": "torch",
+          "adapt.class_balance": True, "adapt.often_balance": True, "adapt.hard_pixels": 80.0,
+          "adapt.memory": True, "adapt.memory_start": 0, "optim.nesterov": True}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def batches():
+    cfg = config.load("toy", {"data.crop": [32, 64]})
+    data = build_datasets(cfg.data, None, lambda msg: None)
+    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
+    return [(next(src), next(tgt)) for _ in range(2)]
+
+
+def build(**overrides) -> engine.Engine:
+    return engine.build(config.load("toy", {**RECIPE, **overrides}), CPU)
+
+
+def state_of(eng: engine.Engine) -> dict[str, torch.Tensor]:
+    """Every tensor a step may change, by name: each network's parameters and buffers, each
+    optimizer's state, the running class weight and the loss scaler's state."""
+    out = {}
+    for name, net in zip(("g", "d", "d_aux"), eng.nets):
+        out.update({f"{name}.{k}": v.clone() for k, v in net.state_dict().items()})
+    for name, opt in zip(("opt_g", "opt_d", "opt_d_aux"), eng.optimizers):
+        for pid, st in opt.state_dict()["state"].items():
+            out.update({f"{name}.{pid}.{k}": torch.as_tensor(v).clone() for k, v in st.items()})
+    adapter = eng.adapter.state_dict()
+    if adapter["often"] is not None:
+        out["often"] = adapter["often"].clone()
+    out.update({f"scaler.{k}": torch.tensor(v) for k, v in adapter["scaler"].items()})
+    return out
+
+
+def changed(before: dict, after: dict) -> list[str]:
+    assert before.keys() == after.keys()
+    return [k for k in before if not torch.equal(before[k], after[k])]
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward; an inf gradient backward (every loss stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)
+
+
+class NaNValue(torch.autograd.Function):
+    """A NaN value whose gradient is the identity's: a loss gone non-finite with finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.full_like(x, math.nan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def make_stage3_bad(monkeypatch, kind: str) -> None:
+    """The next step's discriminator stage goes bad on D's source term (domain_bce's second call of a
+    step, after the generator stage's D_aux term): stages 1 and 2 have run, BN statistics and the
+    running class weight have moved. kind: "loss" (NaN loss and gradients), "gradient" (inf
+    gradients, finite losses), "loss only" (a NaN loss, finite gradients)."""
+    real, calls = reference.domain_bce, {"n": 0}
+
+    def domain_bce(logits, label):
+        calls["n"] += 1
+        if calls["n"] != 2:
+            return real(logits, label)
+        if kind == "gradient":
+            return real(InfGradient.apply(logits), label)
+        loss = real(logits, label)
+        return loss * math.nan if kind == "loss" else NaNValue.apply(loss)
+
+    monkeypatch.setattr(reference, "domain_bce", domain_bce)
+
+
+def assert_skip_restores_everything(eng, batches, monkeypatch, kind: str) -> list[str]:
+    """Step 0 normally (momentum, Adam moments and `often` exist), step 1 made bad -> skipped with
+    every state as before; then step 1 again, unskipped -> the names of the states it changes."""
+    assert eng.adapter.step(0, *batches[0])[1]
+    before = state_of(eng)
+    with monkeypatch.context() as m:
+        make_stage3_bad(m, kind)
+        losses, stepped = eng.adapter.step(1, *batches[1])
+    assert not stepped
+    assert all(math.isfinite(v) for v in losses.values()) is (kind == "gradient")
+    assert changed(before, state_of(eng)) == [], "the skipped step left these changed"
+    assert eng.adapter.step(1, *batches[1])[1]
+    return changed(before, state_of(eng))
+
+
+def changed_kinds(names: list[str]) -> set[str]:
+    """State names -> their kinds: "g weights", "g BN statistics", "often", "opt_g", "scaler", ..."""
+    kinds = set()
+    for k in names:
+        if k.startswith("g.") and ("running_" in k or "num_batches" in k):
+            kinds.add("g BN statistics")
+        elif k.startswith("g."):
+            kinds.add("g weights")
+        else:
+            kinds.add(k.split(".")[0])
+    return kinds
+
+
+@pytest.mark.parametrize("kind", ["loss", "gradient"])
+@pytest.mark.parametrize("bn, head_norm", [("train", "gn"), ("stats", "gn"), ("frozen", "bn")])
+def test_skipped_step_restores_every_state(batches, monkeypatch, bn, head_norm, kind):
+    """Each BN mode: "train" and the paper's "stats" move the backbone's statistics; "frozen" keeps
+    the backbone's BN in eval mode, so MRNet's heads with BatchNorm carry the statistics there."""
+    eng = build(**{"model.bn": bn, "model.head_norm": head_norm})
+    moved = assert_skip_restores_everything(eng, batches, monkeypatch, kind)
+    kinds = changed_kinds(moved)
+    assert kinds >= {"g weights", "g BN statistics", "often", "opt_g", "opt_d", "opt_d_aux"}, kinds
+    backbone_stats = [k for k in moved if k.startswith("g.layer") and "running_" in k]
+    assert bool(backbone_stats) is (bn != "frozen")
+
+
+def test_fp16_skip_for_a_loss_alone_keeps_the_scaler_state(batches, monkeypatch):
+    """A step skipped for a non-finite loss whose gradients are finite did not overflow: the loss
+    scale stays, and the scaler does not count it among the good steps that double the scale.
+    (A gradient overflow halves the scale: tests/test_fp16.py.)"""
+    eng = build(**{"train.amp": "fp16"})
+    moved = changed_kinds(assert_skip_restores_everything(eng, batches, monkeypatch, "loss only"))
+    assert "scaler" in moved and "often" in moved, moved  # the good step counts towards growth
