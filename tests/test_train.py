@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
 
-from pwda_fast import checkpoint, config, engine, evaluate, ops, reference, train
+from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, train
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
 
@@ -81,8 +81,32 @@ def test_weighting_map_carries_no_gradient(monkeypatch):
     assert calls == [(False, False, True), (False, False, True)]  # generator stage, then D stage
 
 
-def test_stop_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
-    common = {"train.iters": 5, "train.ckpt_every": 100}
+# MRNet's Stage-I recipe on the toy (whose generator is MRNet's, here at half the toy's width): class
+# balance with the running weight `often`, hard pixels, the memory term from the second step, Nesterov
+# with warm-up.
+RECIPE = {"adapt.class_balance": True, "adapt.often_balance": True, "adapt.hard_pixels": 80.0,
+          "adapt.memory_start": 1, "optim.nesterov": True, "optim.warmup_iters": 3, "optim.poly_iters": 100,
+          "model.width": 8, "model.head_width": 16, "model.disc_width": 8, "model.aux_disc_width": 16}
+
+
+def nan_seg_loss_at(monkeypatch, bad: int) -> None:
+    """Adapter.step(bad, ...) gets a NaN segmentation loss (so it is skipped), in every run."""
+    real_step, real_ce = adapt.Adapter.step, reference.seg_ce
+    monkeypatch.setattr(reference, "seg_ce", real_ce)  # put back after the test
+
+    def step(self, i, source, target):
+        reference.seg_ce = (lambda *a: real_ce(*a) * math.nan) if i == bad else real_ce
+        return real_step(self, i, source, target)
+
+    monkeypatch.setattr(adapt.Adapter, "step", step)
+
+
+@pytest.mark.parametrize("recipe, skip", [(False, False), (True, False), (True, True)],
+                         ids=["toy", "paper-recipe", "paper-recipe-stopped-after-a-skipped-step"])
+def test_stop_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch, recipe, skip):
+    common = {"train.iters": 5, "train.ckpt_every": 100, "train.eval_images": 1, **(RECIPE if recipe else {})}
+    if skip:  # the second step is skipped, and the split run stops right after it
+        nan_seg_loss_at(monkeypatch, 1)
     assert run(tiny_overrides(tmp_path / "full", **common)) == 0
     assert run(tiny_overrides(tmp_path / "split", **common, **{"train.stop_at": 2})) == 0
     assert checkpoint.latest(tmp_path / "split").name == "ckpt_00000002.pt"
@@ -92,8 +116,13 @@ def test_stop_and_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
     assert a["step"] == b["step"] == 5
     assert_same_networks(a, b)
     assert_same_optimizers(a, b)
-    assert [r["seg"] for r in training_lines(tmp_path / "full")] == \
-        [r["seg"] for r in training_lines(tmp_path / "split")]
+    row = lambda r: (r["seg"], r["skipped"])  # noqa: E731
+    full, split = training_lines(tmp_path / "full"), training_lines(tmp_path / "split")
+    assert [row(r) for r in full] == [row(r) for r in split]
+    assert [r["skipped"] for r in full] == ([0, 1, 1, 1, 1] if skip else [0] * 5)
+    if recipe:  # the running class weight has moved away from 1, and resumed where it was
+        often = a["adapter"]["often"]
+        assert (often != 1).any() and torch.equal(often, b["adapter"]["often"])
 
 
 def test_source_only_mode_and_evaluate_cli(tmp_path, capsys):
