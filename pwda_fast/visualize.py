@@ -46,8 +46,11 @@ def target_images(cfg, images: list[str]) -> list[tuple[str, dict]]:
         if not path.is_file():
             raise FileNotFoundError(f"--images: {path} is not a file (give image paths or a count)")
         index = known.get(path.resolve())
-        item = val[index] if index is not None else SegmentationDataset([(path, None)], size=size,
-                                                                        train=False)[0]
+        # A file outside the val set gets what the val set's images get: the run's size, filter
+        # and normalisation.
+        item = val[index] if index is not None else SegmentationDataset(
+            [(path, None)], size=size, train=False, normalize=cfg.data.normalize,
+            interpolation=cfg.data.interpolation)[0]
         items.append((_name(path), drop_empty_label(item)))
     return items
 
