@@ -121,7 +121,8 @@ def description(cfg: config.Config, info: dict, fmt: str) -> dict:
                   "mean": list(norm.mean), "std": list(norm.std),
                   "formula": f"x = (pixels_{order} - mean) / std per channel, pixels in 0-255, "
                              "then (N, 3, H, W) float32",
-                  "trained_size": {"width": cfg.data.target_size[0], "height": cfg.data.target_size[1]}},
+                  "trained_size": {"width": cfg.data.target_size[0], "height": cfg.data.target_size[1]},
+                  "interpolation": cfg.data.interpolation},
         "output_stride": OUTPUT_STRIDE,
         "outputs": outputs,
         "trained": models.trained_record(cfg, info["step"], info["best"].get("miou")),
