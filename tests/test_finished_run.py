@@ -146,22 +146,22 @@ def _panel(figure_path, k: int, zoom: int) -> np.ndarray:
 
 
 def test_visualize_draws_the_image_and_the_prediction_from_caffe_inputs(run, tmp_path):
-    """For a val image (image | ground truth | adapted) and for the same file outside the val set
-    (image | adapted): the picture of the input is the file, the prediction is the main head's on
-    Caffe inputs made here."""
+    """For a val image (image | ground truth | adapted) and for a larger copy of it outside the val set
+    (image | adapted): the picture of the input is the file resized as the val set resizes, the
+    prediction the main head's on Caffe inputs made here."""
     image, _, _ = run["val"][0]
     elsewhere = tmp_path / "photos" / image.name
     elsewhere.parent.mkdir()
-    shutil.copy(image, elsewhere)
+    Image.open(image).resize((80, 60), Image.NEAREST).save(elsewhere)  # bicubic back to 64x48 blurs it
     g = checkpoint.load_networks(run["dir"] / "best.pt", CPU)[0].g
-    x = caffe_input(image, SIZE)
-    adapted = evaluate.predict(g, x, x.shape[2:]).argmax(1)[0].numpy().astype(np.uint8)
-    rgb = np.asarray(Image.open(image).convert("RGB"))
     zoom = pictures.auto_zoom(SIZE[1])
-    for images, adapted_panel in (([image], 2), ([elsewhere], 1)):
+    for path, adapted_panel in ((image, 2), (elsewhere, 1)):
+        x = caffe_input(path, SIZE)
+        adapted = evaluate.predict(g, x, x.shape[2:]).argmax(1)[0].numpy().astype(np.uint8)
+        rgb = np.asarray(Image.open(path).convert("RGB").resize(SIZE, Image.BICUBIC))
         out = tmp_path / f"pictures{adapted_panel}"
-        assert visualize.main(["--checkpoint", str(run["dir"] / "best.pt"), "--images", *map(str, images),
+        assert visualize.main(["--checkpoint", str(run["dir"] / "best.pt"), "--images", str(path),
                                "--out", str(out), "--device", "cpu"]) == 0
         figure = out / f"{image.stem.removesuffix('_leftImg8bit')}_pred.png"
-        assert np.array_equal(_panel(figure, 0, zoom), rgb)
-        assert np.array_equal(_panel(figure, adapted_panel, zoom), colorize(adapted))
+        assert np.array_equal(_panel(figure, 0, zoom), rgb), path
+        assert np.array_equal(_panel(figure, adapted_panel, zoom), colorize(adapted)), path
