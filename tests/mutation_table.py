@@ -18,8 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["tests/test_oracle.py", "tests/test_checkpoint.py", "tests/test_reference.py",
         "tests/test_metrics.py", "tests/test_discriminator.py"]
+# The independent twin of the networks, and the cited table of the paper presets.
+NETWORKS = ["tests/test_networks_independent.py"]
+PRESETS = ["tests/test_presets.py"]
 
-# (what it breaks, file, exact text, replacement)
+# (what it breaks, file, exact text, replacement[, the tests to run instead of --tests])
 MUTATIONS = [
     ("generator stage trains G toward the target label", "pwda_fast/adapt.py",
      "loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE)",
@@ -62,16 +65,50 @@ MUTATIONS = [
      '    _atomic_write(path, lambda f: torch.save(state, f))\n'),
     ("IoU union off by one", "pwda_fast/metrics.py", "union = conf.sum(0) + conf.sum(1) - tp",
      "union = conf.sum(0) + conf.sum(1) - tp + 1"),
+    ("layer3 built without dilation (2 -> 1)", "pwda_fast/models/backbone.py",
+     "blocks[2], dilation=2)", "blocks[2], dilation=1)", NETWORKS),
+    ("layer4 dilated 2 instead of 4", "pwda_fast/models/backbone.py",
+     "blocks[3], dilation=4)", "blocks[3], dilation=2)", NETWORKS),
+    ("stride on the 3x3 conv where the 1x1 is asked", "pwda_fast/models/backbone.py",
+     '(stride, 1) if stride_on == "1x1" else (1, stride)',
+     '(1, stride) if stride_on == "1x1" else (stride, 1)', NETWORKS),
+    ("stem max-pool rounds down", "pwda_fast/models/backbone.py", "padding=1, ceil_mode=True)",
+     "padding=1, ceil_mode=False)", NETWORKS),
+    ('bn = "stats" runs BatchNorm on running statistics', "pwda_fast/models/backbone.py",
+     'if self.bn_mode == "frozen":', 'if self.bn_mode in ("frozen", "stats"):', NETWORKS),
+    ("SE squeezes by global max instead of mean", "pwda_fast/models/mrnet.py",
+     "nn.AdaptiveAvgPool2d(1)", "nn.AdaptiveMaxPool2d(1)", NETWORKS),
+    ("head dropout element-wise instead of per channel", "pwda_fast/models/mrnet.py",
+     "nn.Dropout2d(dropout)", "nn.Dropout(dropout)", NETWORKS),
+    ("GroupNorm with 16 groups instead of MRNet's 32", "pwda_fast/models/mrnet.py",
+     "GN_GROUPS = 32", "GN_GROUPS = 16", NETWORKS),
+    ("main head on concat(layer3, layer4)", "pwda_fast/models/mrnet.py",
+     "torch.cat((x4, x3), 1)", "torch.cat((x3, x4), 1)", NETWORKS),
+    ("layer4 features (D_aux's input) detached from the generator", "pwda_fast/models/mrnet.py",
+     "torch.cat((x4, x3), 1)), x4", "torch.cat((x4, x3), 1)), x4.detach()", NETWORKS),
+    ("ASPP sums two branches (AdaptSegNet's early return)", "pwda_fast/models/deeplab.py",
+     "self.conv2d_list[1:]:", "self.conv2d_list[1:2]:", NETWORKS),
+    ("D's LeakyReLU slope 0.1", "pwda_fast/models/discriminator.py",
+     "padding=1), nn.LeakyReLU(0.2, inplace=True)]", "padding=1), nn.LeakyReLU(0.1, inplace=True)]",
+     NETWORKS),
+    ("D_aux's last LeakyReLU slope 0.1", "pwda_fast/models/discriminator.py",
+     "width // 4, 1), nn.LeakyReLU(0.2, inplace=True),", "width // 4, 1), nn.LeakyReLU(0.1, inplace=True),",
+     NETWORKS),
+    ("GTA5 preset's hard-pixel percentile 80 -> 20", "pwda_fast/configs/gta5_to_cityscapes.toml",
+     "hard_pixels = 80.0", "hard_pixels = 20.0", PRESETS),
+    ("SYNTHIA preset's lambda_seg back to AdaptSegNet's 0.1", "pwda_fast/configs/synthia_to_cityscapes.toml",
+     "lambda_seg = 0.5", "lambda_seg = 0.1", PRESETS),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tests", nargs="+", default=FAST, help="test files to run against each mutation")
+    parser.add_argument("--tests", nargs="+", default=FAST,
+                        help="test files to run against each mutation that names none of its own")
     args = parser.parse_args(argv)
     survived, t0 = 0, time.monotonic()
-    for what, file, old, new in MUTATIONS:
+    for what, file, old, new, *own in MUTATIONS:
         path = ROOT / file
         source = path.read_text()
         if source.count(old) != 1:
@@ -81,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(source.replace(old, new))
         try:
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                  *args.tests], cwd=ROOT, capture_output=True, text=True)
+                                  *(own[0] if own else args.tests)], cwd=ROOT, capture_output=True, text=True)
         finally:
             path.write_text(source)
         killed = run.returncode == 1  # 1: a test failed; anything else (2-5) is a broken run, not a kill
