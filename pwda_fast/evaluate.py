@@ -1,6 +1,6 @@
 """Target-domain evaluation: per-class IoU and mIoU of a generator, a checkpoint or saved predictions.
 
-    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--json FILE]
+    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--amp none] [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE --dataset cityscapes --root DIR [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE [...] --save-predictions OUT [--format labelid]
     python -m pwda_fast.evaluate --predictions DIR --root DIR [--format ...] [--source synthia] [--json FILE]
@@ -11,7 +11,8 @@ val). For SYNTHIA-trained models (the checkpoint's data.source, or --source synt
 A checkpoint's predictions come from one of two test protocols (--protocol, default the
 checkpoint's train.eval_protocol): "single", the main head's argmax at the val size, or "mrnet",
 MRNet's fusion of both heads over two scales and flips (fused_probabilities); the result's
-"protocol" names it.
+"protocol" names it. Its forward passes run in the precision of its own evaluations (--amp, default
+the checkpoint's train.amp), so a finished run scores what it recorded in final.json and best.json.
 --save-predictions OUT also writes the prediction that was scored, at the label resolution, as one
 PNG per val image: OUT/<image folder>/<image stem>.png, for Cityscapes val
 OUT/<city>/<city>_<seq>_<frame>_leftImg8bit.png, the names the official evaluation
@@ -39,7 +40,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from pwda_fast import checkpoint, distributed, metrics
-from pwda_fast.adapt import autocast
+from pwda_fast.adapt import AMP_DTYPES, autocast
 from pwda_fast.data import build_val, open_split
 from pwda_fast.data.labels import (
     CITYSCAPES_ID_TO_TRAIN,
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=PROTOCOLS,
                         help="how a checkpoint is scored: single (main head, one scale) or mrnet "
                              "(fused heads, scales 1 and 1.25, flips); default: its train.eval_protocol")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES),
+                        help="autocast precision of a checkpoint's forward passes: none (fp32), bf16 or "
+                             "fp16; default: its train.amp, the precision its own evaluations ran in")
     parser.add_argument("--save-predictions", metavar="DIR",
                         help="with --checkpoint: also write each scored prediction (label resolution) "
                              "to DIR/<city>/<image stem>.png, as the Cityscapes benchmark names them")
@@ -306,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.predictions and not args.root or args.dataset and not args.root:
         parser.error("--predictions and --dataset need --root (the Cityscapes folder)")
-    if args.predictions and args.protocol:
-        parser.error("--protocol scores a --checkpoint; saved predictions are scored as they are")
+    if args.predictions and (args.protocol or args.amp):
+        parser.error("--protocol and --amp score a --checkpoint; saved predictions are scored as they are")
     if args.predictions and args.save_predictions:
         parser.error("--save-predictions writes a --checkpoint's predictions; --predictions are saved")
     if args.format and not (args.predictions or args.save_predictions):
@@ -324,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
             nets, cfg = checkpoint.load_networks(args.checkpoint, device)
             if args.dataset:
                 cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
-            protocol = args.protocol or cfg.train.eval_protocol
+            protocol, amp = args.protocol or cfg.train.eval_protocol, args.amp or cfg.train.amp
             writer = PredictionWriter(args.save_predictions, args.format) if args.save_predictions else None
-            result = evaluate_model(nets.g, build_val(cfg.data), device, progress=True, protocol=protocol,
-                                    writer=writer)
+            result = evaluate_model(nets.g, build_val(cfg.data), device, amp, progress=True,
+                                    protocol=protocol, writer=writer)
             source = args.source or cfg.data.source
-            title = f"{args.checkpoint} on the {cfg.data.target} target val set ({protocol} protocol)"
+            title = (f"{args.checkpoint} on the {cfg.data.target} target val set ({protocol} protocol"
+                     + (f", {amp} autocast)" if amp != "none" else ")"))
     except (RuntimeError, OSError, ValueError) as e:  # OSError: unreadable inputs, an unwritable DIR
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,10 +30,8 @@ TINY_MODEL = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "mode
               "model.aux_disc_width": 16}
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 3-step gta5_to_cityscapes run at toy size -> {"dir", "cfg", "roots", "val"}."""
-    base = tmp_path_factory.mktemp("finished")
+def finished_run(base, amp: str = "none") -> dict:
+    """A 3-step gta5_to_cityscapes run at toy size in base -> {"dir", "cfg", "root", "val"}."""
     make_tree(base / "gta5", "gta5", n=4, h=SIZE[1], w=SIZE[0])
     val = make_tree(base / "cityscapes", "cityscapes", n=4, h=SIZE[1], w=SIZE[0], seed=1)
     paper = config.load("gta5_to_cityscapes", {**TINY_MODEL, "model.stride_on": "1x1"})
@@ -45,13 +43,19 @@ def run(tmp_path_factory):
                  "data.source_root": str(base / "gta5"), "data.target_root": str(base / "cityscapes"),
                  "data.source_size": list(SIZE), "data.target_size": list(SIZE), "data.crop": [32, 64],
                  "data.batch_size": 2, "data.workers": 0, "train.iters": 3, "train.ckpt_every": 100,
-                 "train.log_every": 1, "train.threads": 1, "train.run_dir": str(base / "run")}
+                 "train.log_every": 1, "train.threads": 1, "train.amp": amp,
+                 "train.run_dir": str(base / "run")}
     argv = ["--config", "gta5_to_cityscapes"] + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
     assert train.main(argv) == 0
     cfg = config.from_dict(json.loads((base / "run" / "config.json").read_text()))
     assert (cfg.data.normalize, cfg.train.eval_protocol, cfg.model.bn) == ("caffe", "mrnet", "stats")
     assert (cfg.data.interpolation, cfg.train.eval_images) == ("bicubic", 0)  # every val image
     return {"dir": base / "run", "cfg": cfg, "root": base / "cityscapes", "val": val}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return finished_run(tmp_path_factory.mktemp("finished"))
 
 
 def final(run) -> dict:
@@ -100,6 +104,17 @@ def test_the_scores_depend_on_the_normalisation(run):
     cfg.data.normalize = "imagenet"
     other = evaluate.evaluate_model(nets.g, build_val(cfg.data, log=lambda _: None), CPU, protocol="mrnet")
     assert other["iou"] != final(run)["iou"]
+
+
+def test_a_bf16_run_is_scored_in_bf16(tmp_path):
+    """The run's evaluations ran under bf16 autocast; so does pwda-evaluate unless --amp says otherwise
+    (fp32 scores it otherwise: bf16 keeps 8 bits of mantissa, and close logits change their argmax)."""
+    bf16 = finished_run(tmp_path, "bf16")
+    ckpt = bf16["dir"] / "best.pt"
+    for flags, same in (([], True), (["--amp", "none"], False)):
+        out = tmp_path / "scores.json"
+        assert evaluate.main(["--checkpoint", str(ckpt), "--json", str(out), "--device", "cpu", *flags]) == 0
+        assert (json.loads(out.read_text()) == final(bf16)) is same, flags
 
 
 def test_saved_predictions_are_the_runs_and_score_as_it_did(run, tmp_path):
