@@ -44,8 +44,10 @@ namespace pwda_fast {
 
 namespace {
 
-// 64 pixels x 19 channels x 4 B = 5 KB per tile: both passes over the tile's logits hit L1.
-constexpr int64_t kTile = 64;
+// 128 pixels x 19 channels x 4 B = 10 KB per tile: both passes over the tile's logits hit L1, and each
+// channel's row is read in runs of 512 B (8 cache lines) from DRAM. 64 pixels (4 lines per run) left the
+// first pass waiting on memory: 128 is ~25% faster at (2, 19, 256, 512) fp32 (BENCHMARKS.md).
+constexpr int64_t kTile = 128;
 // About this many pixels (whole rows: max(1, kBlock / W) of them) per parallel task and per partial sum.
 // Fixed (not derived from the thread count) so the partition, and hence the rounding of the loss and of
 // the low-resolution gradient, is the same on every machine and every run.
