@@ -118,6 +118,10 @@ class Adapter:
         # MRNet's running "often" class weight (adapt.often_balance); part of the checkpoint.
         self.often = (torch.ones(num_classes, device=device)
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
+        # What a skipped step puts back, and one copy of it kept for the whole run: saved with one
+        # multi-tensor copy per step, not one clone (a launch, on a GPU) per buffer, ~330 for R101.
+        self.restored = self.buffers + ([self.often] if self.often is not None else [])
+        self.saved = [torch.empty_like(b) for b in self.restored]
 
     def state_dict(self) -> dict:
         """{"often": (K,) tensor or None, "scaler": the loss scaler's state ({} unless amp=fp16)}."""
@@ -137,6 +141,16 @@ class Adapter:
             for group in opt.param_groups:
                 group["lr"] = lr_d
 
+    def cast_cache(self):
+        """The region over the three stages in which autocast keeps its weight casts.
+
+        The weights do not change until the optimizers step, so G's casts to bf16 / fp16 made in
+        stage 1 serve stage 2 too (one cast per weight per iteration, not one per stage): autocast
+        drops its cache only when its outermost region ends, and this enclosing region, disabled,
+        changes no numerics. Frozen weights (D, D_aux in stage 2) are never cached by autocast.
+        """
+        return torch.autocast(self.device.type, enabled=False)
+
     def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float) -> torch.Tensor:
         """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L.
 
@@ -154,13 +168,14 @@ class Adapter:
         self.set_lr(step)
         for opt in self.opt:
             opt.zero_grad(set_to_none=True)
-        state = self.buffers + ([self.often] if self.often is not None else [])
-        saved = [b.clone() for b in state]
+        if self.restored:
+            torch._foreach_copy_(self.saved, self.restored)
         losses = {}
-        src = self.segmenter_stage(source, losses)
-        if self.adapt:
-            tgt = self.generator_stage(target, losses, step)
-            self.discriminator_stage(src, tgt, losses)
+        with self.cast_cache():
+            src = self.segmenter_stage(source, losses)
+            if self.adapt:
+                tgt = self.generator_stage(target, losses, step)
+                self.discriminator_stage(src, tgt, losses)
         for opt in self.opt:  # a no-op without fp16; inf and nan survive the division
             self.scaler.unscale_(opt)
         means, finite = self._reduce(losses)
@@ -169,8 +184,8 @@ class Adapter:
             if self.adapt:
                 self.opt.d.step()
                 self.opt.d_aux.step()
-        elif saved:
-            torch._foreach_copy_(state, saved)
+        elif self.restored:
+            torch._foreach_copy_(self.restored, self.saved)
         self._update_scale(finite)
         return means, finite
 

@@ -85,3 +85,48 @@ def test_compiled_networks_train_two_steps(tmp_path):
     assert train.main(as_argv(overrides)) == 0
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines() if "seg" in ln]
     assert [ln["step"] for ln in lines] == [1, 2] and all(ln["skipped"] == 0 for ln in lines)
+
+
+class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bf16 casts of the tensors whose storage `watched` holds (by data pointer)."""
+
+    def __init__(self, watched):
+        super().__init__()
+        self.watched, self.casts = {t.data_ptr() for t in watched}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                and args[0].data_ptr() in self.watched):
+            self.casts += 1
+        return func(*args, **kwargs)
+
+
+def _bf16_engine(weighting="gen+dis"):
+    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.backend": "torch", "train.amp": "bf16",
+                              "adapt.weighting": weighting})
+    return engine.build(cfg, CPU)
+
+
+@pytest.mark.parametrize("weighting", ["none", "gen+dis"])
+def test_weight_casts_kept_for_the_whole_iteration(batches, monkeypatch, weighting):
+    """Under bf16 autocast each of G's weights is cast once per iteration (stage 1's cast serves stage
+    2), and keeping the casts changes no bit of the step: losses, every parameter and buffer."""
+    import contextlib
+
+    steps = {}
+    for keep in (True, False):
+        eng = _bf16_engine(weighting)
+        if not keep:
+            monkeypatch.setattr(eng.adapter, "cast_cache", contextlib.nullcontext)
+        weights = [p for p in eng.nets.g.parameters() if p.dim() > 1]  # conv weights
+        with _CastCounter(weights) as counter:
+            losses = [eng.adapter.step(i, s, t)[0] for i, (s, t) in enumerate(batches)]
+        steps[keep] = (counter.casts, losses, {(i, k): v.clone() for i, net in enumerate(eng.nets)
+                                               for k, v in net.state_dict().items()})
+    kept, uncached = steps[True][0], steps[False][0]
+    n = len(batches) * len(weights)
+    assert kept == n and uncached == 2 * n, (kept, uncached, n)
+    assert steps[True][1] == steps[False][1]
+    for k, v in steps[True][2].items():
+        assert torch.equal(v, steps[False][2][k]), k
