@@ -1,6 +1,7 @@
 """Target-domain evaluation: per-class IoU and mIoU of a generator, a checkpoint or saved predictions.
 
-    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--amp none] [--json FILE]
+    python -m pwda_fast.evaluate --checkpoint runs/toy/ckpt_00001000.pt [--protocol mrnet] [--amp none]
+                                 [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE --dataset cityscapes --root DIR [--json FILE]
     python -m pwda_fast.evaluate --checkpoint FILE [...] --save-predictions OUT [--format labelid]
     python -m pwda_fast.evaluate --predictions DIR --root DIR [--format ...] [--source synthia] [--json FILE]
