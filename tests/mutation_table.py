@@ -21,6 +21,12 @@ FAST = ["tests/test_oracle.py", "tests/test_checkpoint.py", "tests/test_referenc
 # The independent twin of the networks, and the cited table of the paper presets.
 NETWORKS = ["tests/test_networks_independent.py"]
 PRESETS = ["tests/test_presets.py"]
+# Every state a skipped step could touch; a finished run evaluated, exported and drawn as it was trained;
+# exact resume of the paper's recipe; the oracle with MRNet's generator.
+SKIPPED = ["tests/test_skipped_step.py"]
+FINISHED = ["tests/test_finished_run.py"]
+RESUME = ["tests/test_train.py", "-k", "stop_and_resume"]
+ORACLE = ["tests/test_oracle.py", "-k", "mrnet"]
 
 # (what it breaks, file, exact text, replacement[, the tests to run instead of --tests])
 MUTATIONS = [
@@ -98,6 +104,30 @@ MUTATIONS = [
      "hard_pixels = 80.0", "hard_pixels = 20.0", PRESETS),
     ("SYNTHIA preset's lambda_seg back to AdaptSegNet's 0.1", "pwda_fast/configs/synthia_to_cityscapes.toml",
      "lambda_seg = 0.5", "lambda_seg = 0.1", PRESETS),
+    ("layer4 features detached from the generator, against the oracle", "pwda_fast/models/mrnet.py",
+     "torch.cat((x4, x3), 1)), x4", "torch.cat((x4, x3), 1)), x4.detach()", ORACLE),
+    ('a skipped step restores BatchNorm statistics for bn = "train" only', "pwda_fast/adapt.py",
+     "self.buffers = [b for net in nets for b in net.buffers()]",
+     "self.buffers = [b for net in nets for b in net.buffers()]"
+     ' if _unwrap(nets.g).bn_mode == "train" else []',
+     SKIPPED),
+    ("a skipped step keeps the running class weight's update", "pwda_fast/adapt.py",
+     "self.restored = self.buffers + ([self.often] if self.often is not None else [])",
+     "self.restored = self.buffers", SKIPPED),
+    ("fp16: a step skipped for the loss alone counts towards doubling the scale", "pwda_fast/adapt.py",
+     "        if not lowered:\n            self.scaler.load_state_dict(before)\n", "", SKIPPED),
+    ("running class weight left out of checkpoints", "pwda_fast/adapt.py",
+     'return {"often": self.often, "scaler": self.scaler.state_dict()}',
+     'return {"often": None, "scaler": self.scaler.state_dict()}', RESUME),
+    ("evaluation ignores the run's input normalisation", "pwda_fast/data/__init__.py",
+     "data_cfg.target_size, data_cfg.normalize,\n                       data_cfg.interpolation)",
+     "data_cfg.target_size,\n                       interpolation=data_cfg.interpolation)", FINISHED),
+    ("evaluate --checkpoint scores a bf16 run in fp32", "pwda_fast/evaluate.py",
+     "args.amp or cfg.train.amp", 'args.amp or "none"', FINISHED),
+    ("export's generator.json ignores the run's normalisation", "pwda_fast/export.py",
+     "norm = normalization.get(cfg.data.normalize)", 'norm = normalization.get("auto")', FINISHED),
+    ("visualize feeds an outside image ImageNet-normalised", "pwda_fast/visualize.py",
+     "size=size, train=False, normalize=cfg.data.normalize,", "size=size, train=False,", FINISHED),
 ]
 
 
