@@ -141,6 +141,10 @@ class OptimConfig:
     """G's warm-up starts at this fraction of optim.lr (MRNet: 0.1)."""
     impl: Literal["auto", "torch", "apex"] = "auto"
     """Optimizer implementation: "auto" (fused on CUDA, foreach on CPU), "torch" or "apex"."""
+    backbone_repeats: bool = False
+    """Update each backbone tensor as often per step as MRNet's and AdaptSegNet's parameter list names
+    it (conv1 once, bottleneck convs 3x, downsample convs 4x: 314 entries for R101's 104 tensors); their
+    SGD stepped every entry, so their published numbers trained that way (docs/METHOD.md)."""
 
 
 @dataclass

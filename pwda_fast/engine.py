@@ -36,12 +36,40 @@ class Optimizers:
             opt.load_state_dict(state[key])
 
 
+class RepeatingSGD(torch.optim.SGD):
+    """SGD whose parameter groups may say "repeats": k: each step updates such a group's tensors k
+    times in a row, exactly as torch.optim.SGD(foreach=False) does for a tensor listed k times (one
+    update per entry, from the parameter and momentum the previous entry left, the same gradient;
+    on the very first step every entry starts its momentum from the gradient, since the state is read
+    before the loop). The optimizer, its state and its checkpoints hold each tensor once, and any
+    implementation (single-tensor, foreach, fused) runs it. optim.backbone_repeats."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        rounds = max(group.get("repeats", 1) for group in self.param_groups)
+        params = [group["params"] for group in self.param_groups]
+        fresh = {p for ps in params for p in ps if "momentum_buffer" not in self.state.get(p, {})}
+        try:
+            for r in range(rounds):
+                for group, ps in zip(self.param_groups, params):
+                    group["params"] = ps if group.get("repeats", 1) > r else []
+                    for p in group["params"] if r else ():
+                        if p in fresh:
+                            self.state[p].pop("momentum_buffer", None)
+                super().step()
+        finally:
+            for group, ps in zip(self.param_groups, params):
+                group["params"] = ps
+
+
 def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets, device: torch.device) -> Optimizers:
     """SGD for G (heads at head_lr_mult), Adam for D and D_aux; fused on CUDA, foreach on CPU."""
     o = optim_cfg
-    groups = nets.g.param_groups(o.lr, o.head_lr_mult)
+    groups = nets.g.param_groups(o.lr, o.head_lr_mult, repeats=o.backbone_repeats)
     sgd = {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "nesterov": o.nesterov}
     adam = {"lr": o.lr_d, "betas": tuple(o.betas)}
+    if o.impl == "apex" and o.backbone_repeats:
+        raise config.ConfigError("optim.backbone_repeats needs torch's SGD; use optim.impl=auto or torch")
     if o.impl == "apex":
         try:
             import apex.optimizers as apex_opt
@@ -55,7 +83,7 @@ def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets, device: torch.de
         fast = {}  # torch's own default per device
     else:
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return Optimizers(torch.optim.SGD(groups, **sgd, **fast),
+    return Optimizers(RepeatingSGD(groups, **sgd, **fast),
                       torch.optim.Adam(nets.d.parameters(), **adam, **fast),
                       torch.optim.Adam(nets.d_aux.parameters(), **adam, **fast))
 

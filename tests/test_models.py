@@ -1,5 +1,7 @@
 """Network shapes, parameter counts, BatchNorm modes, stride layouts and initial-weight loading."""
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -386,3 +388,55 @@ def test_bn_train_trains_the_affine_parameters():
     assert all(m.training and m.weight.requires_grad for m in g.backbone_bns())
     _sgd_step(g, g(torch.randn(2, 3, 33, 47)))
     assert not torch.equal(g.layer1[0].bn3.weight, w0)
+
+
+@pytest.mark.slow
+def test_backbone_listing_is_mrnets_314_entries_for_104_tensors():
+    """MRNet's get_1x_lr_params_NOscale on R101 with frozen BN affine: conv1 once, 99 bottleneck convs
+    3 times, 4 downsample convs 4 times."""
+    g = MRNet(depth=101, width=64, bn="stats")
+    listing = g.backbone_listing()
+    counts = {}
+    for p in listing:
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    assert len(listing) == 314 and len(counts) == 104
+    assert sorted(collections.Counter(counts.values()).items()) == [(1, 1), (3, 99), (4, 4)]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_repeating_sgd_equals_sgd_over_mrnets_duplicated_list(foreach):
+    """optim.backbone_repeats: three steps of RepeatingSGD over the repeat groups give bit for bit what
+    torch.optim.SGD(foreach=False) gives over MRNet's duplicated list (Nesterov, weight decay, 10x
+    heads), the first step's momentum included; plain SGD over unique tensors does not."""
+    import warnings
+
+    from pwda_fast.engine import RepeatingSGD
+
+    torch.manual_seed(0)
+    nets = [MRNet(num_classes=3, depth=14, width=8, bn="stats", head_width=32) for _ in range(3)]
+    for g in nets[1:]:
+        g.load_state_dict(nets[0].state_dict())
+    ours, plain, ref = nets
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=5e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the duplicates it is given on purpose
+        ref_opt = torch.optim.SGD([{"params": ref.backbone_listing(), "lr": 0.01},
+                                   {"params": ref.param_groups(0.01, 10.0)[1]["params"], "lr": 0.1}],
+                                  foreach=False, **kw)
+    opts = [RepeatingSGD(ours.param_groups(0.01, 10.0, repeats=True), foreach=foreach, **kw),
+            torch.optim.SGD(plain.param_groups(0.01, 10.0), foreach=foreach, **kw), ref_opt]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for ps in zip(*(g.parameters() for g in nets)):
+            grad = torch.randn(ps[0].shape, generator=gen)
+            for p in ps:
+                p.grad = grad.clone() if p.requires_grad else None
+        for opt in opts:
+            opt.step()
+    assert len(ref.backbone_listing()) > len({id(p) for p in ref.backbone_listing()})  # repeats exist
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), ref.parameters()))
+    # The optimizer (and so its checkpoint) holds each tensor once.
+    held = [p for group in opts[0].param_groups for p in group["params"]]
+    assert len(held) == len({id(p) for p in held}) == sum(p.requires_grad for p in ours.parameters())

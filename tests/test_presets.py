@@ -70,6 +70,8 @@ GTA5 = {
     "optim.warmup_iters": (5000, "README --warm-up 5000"),
     "optim.warmup_start": (0.1, "utils/tool.py adjust_learning_rate: lr * (0.1 + 0.9 * i / warm_up)"),
     "optim.impl": ("auto", "engine"),
+    "optim.backbone_repeats": (True, "model/deeplab_multi.py get_1x_lr_params_NOscale lists each "
+                                     "backbone tensor once per module above it; SGD stepped each entry"),
     # --- adapt ---
     "adapt.mode": ("adapt", "paper: the adapted model, not the source-only baseline"),
     "adapt.weighting": ("gen+dis", "paper Table 3's best row: GenMap + DisMap, eq. (6)"),

@@ -9,6 +9,8 @@ torchvision's resnet, so initial weights load by name. The generators subclass t
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import nn
 
@@ -134,13 +136,31 @@ class DilatedResNet(nn.Module):
         x3 = self.layer3(self.layer2(self.layer1(x)))
         return x3, self.layer4(x3)
 
-    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+    def backbone_listing(self) -> list[nn.Parameter]:
+        """The backbone's trainable tensors as MRNet's (and AdaptSegNet's) get_1x_lr_params_NOscale
+        lists them: for each of conv1, bn1, layer1..4, every module in it (itself included) yields all
+        its parameters, recursively, so a tensor appears once per module above it: conv1 once, a
+        bottleneck conv 3 times (layer, block, conv), a downsample conv 4 times. R101 with frozen BN
+        affine: 314 entries for 104 tensors."""
+        return [p for part in self.backbone_modules() for m in part.modules() for p in m.parameters()
+                if p.requires_grad]
+
+    def param_groups(self, lr: float, head_lr_mult: float, repeats: bool = False) -> list[dict]:
         """Backbone parameters that train at lr, every head parameter at head_lr_mult * lr.
 
-        DeepLab's 10x classifier rate; MRNet's optim_parameters splits the same way.
+        DeepLab's 10x classifier rate; MRNet's optim_parameters splits the same way. repeats: the
+        backbone is split by how often backbone_listing() names each tensor, one group per count with
+        "repeats": count, for an optimizer that steps a group that many times (engine.RepeatingSGD).
         """
         backbone_ids = {id(p) for part in self.backbone_modules() for p in part.parameters()}
         backbone = [p for p in self.parameters() if id(p) in backbone_ids and p.requires_grad]
         heads = [p for p in self.parameters() if id(p) not in backbone_ids]
-        return [{"params": backbone, "lr": lr, "lr_mult": 1.0},
-                {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}]
+        head_group = {"params": heads, "lr": lr * head_lr_mult, "lr_mult": head_lr_mult}
+        if not repeats:
+            return [{"params": backbone, "lr": lr, "lr_mult": 1.0}, head_group]
+        counts = collections.Counter(id(p) for p in self.backbone_listing())
+        by_count: dict[int, list] = {}
+        for p in backbone:  # parameters() order within each group
+            by_count.setdefault(counts[id(p)], []).append(p)
+        return [{"params": ps, "lr": lr, "lr_mult": 1.0, "repeats": k} for k, ps in sorted(by_count.items())
+                ] + [{**head_group, "repeats": 1}]
