@@ -26,6 +26,7 @@ import itertools
 import json
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import common
@@ -64,8 +65,13 @@ class EagerLoop:
         self.cfg, self.a = cfg, cfg.adapt
         self.g, self.d, self.d_aux = build(cfg, device, channels_last=False)
         o = cfg.optim
-        self.opt_g = torch.optim.SGD(self.g.param_groups(o.lr, o.head_lr_mult), lr=o.lr, momentum=o.momentum,
-                                     weight_decay=o.weight_decay, foreach=False)
+        groups = self.g.param_groups(o.lr, o.head_lr_mult)
+        if o.backbone_repeats:  # AdaptSegNet's (and MRNet's) own list, each tensor named 1-4 times
+            groups[0]["params"] = self.g.backbone_listing()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the duplicates are the point
+            self.opt_g = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                         foreach=False)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=o.lr_d, betas=tuple(o.betas), foreach=False)
         self.opt_d_aux = torch.optim.Adam(self.d_aux.parameters(), lr=o.lr_d, betas=tuple(o.betas),
                                           foreach=False)
