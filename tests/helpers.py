@@ -1,6 +1,7 @@
 """Helpers shared by the tests (fixtures live in conftest.py)."""
 
 import json
+import math
 
 import torch
 
@@ -36,3 +37,16 @@ def assert_same_optimizers(a: dict, b: dict) -> None:
         for pid, st in a[opt]["state"].items():
             for k, v in st.items():
                 assert torch.equal(v, b[opt]["state"][pid][k]), f"{opt} state {pid}.{k} differs"
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward; an inf gradient backward: a gradient overflow (fp16) or a non-finite
+    gradient with every loss finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)

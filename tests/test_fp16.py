@@ -8,7 +8,14 @@ import math
 
 import pytest
 import torch
-from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
+from helpers import (
+    InfGrad,
+    as_argv,
+    assert_same_networks,
+    assert_same_optimizers,
+    tiny_overrides,
+    training_lines,
+)
 
 from pwda_fast import checkpoint, config, distributed, engine, evaluate, reference, train
 from pwda_fast.data import build_datasets
@@ -30,18 +37,6 @@ def run(overrides: dict) -> int:
 def start_scale_at(monkeypatch, scale: float) -> None:
     """Scalers built from now on start at `scale` instead of torch's 65536."""
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=scale))
-
-
-class InfGrad(torch.autograd.Function):
-    """Identity forward; an inf gradient backward (an fp16 overflow, with every loss finite)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, math.inf)
 
 
 def inf_gradient_on_call(monkeypatch, n: int) -> None:

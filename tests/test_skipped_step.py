@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import InfGrad
 
 from pwda_fast import config, engine, reference
 from pwda_fast.data import build_datasets
@@ -63,18 +64,6 @@ def changed(before: dict, after: dict) -> list[str]:
     return [k for k in before if not torch.equal(before[k], after[k])]
 
 
-class InfGradient(torch.autograd.Function):
-    """Identity forward; an inf gradient backward (every loss stays finite)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, math.inf)
-
-
 class NaNValue(torch.autograd.Function):
     """A NaN value whose gradient is the identity's: a loss gone non-finite with finite gradients."""
 
@@ -99,7 +88,7 @@ def make_stage3_bad(monkeypatch, kind: str) -> None:
         if calls["n"] != 2:
             return real(logits, label)
         if kind == "gradient":
-            return real(InfGradient.apply(logits), label)
+            return real(InfGrad.apply(logits), label)
         loss = real(logits, label)
         return loss * math.nan if kind == "loss" else NaNValue.apply(loss)
 
