@@ -5,6 +5,10 @@ import math
 
 import torch
 
+from pwda_fast import config
+from pwda_fast.data import build_datasets
+from pwda_fast.data.loader import train_loader
+
 
 def tiny_overrides(run_dir, **extra) -> dict:
     """A toy run small enough for a test: few steps, 2-image batches, no worker processes."""
@@ -50,3 +54,10 @@ class InfGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.full_like(grad, math.inf)
+
+
+def toy_batches(crop, n: int = 2) -> list[tuple[dict, dict]]:
+    """n (source, target) batches of 2 from the toy pair at `crop` (H, W), the same on every call."""
+    data = build_datasets(config.load("toy", {"data.crop": list(crop)}).data, None, lambda msg: None)
+    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
+    return [(next(src), next(tgt)) for _ in range(n)]

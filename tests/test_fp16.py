@@ -14,12 +14,11 @@ from helpers import (
     assert_same_networks,
     assert_same_optimizers,
     tiny_overrides,
+    toy_batches,
     training_lines,
 )
 
 from pwda_fast import checkpoint, config, distributed, engine, evaluate, reference, train
-from pwda_fast.data import build_datasets
-from pwda_fast.data.loader import train_loader
 
 CPU = torch.device("cpu")
 TINY = {"data.crop": [32, 64], "train.amp": "fp16", "train.eval_images": 1, "train.threads": 1}
@@ -52,10 +51,7 @@ def inf_gradient_on_call(monkeypatch, n: int) -> None:
 
 @pytest.fixture(scope="module")
 def batches():
-    cfg = config.load("toy", {"data.crop": [32, 64]})
-    data = build_datasets(cfg.data, None, lambda msg: None)
-    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
-    return [(next(src), next(tgt)) for _ in range(2)]
+    return toy_batches((32, 64))
 
 
 def tensors(state: dict) -> dict:

@@ -5,12 +5,10 @@ import sys
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, tiny_overrides, toy_batches
 
 from pwda_fast import config, engine, train
 from pwda_fast.adapt import Nets
-from pwda_fast.data import build_datasets
-from pwda_fast.data.loader import train_loader
 from pwda_fast.models import build_networks
 
 CPU = torch.device("cpu")
@@ -23,10 +21,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def batches():
-    cfg = config.load("toy", {"data.crop": [48, 96]})
-    data = build_datasets(cfg.data, None, lambda msg: None)
-    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
-    return [(next(src), next(tgt)) for _ in range(2)]
+    return toy_batches((48, 96))
 
 
 def _losses(batches, **overrides) -> list[dict]:

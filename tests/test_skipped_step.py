@@ -11,11 +11,9 @@ import math
 
 import pytest
 import torch
-from helpers import InfGrad
+from helpers import InfGrad, toy_batches
 
 from pwda_fast import config, engine, reference
-from pwda_fast.data import build_datasets
-from pwda_fast.data.loader import train_loader
 
 CPU = torch.device("cpu")
 # MRNet at toy size with the paper's recipe: class balance with the running weight, hard pixels, the
@@ -33,10 +31,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def batches():
-    cfg = config.load("toy", {"data.crop": [32, 64]})
-    data = build_datasets(cfg.data, None, lambda msg: None)
-    src, tgt = train_loader(data["source"], 2, 3, 0, 1, 0, 0), train_loader(data["target"], 2, 4, 0, 1, 0, 0)
-    return [(next(src), next(tgt)) for _ in range(2)]
+    return toy_batches((32, 64))
 
 
 def build(**overrides) -> engine.Engine:
