@@ -166,7 +166,7 @@ print("@@backends " + json.dumps({b: {d: ops.backend_problem(b, d) for d in devs
   #    then, only with --with-compile (or in the dry run), with torch.compile(G) under its own limit.
   step bench_step 75 "$RUNLOG" "$PYTHON" bench/bench_step.py --device "$DEV" "${STEP_ARGS[@]}" \
     "${TIMING_ARGS[@]}" --json "$OUT/bench_step.json"
-  step step_profile 45 "$RUNLOG" "$PYTHON" bench/step_profile.py --device "$DEV" "${STEP_ARGS[@]}" \
+  step step_profile 75 "$RUNLOG" "$PYTHON" bench/step_profile.py --device "$DEV" "${STEP_ARGS[@]}" \
     --json "$OUT/step_profile.json"
   # 5b. The whole pipeline at real size: generated GTA5 / Cityscapes trees at their published
   #     resolutions, torchrun training with 4 and 8 loader workers; images/s against bench_step's.

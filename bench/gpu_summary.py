@@ -21,6 +21,7 @@ from pathlib import Path
 # Fused loss fwd+bwd by device time, fraction of the device copy bandwidth (<= 35 us on an H200).
 COPY_TARGET = 0.62
 HOST_TARGET = 1.5  # fused loss fwd+bwd: wall time per call at most this many times its device time
+BUSY_TARGET = 0.95  # train step: device-busy time over wall time
 STEP_TARGET = 3.0  # engine images/s over the eager fp32 loop's (the product's target)
 PRODUCTION_SHAPE = [4, 19, 512, 1024]  # the bandwidth target's shape (full-size maps, bf16)
 PRODUCTION_CALL = "production call (2x19x512x1024 fp32 channels_last, D 16x32, D_aux at image size)"
@@ -240,8 +241,28 @@ def profile_rows(profile: dict | None, steps_json: list[dict], gpu: bool,
             else "no FLOP count"
     if not gpu:
         return [("train step peak memory", NO_GPU, "cpu dry run: " + mem),
-                ("train step MFU", NO_GPU, "cpu dry run: " + mfu)]
-    return [("train step peak memory", "measured", mem), ("train step MFU", "measured", mfu)]
+                ("train step MFU", NO_GPU, "cpu dry run: " + mfu),
+                *breakdown_rows(profile.get("breakdown", {}), gpu)]
+    return [("train step peak memory", "measured", mem), ("train step MFU", "measured", mfu),
+            *breakdown_rows(profile.get("breakdown", {}), gpu)]
+
+
+def breakdown_rows(breakdown: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    """Per provider: the GPU-busy fraction against its target, and the shares of the step's time by
+    category (step_profile.py CATEGORIES)."""
+    rows = []
+    for name, b in breakdown.items():
+        total = sum(b["ms_per_step"].values()) or 1.0
+        shares = ", ".join(f"{cat} {ms / total:.0%}" for cat, ms in
+                           sorted(b["ms_per_step"].items(), key=lambda kv: -kv[1]) if ms / total >= 0.005)
+        label = f"train step GPU busy >= {BUSY_TARGET:.0%}: {name}"
+        if not gpu or "busy_fraction" not in b:
+            rows.append((label, NO_GPU, f"cpu dry run, {b['time_kind']}: {shares}"))
+            continue
+        rows.append((label, "MET" if b["busy_fraction"] >= BUSY_TARGET else "NOT MET",
+                     f"busy {b['busy_fraction']:.0%} ({b['device_busy_ms_per_step']:.1f} of "
+                     f"{b['wall_ms_per_step']:.1f} ms/step); device time: {shares}"))
+    return rows
 
 
 def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:

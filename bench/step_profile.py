@@ -1,4 +1,4 @@
-"""Peak memory and model FLOPs of one train step, per bench_step.py provider (MFU for gpu_check.sh).
+"""Peak memory, model FLOPs and where the time goes in one train step, per bench_step.py provider.
 
     python bench/step_profile.py --device cuda --preset paper --json step_profile.json
 
@@ -10,6 +10,13 @@ optimizer state and one batch. Model FLOPs per iteration are counted once, with
 torch.utils.flop_counter on one step of the eager AdaptSegNet loop (matmuls and convolutions,
 forward and backward, as MFU counts them); the engine does the same arithmetic, so the same count
 serves every row: MFU = FLOPs per iteration / median seconds per iteration / device peak FLOP/s.
+
+Then each provider runs --profile-steps steps under torch.profiler: its device time by category
+(convolution, norms, casts and copies, D_aux's upsampling and activations at image size, losses,
+optimizer, other: each op's self time, by its name, CATEGORIES), the device's busy time (the sum of its
+kernels, memsets and copies) against the wall time of those steps (the GPU-busy fraction; the rest is
+the GPU waiting for the host), per step. On CPU the categories hold each op's self CPU time and the
+busy fraction is left out.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import gc
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import bench_step  # bench/ is on sys.path: it is this script's folder
@@ -43,6 +51,50 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
     return None, f"unknown device {name!r}: pass --peak-tflops"
 
 
+# Category -> substrings of op names (first match wins, in this order). Self times, so nothing counts twice.
+CATEGORIES = {
+    "convolution": ("conv",),
+    "norm (BatchNorm, GroupNorm)": ("batch_norm", "group_norm", "native_norm"),
+    "D_aux image size (upsample, leaky ReLU)": ("upsample", "leaky_relu"),
+    "loss": ("weighted_adv_loss", "cross_entropy", "nll_loss", "log_softmax", "binary_cross_entropy",
+             "softmax", "kl_div"),
+    "optimizer": ("_foreach", "_fused_sgd", "_fused_adam", "sgd", "adam"),
+    "casts and copies": ("copy_", "_to_copy", "clone", "cat", "contiguous"),
+}
+
+
+def category(op: str) -> str:
+    return next((cat for cat, keys in CATEGORIES.items() if any(k in op for k in keys)), "other")
+
+
+def breakdown(prov, batches, device: torch.device, steps: int) -> dict:
+    """Per step: wall ms, device-busy ms and fraction (CUDA), and ms by CATEGORIES of the ops' self
+    device time (CUDA) or self CPU time (CPU), over `steps` steps after the provider's warm-up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    common.sync(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            prov.step(2 + i, *batches[i % len(batches)])
+        common.sync(device)
+        wall = time.perf_counter() - t0
+    by_cat = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+    for avg in prof.key_averages():
+        self_us = avg.self_device_time_total if cuda else avg.self_cpu_time_total
+        by_cat[category(avg.key)] += self_us / 1e3 / steps
+    out = {"steps": steps, "wall_ms_per_step": wall * 1e3 / steps, "ms_per_step": by_cat,
+           "time_kind": "device (self CUDA time)" if cuda else "host (self CPU time)"}
+    if cuda:
+        busy = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        out["device_busy_ms_per_step"] = busy / 1e3 / steps
+        out["busy_fraction"] = busy / 1e6 / wall
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -51,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PWDA_PEAK_TFLOPS", 0)) or None)
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per provider (default 3)")
     p.add_argument("--json", type=Path, required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -61,7 +114,7 @@ def main(argv=None) -> int:
     peak, peak_note = peak_flops(device, args.peak_tflops)
     result = {"device": device.type, "preset": args.preset, "batch": base.data.batch_size,
               "crop": list(base.data.crop), "peak_flops": peak, "peak_note": peak_note,
-              "flops_per_iter": None, "peak_memory_bytes": {}}
+              "flops_per_iter": None, "peak_memory_bytes": {}, "breakdown": {}}
 
     for i, (name, ctor) in enumerate(ctors.items()):
         prov = ctor()
@@ -80,6 +133,12 @@ def main(argv=None) -> int:
         result["peak_memory_bytes"][name] = peak_mem
         print(f"{name:<40} peak memory "
               + (f"{peak_mem / 2**30:.2f} GiB" if peak_mem is not None else "n/a (cpu)"), flush=True)
+        b = result["breakdown"][name] = breakdown(prov, batches, device, args.profile_steps)
+        busy = (f", device busy {b['device_busy_ms_per_step']:.1f} ms ({b['busy_fraction']:.0%})"
+                if "busy_fraction" in b else "")
+        print(f"{name:<40} {b['wall_ms_per_step']:.1f} ms/step{busy}; {b['time_kind']} by category: "
+              + ", ".join(f"{cat} {ms:.1f}" for cat, ms in b["ms_per_step"].items()), flush=True)
+        args.json.write_text(json.dumps(result, indent=1))  # a cut-short run keeps what it measured
         del prov
         gc.collect()
         if device.type == "cuda":

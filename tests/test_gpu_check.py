@@ -93,7 +93,13 @@ def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected 
     (out / "step_profile.json").write_text(json.dumps({
         "flops_per_iter": 2e12, "peak_flops": 1e15, "peak_note": "H200 dense bf16",
         "peak_memory_bytes": {"eager fp32 NCHW (AdaptSegNet loop)": 20 * 2**30,
-                              "engine bf16 channels_last": 10 * 2**30}}))
+                              "engine bf16 channels_last": 10 * 2**30},
+        "breakdown": {"engine bf16 channels_last": {
+            "steps": 3, "wall_ms_per_step": 152.0, "device_busy_ms_per_step": 123.0,
+            "busy_fraction": 123.0 / 152.0, "time_kind": "device (self CUDA time)",
+            "ms_per_step": {"convolution": 43.0, "norm (BatchNorm, GroupNorm)": 18.5,
+                            "D_aux image size (upsample, leaky ReLU)": 24.0, "loss": 1.0, "optimizer": 2.0,
+                            "casts and copies": 12.5, "other": 22.0}}}}))
 
 
 def test_gpu_table_reports_targets_and_failures(tmp_path):
@@ -120,6 +126,10 @@ def test_gpu_table_reports_targets_and_failures(tmp_path):
         "eager fp32 NCHW (AdaptSegNet loop) 20.00 GiB; engine bf16 channels_last 10.00 GiB")
     # 2 TFLOP per iteration at 0.5 s (eager) on a 1 PFLOP/s device: 0.4%
     assert "eager fp32 NCHW (AdaptSegNet loop) 0.4%" in row(rows, "train step MFU")[1]
+    assert row(rows, "train step GPU busy >= 95%: engine bf16") == (
+        "NOT MET", "busy 81% (123.0 of 152.0 ms/step); device time: convolution 35%, D_aux image size "
+        "(upsample, leaky ReLU) 20%, other 18%, norm (BatchNorm, GroupNorm) 15%, casts and copies 10%, "
+        "optimizer 2%, loss 1%")
     assert row(rows, "real-size pipeline") == (
         "measured",
         "4 workers: 15.00 img/s = 60% of the bench step; 8 workers: 24.00 img/s = 96% of the bench step")
