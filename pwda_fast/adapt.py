@@ -24,6 +24,7 @@ from torch import nn
 
 from pwda_fast import distributed, ops, reference
 from pwda_fast.config import AdaptConfig, OptimConfig
+from pwda_fast.models import Nets
 from pwda_fast.reference import upsample_to
 
 SOURCE, TARGET = 0.0, 1.0
@@ -47,16 +48,6 @@ def poly_lr(base: float, step: int, iters: int, power: float) -> float:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-@dataclass
-class Nets:
-    g: nn.Module
-    d: nn.Module
-    d_aux: nn.Module
-
-    def __iter__(self):
-        return iter((self.g, self.d, self.d_aux))
 
 
 @dataclass

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from pwda_fast import config, metrics, tensorfile
-from pwda_fast.adapt import Nets
-from pwda_fast.models import build_networks
+from pwda_fast.models import Nets, build_networks
 
 _NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
 BEST, BEST_JSON = "best.pt", "best.json"
@@ -93,8 +92,7 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def networks_state(engine, step: int, cfg) -> dict:
     """What evaluation, export and a warm start need: G, D and D_aux weights and the config."""
-    return {"step": step, **{name: net.state_dict() for name, net in zip(("g", "d", "d_aux"), engine.nets)},
-            "config": cfg.to_dict(), "backend": engine.backend}
+    return {"step": step, **engine.nets.state_dict(), "config": cfg.to_dict(), "backend": engine.backend}
 
 
 def training_state(engine, step: int, cfg, world_size: int, skipped: int,
@@ -193,12 +191,12 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
             "the data order would change. Relaunch with the same number of processes, or pass "
             "--train.allow_world_size_change=true to continue anyway")
     _check_same_run(path, state, cfg, log)
-    for name, net in zip(("g", "d", "d_aux"), engine.nets):
-        try:
-            net.load_state_dict(state[name])
-        except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"{path} does not fit this run's {name} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]}); use another train.run_dir") from None
+    try:
+        engine.nets.load_state_dict(state)
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e.args[0]} weights; use another train.run_dir") from None
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit this run's {e}; use another train.run_dir") from None
     engine.optimizers.load_state_dict(state)
     engine.adapter.load_state_dict(state.get("adapter", {}))
     if loaders is not None:
@@ -240,12 +238,16 @@ def load_networks(path: str | Path, device: torch.device):
 
     G must be in the file; D and D_aux are loaded when present (a generator-only file evaluates).
     """
-    state = load(path)
+    return networks_from_state(load(path), device)
+
+
+def networks_from_state(state: dict, device: torch.device):
+    """A loaded checkpoint -> (Nets in eval mode on `device`, its config); ConfigError for a config this
+    version cannot read, KeyError without G, RuntimeError (naming the network) for weights that do not fit."""
     cfg = config.from_dict(state["config"])
     cfg.model.init_weights = ""  # the checkpoint holds every weight; the init file need not exist here
     nets = Nets(*build_networks(cfg.model))
-    for name, net in zip(("g", "d", "d_aux"), nets):
-        if name == "g" or name in state:
-            net.load_state_dict(state[name])
+    nets.load_state_dict(state, required=("g",))
+    for net in nets:
         net.to(device).eval()
     return nets, cfg

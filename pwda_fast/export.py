@@ -82,13 +82,11 @@ def load_generator(path: str | Path) -> tuple[nn.Module, config.Config, dict]:
         raise ExportError(f"{path} is not a pwda_fast training checkpoint (no generator 'g' and 'config' "
                           "in it); give a ckpt_*.pt or best.pt written by pwda-train")
     try:
-        cfg = config.from_dict(state["config"])
-        g = models.build_generator(cfg.model)
-        g.load_state_dict(state["g"])
+        nets, cfg = checkpoint.networks_from_state(state, torch.device("cpu"))
     except (ValueError, RuntimeError) as e:  # ConfigError is a ValueError
         raise ExportError(f"{path}: its generator cannot be rebuilt by this version "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return g.eval(), cfg, {"step": state.get("step", 0), "best": state.get("best", {})}
+    return nets.g, cfg, {"step": state.get("step", 0), "best": state.get("best", {})}
 
 
 def description(cfg: config.Config, info: dict, fmt: str) -> dict:

@@ -12,6 +12,7 @@ from pwda_fast.models import (
     DeepLabV2,
     FeatureDiscriminator,
     MRNet,
+    Nets,
     OutputDiscriminator,
     build_networks,
     load_init_weights,
@@ -440,3 +441,19 @@ def test_repeating_sgd_equals_sgd_over_mrnets_duplicated_list(foreach):
     # The optimizer (and so its checkpoint) holds each tensor once.
     held = [p for group in opts[0].param_groups for p in group["params"]]
     assert len(held) == len({id(p) for p in held}) == sum(p.requires_grad for p in ours.parameters())
+
+
+def test_nets_state_dict_round_trip_and_errors_name_the_network():
+    cfg = config.load("toy").model
+    a, b = Nets(*build_networks(cfg)), Nets(*build_networks(cfg))
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(x, y) for na, nb in zip(a, b) for x, y in
+               zip(na.state_dict().values(), nb.state_dict().values()))
+    state = a.state_dict()
+    del state["d_aux"]
+    b.load_state_dict(state, required=("g",))  # a file without D_aux still loads G and D
+    with pytest.raises(KeyError, match="d_aux"):
+        b.load_state_dict(state)
+    state["d"] = {k: v[:1] for k, v in state["d"].items()}
+    with pytest.raises(RuntimeError, match="^d: "):
+        b.load_state_dict(state, required=("g",))

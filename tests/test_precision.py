@@ -8,8 +8,7 @@ import torch
 from helpers import as_argv, tiny_overrides, toy_batches
 
 from pwda_fast import config, engine, train
-from pwda_fast.adapt import Nets
-from pwda_fast.models import build_networks
+from pwda_fast.models import Nets, build_networks
 
 CPU = torch.device("cpu")
 

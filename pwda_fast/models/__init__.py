@@ -42,6 +42,39 @@ EXPORT_FORMAT = "pwda_fast.generator"
 EXPORT_VERSION = 1
 
 
+@dataclasses.dataclass
+class Nets:
+    """The method's three networks by their checkpoint names: G, D and D_aux."""
+    g: nn.Module
+    d: nn.Module
+    d_aux: nn.Module
+
+    NAMES = ("g", "d", "d_aux")
+
+    def __iter__(self):
+        return iter((self.g, self.d, self.d_aux))
+
+    def items(self):
+        return zip(self.NAMES, self)
+
+    def state_dict(self) -> dict:
+        """{"g": G's state_dict, "d": ..., "d_aux": ...}."""
+        return {name: net.state_dict() for name, net in self.items()}
+
+    def load_state_dict(self, state: dict, required=NAMES) -> None:
+        """Load each network present in `state`; KeyError for a `required` one that is missing, and a
+        RuntimeError that names the network when its weights do not fit."""
+        for name, net in self.items():
+            if name not in state:
+                if name in required:
+                    raise KeyError(name)
+                continue
+            try:
+                net.load_state_dict(state[name])
+            except RuntimeError as e:
+                raise RuntimeError(f"{name}: {str(e).splitlines()[0][:200]}") from None
+
+
 def build_networks(model_cfg) -> tuple[nn.Module, nn.Module, nn.Module]:
     """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux).
 
