@@ -59,7 +59,7 @@ FIG2_PREFIXES = ("above_t", "weight_")  # the keys pwda_fast.weight_stats logs a
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """-> (options with .pairs and .seed_list resolved, the --section.key=value overrides for train)."""
     # No abbreviations: everything unknown passes through to train as --section.key=value.
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.ablate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pwda-ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add = parser.add_argument
     add("--pair", choices=(*PAIRS, "both"), default="toy",

@@ -20,7 +20,7 @@ RUNS = (("source-only", ["--adapt.mode=source_only"]),
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.compare", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pwda-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1234, help="train.seed of both runs (default 1234)")
     parser.add_argument("--iters", type=int, default=None, help="train.iters of both runs (default: toy's)")

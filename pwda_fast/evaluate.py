@@ -280,7 +280,7 @@ def score_predictions(pred_dir: str | Path, root: str | Path, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pwda-evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a ckpt_*.pt or best.pt written by pwda_fast.train")

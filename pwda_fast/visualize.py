@@ -61,7 +61,7 @@ def _name(image: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pwda_fast.visualize", description=__doc__,
+    parser = argparse.ArgumentParser(prog="pwda-visualize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="a ckpt_*.pt or best.pt of an adapted run (holds G and D_aux)")
     parser.add_argument("--source-only", help="a ckpt_*.pt or best.pt of a source-only run, shown beside it")
