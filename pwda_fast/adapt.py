@@ -46,6 +46,12 @@ def poly_lr(base: float, step: int, iters: int, power: float) -> float:
     return base * (1 - step / iters) ** power
 
 
+def d_aux_logits(d_aux: nn.Module, feat: torch.Tensor, size, aux_at: str) -> torch.Tensor:
+    """D_aux's logits on layer4 features (N, F, h, w): at image size `size` (adapt.aux_at = "image",
+    the paper) or at feature size ("feature"). Training and the weighting-map pictures both use it."""
+    return d_aux(feat, size) if aux_at == "image" else d_aux(feat)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
@@ -222,10 +228,6 @@ class Adapter:
         losses["seg"] = loss_seg.detach()
         return {"main": main_s.detach(), "feat": feat_s.detach()}
 
-    def _d_aux(self, d_aux: nn.Module, feat: torch.Tensor, size) -> torch.Tensor:
-        """D_aux's logits: at image size (adapt.aux_at = "image", the paper) or at feature size."""
-        return d_aux(feat, size) if self.a.aux_at == "image" else d_aux(feat)
-
     def generator_stage(self, target: dict, losses: dict, step: int = 0) -> dict:
         """Stage 2: G fools the frozen D (pixel-weighted, eq. 6) and F fools the frozen D_aux; the
         memory term (MRNet) counts from adapt.memory_start on.
@@ -241,7 +243,7 @@ class Adapter:
             aux_t, main_t, feat_t = self.nets.g(x_t)
             main_t = upsample_to(main_t.float(), size)
             z_t = d(torch.softmax(main_t, dim=1)).float()  # D's native resolution
-            a_low = self._d_aux(d_aux, feat_t, size).float() if self.use_aux else None
+            a_low = d_aux_logits(d_aux, feat_t, size, self.a.aux_at).float() if self.use_aux else None
         # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
         # loss takes D's map (and D_aux's with aux_at=feature) at native resolution, upsampled in-kernel.
         weight_aux = a_low.detach() if a_low is not None else None
@@ -277,7 +279,7 @@ class Adapter:
         losses["d"] = loss_d.detach()
         if self.use_aux:
             with self.autocast():
-                a = self._d_aux(self.nets.d_aux, torch.cat([src["feat"], tgt["feat"]]), size)
+                a = d_aux_logits(self.nets.d_aux, torch.cat([src["feat"], tgt["feat"]]), size, self.a.aux_at)
             a = upsample_to(a.float(), size)
             loss_d_aux = reference.domain_bce(a[:n_s], SOURCE) + reference.domain_bce(a[n_s:], TARGET)
             losses["d_aux"] = loss_d_aux.detach()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from pwda_fast.pictures import _VIRIDIS, BACKGROUND, INK, _font
+from pwda_fast.pictures import BACKGROUND, INK, VIRIDIS, load_font
 
 LOSS_KEYS = ("seg", "adv", "adv_aux", "d", "d_aux", "mem")
 CURVE_W, CURVE_H, MARGIN_L, MARGIN_B = 360, 200, 58, 22
@@ -71,9 +71,9 @@ def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
     cols = 2
     rows = math.ceil(len(charts) / cols)
     canvas = Image.new("RGB", (cols * CURVE_W, rows * CURVE_H + 24), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), _font()
+    draw, font = ImageDraw.Draw(canvas), load_font()
     draw.text((6, 4), f"{run_dir}  (x: training step)", fill=INK, font=font)
-    palette = [tuple(int(c) for c in _VIRIDIS[i]) for i in (0, 2, 4, 6, 1, 3, 5)]
+    palette = [tuple(int(c) for c in VIRIDIS[i]) for i in (0, 2, 4, 6, 1, 3, 5)]
     for k, (title, xs, ys) in enumerate(charts):
         r, c = divmod(k, cols)
         colour = (200, 30, 30) if title.startswith("target") else palette[k % len(palette)]
@@ -92,12 +92,12 @@ def plot_rows(charts: list[tuple[str, dict[str, dict[int, list[float]]]]], out: 
     per seed]}}), each row's mean over seeds as a line over its min-max band, with a legend."""
     width, height, left, right, top, bottom = 560, 260, 58, 12, 24, 26
     rows = list(dict.fromkeys(row for _, series in charts for row in series))
-    last = len(_VIRIDIS) - 2  # the last, yellow entry is hard to see on white
-    palette = {row: tuple(int(c) for c in _VIRIDIS[round(i * last / max(len(rows) - 1, 1))])
+    last = len(VIRIDIS) - 2  # the last, yellow entry is hard to see on white
+    palette = {row: tuple(int(c) for c in VIRIDIS[round(i * last / max(len(rows) - 1, 1))])
                for i, row in enumerate(rows)}
     legend_h = 16 * len(rows) + 8
     canvas = Image.new("RGBA", (width, 24 + len(charts) * height + legend_h), BACKGROUND + (255,))
-    font = _font()
+    font = load_font()
     ImageDraw.Draw(canvas).text((6, 4), title, fill=INK, font=font)
     for k, (chart_title, series) in enumerate(charts):
         y0 = 24 + k * height

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pwda_fast import evaluate, ops, reference
+from pwda_fast.adapt import d_aux_logits
 from pwda_fast.data import normalization
 from pwda_fast.data.labels import IGNORE, colorize
 
@@ -22,20 +23,20 @@ BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
 
 # Nine evenly spaced samples of matplotlib's "viridis": perceptually uniform and readable in grey,
 # so dark = low weight and bright = high weight whatever the display.
-_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 82, 139), (44, 114, 142), (33, 145, 140),
+VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 82, 139), (44, 114, 142), (33, 145, 140),
                      (40, 174, 128), (94, 201, 98), (170, 220, 50), (253, 231, 37)], np.float32)
 
 
 def colormap(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """(H, W) floats -> (H, W, 3) uint8 viridis, `lo` dark, `hi` bright (clipped outside)."""
     t = np.clip((np.asarray(values, np.float32) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    pos = t * (len(_VIRIDIS) - 1)
-    i = np.minimum(pos.astype(np.int64), len(_VIRIDIS) - 2)
+    pos = t * (len(VIRIDIS) - 1)
+    i = np.minimum(pos.astype(np.int64), len(VIRIDIS) - 2)
     frac = (pos - i)[..., None]
-    return np.rint(_VIRIDIS[i] * (1 - frac) + _VIRIDIS[i + 1] * frac).astype(np.uint8)
+    return np.rint(VIRIDIS[i] * (1 - frac) + VIRIDIS[i + 1] * frac).astype(np.uint8)
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def load_font(size: int = 12) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
@@ -58,7 +59,7 @@ def compose(panels: list[Panel], zoom: int = 1) -> tuple[Image.Image, list[tuple
     bars = any(p.value_range for p in panels)
     canvas = Image.new("RGB", (len(panels) * pw + (len(panels) - 1) * GAP,
                                TITLE_H + ph + (BAR_H if bars else 0)), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), _font()
+    draw, font = ImageDraw.Draw(canvas), load_font()
     corners = []
     for k, panel in enumerate(panels):
         if panel.rgb.shape[:2] != (h, w):
@@ -109,7 +110,7 @@ def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.
     size = tuple(image.shape[2:])
     _, main, feat = g(image)
     logits = reference.upsample_to(main.float(), size)
-    aux = d_aux(feat, size) if adapt_cfg.aux_at == "image" else d_aux(feat)
+    aux = d_aux_logits(d_aux, feat, size, adapt_cfg.aux_at)
     aux = reference.upsample_to(aux.float(), size)
     t, floor, mu = adapt_cfg.threshold, adapt_cfg.floor, adapt_cfg.mu
     weight = ops.pixel_weights(logits, aux if adapt_cfg.weighting == "gen+dis" else None,

@@ -52,7 +52,7 @@ MUTATIONS = [
     ("hard pixels keep the easy ones", "pwda_fast/reference.py",
      "torch.where(loss < cut,", "torch.where(loss > cut,"),
     ("D_aux at feature size where the paper says image size", "pwda_fast/adapt.py",
-     'return d_aux(feat, size) if self.a.aux_at == "image" else d_aux(feat)', "return d_aux(feat)"),
+     'return d_aux(feat, size) if aux_at == "image" else d_aux(feat)', "return d_aux(feat)"),
     ("warm-up starts at lr instead of warmup_start * lr", "pwda_fast/adapt.py",
      "return o.lr * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)", "return o.lr"),
     ("weighting map computed with gradient", "pwda_fast/reference.py",
