@@ -114,17 +114,23 @@ def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distribute
     return nets
 
 
-def resolve(cfg: config.Config) -> config.Config:
+def read_init(cfg: config.Config) -> models.InitWeights | None:
+    """model.init_weights read (once per build: the file can be a ~170 MB checkpoint), or None."""
+    return models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
+
+
+def resolve(cfg: config.Config, init: models.InitWeights | None = None) -> config.Config:
     """Make the settings that follow model.init_weights concrete (in place; returns cfg): the bottleneck
     stride placement and the input normalisation of the weights' layout ("caffe" for DeepLab-v2 /
     AdaptSegNet / MRNet weights, "imagenet" for torchvision's or without weights).
 
     A warm start (a pwda_fast checkpoint or exported generator) takes both from the run that trained
     it; a generator key or an explicit data.normalize that disagrees with that run is a ConfigError.
+    `init`: the weights as read_init read them (read here when not given).
     """
-    init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
+    init = init or read_init(cfg)
     try:
-        cfg.model = models.resolve_model(cfg.model)
+        cfg.model = models.resolve_model(cfg.model, init)
     except ValueError as e:
         raise config.ConfigError(str(e)) from None
     if init is not None and init.layout == "pwda" and cfg.data.normalize not in ("auto", init.normalize):
@@ -151,14 +157,15 @@ def check_trainable(cfg: config.Config) -> None:
 
 
 def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | None = None, *,
-          backend: str | None = None, log=lambda msg: None) -> Engine:
-    """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend."""
-    resolve(cfg)
+          backend: str | None = None, log=lambda msg: None, init: models.InitWeights | None = None) -> Engine:
+    """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend.
+    init: model.init_weights as the caller read it (read_init); read here when not given."""
+    init = init or read_init(cfg)
+    resolve(cfg, init)
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
-    init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
-    nets = Nets(*models.build_networks(cfg.model))
+    nets = Nets(*models.build_networks(cfg.model, init))
     nets.d_aux.upsample_backend = ops.resolve_upsample_backend(cfg.kernels.upsample, device)
     if init is not None and init.layout == "pwda":
         log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "

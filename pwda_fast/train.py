@@ -24,7 +24,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pwda_fast import checkpoint, config, distributed, engine, evaluate, metrics, pictures, weight_stats
+from pwda_fast import (
+    checkpoint,
+    config,
+    distributed,
+    engine,
+    evaluate,
+    metrics,
+    models,
+    pictures,
+    weight_stats,
+)
 from pwda_fast.data import build_datasets, class_groups, train_batches
 from pwda_fast.data.loader import DataError, data_error_message
 from pwda_fast.logger import LoggerError, MetricsLogger
@@ -51,8 +61,10 @@ def _fault_injection_hook(run_dir: Path, step: int, rank: int) -> None:
 class Trainer:
     """One run: `setup` builds (or resumes) everything, `run` loops, evaluates and checkpoints."""
 
-    def __init__(self, cfg: config.Config, info: distributed.Dist, device: torch.device):
+    def __init__(self, cfg: config.Config, info: distributed.Dist, device: torch.device,
+                 init: models.InitWeights | None = None):
         self.cfg, self.dist, self.device = cfg, info, device
+        self.init = init  # model.init_weights as main read it; handed to engine.build, then dropped
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_requested = False
         self.skipped = self.consecutive = 0
@@ -74,7 +86,8 @@ class Trainer:
         datasets, then the run folder and logger -> the step to start from. Nothing in run_dir is
         written before the config, checkpoint and data checks have passed."""
         cfg, info = self.cfg, self.dist
-        self.engine = engine.build(cfg, self.device, info, log=self.log)
+        self.engine = engine.build(cfg, self.device, info, log=self.log, init=self.init)
+        self.init = None
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and not distributed.cpu_has_bf16():
             self.log("warning: train.amp=bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is "
                      "emulated: the toy step measured 7.7x slower than fp32; use train.amp=none here")
@@ -300,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         if output and output[0] == "help":
             print(config.help_text("pwda-train", output[1]), end="")
             return 0
-        cfg = engine.resolve(config.load(*config.parse_args(argv)))
+        cfg = config.load(*config.parse_args(argv))
+        init = engine.read_init(cfg)
+        engine.resolve(cfg, init)
         if output:  # --print-config
             print(config.to_toml(cfg), end="")
             return 0
@@ -314,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     info = distributed.setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    trainer = Trainer(cfg, info, device)
+    trainer = Trainer(cfg, info, device, init)
+    del init  # the Trainer drops it once the generator has it
     try:
         return trainer.run()
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, LoggerError) as e:

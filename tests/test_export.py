@@ -188,9 +188,11 @@ def test_warm_start_builds_the_saved_generator_with_its_stride_and_normalisation
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
-    cfg = engine.resolve(_warm_cfg(tmp_path, init))
+    cfg = _warm_cfg(tmp_path, init)
+    weights = engine.read_init(cfg)
+    engine.resolve(cfg, weights)
     logs = []
-    built = engine.build(cfg, CPU, log=logs.append)
+    built = engine.build(cfg, CPU, log=logs.append, init=weights)
     assert loads == [init]  # read once at start-up: resolve and build share it
     saved = checkpoint.load(source_only)["g"]
     assert _same(built.nets.g.state_dict(), saved)

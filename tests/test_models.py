@@ -457,3 +457,26 @@ def test_nets_state_dict_round_trip_and_errors_name_the_network():
     state["d"] = {k: v[:1] for k, v in state["d"].items()}
     with pytest.raises(RuntimeError, match="^d: "):
         b.load_state_dict(state, required=("g",))
+
+
+def test_training_start_reads_the_init_weights_file_once(tmp_path, monkeypatch):
+    """pwda-train resolves the config and builds the engine from one read of model.init_weights (a
+    ~170 MB file for the published weights), and the weights still load."""
+    from pwda_fast import engine, tensorfile, train
+
+    scale = _scale_layout(MRNet(19, **TINY_MRNET))
+    torch.save(scale, tmp_path / "deeplab.pth")
+    reads = []
+    real = tensorfile.load
+    monkeypatch.setattr(tensorfile, "load", lambda path, **kw: reads.append(path) or real(path, **kw))
+    built = {}
+    real_build = engine.build
+    monkeypatch.setattr(engine, "build", lambda *a, **kw: built.setdefault("engine", real_build(*a, **kw)))
+    monkeypatch.setattr(train.Trainer, "run", lambda self: self.setup() and 0)
+    argv = ["--config", "toy", "--model.arch=mrnet", "--model.depth=14", "--model.width=8",
+            "--model.head_width=16", f"--model.init_weights={tmp_path / 'deeplab.pth'}",
+            f"--train.run_dir={tmp_path / 'run'}", "--train.iters=1", "--data.workers=0"]
+    assert train.main(argv) == 0
+    assert [str(p) for p in reads] == [str(tmp_path / "deeplab.pth")]
+    g = built["engine"].nets.g
+    torch.testing.assert_close(g.layer3[0].conv2.weight, scale["Scale.layer3.0.conv2.weight"])
