@@ -156,6 +156,22 @@ def label_of(case: Case) -> str:
     return text
 
 
+def make_row(case: Case, dtype_name: str, name: str, mode: str, samples, eager_samples, dev, device: str,
+             copy_gbs: float) -> dict:
+    """One JSON row: wall spread from the samples, device time and operations when measured (`dev`:
+    common.device_time's pair or None), bandwidth from the device time (else the wall median)."""
+    st = common.spread(samples)
+    dev_s, dev_ops = dev if dev else (None, None)
+    gbs = minimal_bytes(case, DTYPES[dtype_name], mode) / (dev_s or st["median"]) / 1e9
+    return dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
+                aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
+                production=case == PRODUCTION, host=case == HOST, dtype=dtype_name, mode=mode, provider=name,
+                device=device, median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
+                device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops, gb_per_s=gbs,
+                speedup_vs_eager=common.spread(eager_samples)["median"] / st["median"],
+                fraction_of_copy=gbs / copy_gbs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,23 +214,13 @@ def main() -> None:
                     label=1.0, backend="ext")
             times, calls_of = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2)
             for (name, mode), ts in times.items():
-                st = common.spread(ts)
-                eager = common.spread(times[("eager", mode)])["median"]
                 dev = common.device_time(calls_of[(name, mode)], device, calls)
-                dev_s, dev_ops = dev if dev else (None, None)
-                gbs = minimal_bytes(case, dtype, mode) / (dev_s or st["median"]) / 1e9
-                row = dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
-                           aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
-                           production=case == PRODUCTION, host=case == HOST, dtype=dtype_name, mode=mode,
-                           provider=name, device=device, median_ms=st["median"] * 1e3,
-                           p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
-                           device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops,
-                           gb_per_s=gbs, speedup_vs_eager=eager / st["median"],
-                           fraction_of_copy=gbs / copy_gbs)
+                row = make_row(case, dtype_name, name, mode, ts, times[("eager", mode)], dev, device,
+                               copy_gbs)
                 result["rows"].append(row)
-                dev_text = f"{row['device_ms']:>8.3f} {dev_ops:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
+                dev_text = f"{row['device_ms']:>8.3f} {dev[1]:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
                 print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>9.3f} "
-                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {dev_text} {gbs:>7.2f} "
+                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {dev_text} {row['gb_per_s']:>7.2f} "
                       f"{row['speedup_vs_eager']:>8.2f} {row['fraction_of_copy']:>8.1%}", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
