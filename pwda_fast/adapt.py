@@ -148,17 +148,24 @@ class Adapter:
         """
         return torch.autocast(self.device.type, enabled=False)
 
-    def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float) -> torch.Tensor:
-        """The output-space adversarial term: plain BCE (weighting none) or the pixel-weighted L.
+    def weighting_on(self, step: int) -> bool:
+        """Pixel weighting in this iteration: adapt.weighting is not "none" and the preheat is over."""
+        return self.a.weighting != "none" and step >= self.a.preheat_iters
+
+    def _adv_loss(self, seg_logits, disc_logits, aux_logits, label: float, weighted: bool,
+                  normalized: bool = False) -> torch.Tensor:
+        """The output-space adversarial term: plain BCE (not weighted) or the pixel-weighted L, with
+        the weights rescaled to mean 1 when normalized (L / mean(w): mean(w) is a constant in z).
 
         disc_logits and aux_logits come at D's and D_aux's native resolution: BCE upsamples D's map
         to the image size first, the fused weighted loss samples both maps bilinearly in-kernel.
         """
-        if self.a.weighting == "none":
+        if not weighted:
             return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
-        return ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
-                                     threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu,
-                                     backend=self.backend)
+        kw = dict(threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu)
+        loss = ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label, backend=self.backend,
+                                     **kw)
+        return loss / ops.pixel_weights(seg_logits, aux_logits, **kw).mean() if normalized else loss
 
     def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
         """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
@@ -172,7 +179,7 @@ class Adapter:
             src = self.segmenter_stage(source, losses)
             if self.adapt:
                 tgt = self.generator_stage(target, losses, step)
-                self.discriminator_stage(src, tgt, losses)
+                self.discriminator_stage(src, tgt, losses, step)
         for opt in self.opt:  # a no-op without fp16; inf and nan survive the division
             self.scaler.unscale_(opt)
         means, finite = self._reduce(losses)
@@ -247,7 +254,7 @@ class Adapter:
         # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
         # loss takes D's map (and D_aux's with aux_at=feature) at native resolution, upsampled in-kernel.
         weight_aux = a_low.detach() if a_low is not None else None
-        loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE)
+        loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, self.weighting_on(step))
         loss_g = self.a.lambda_adv * loss_adv
         losses["adv"] = loss_adv.detach()
         if self.use_aux:
@@ -268,14 +275,16 @@ class Adapter:
         set_requires_grad(d_aux, True)
         return {"main": main_t.detach(), "feat": feat_t.detach(), "weight_aux": weight_aux}
 
-    def discriminator_stage(self, src: dict, tgt: dict, losses: dict) -> None:
-        """Stage 3: D and D_aux on detached outputs; source and target in one batch (no BN in D)."""
+    def discriminator_stage(self, src: dict, tgt: dict, losses: dict, step: int = 0) -> None:
+        """Stage 3: D and D_aux on detached outputs; source and target in one batch (no BN in D). D's
+        target term is weighted as adapt.d_target says (eq. 9 by default)."""
         n_s, size = src["main"].shape[0], tuple(src["main"].shape[2:])
         probs = torch.cat([torch.softmax(src["main"], 1), torch.softmax(tgt["main"], 1)])
         with self.autocast():
             z = self.nets.d(probs.contiguous(memory_format=self.memory_format)).float()
+        weighted = self.weighting_on(step) and self.a.d_target != "unweighted"
         loss_d = reference.domain_bce(upsample_to(z[:n_s], size), SOURCE) + self._adv_loss(
-            tgt["main"], z[n_s:], tgt["weight_aux"], TARGET)
+            tgt["main"], z[n_s:], tgt["weight_aux"], TARGET, weighted, self.a.d_target == "normalized")
         losses["d"] = loss_d.detach()
         if self.use_aux:
             with self.autocast():

@@ -185,6 +185,13 @@ class AdaptConfig:
     aux_at: Literal["image", "feature"] = "image"
     """Where D_aux runs: "image" (the paper: encodings upsampled to the input size; computed exactly by
     running D_aux's first 1x1 conv at feature size) or "feature" (feature size, logits upsampled)."""
+    d_target: Literal["weighted", "unweighted", "normalized"] = "weighted"
+    """D's target term in the discriminator stage: "weighted" (w * BCE, eq. 9 as written), "unweighted"
+    (plain BCE) or "normalized" (w / mean(w) * BCE, the weights rescaled to mean 1); the paper leaves
+    the choice open."""
+    preheat_iters: int = 0
+    """No pixel weighting (in the generator and the discriminator stage) before this iteration: CLAN's
+    preheat (its NUM_STEPS_STOP / 20); the paper names none."""
 
 
 @dataclass
@@ -309,6 +316,7 @@ RULES = {
     "adapt.hard_pixels": (lambda v: 0 <= v < 100, "must be a percentile in [0, 100)"),
     "adapt.lambda_mem": _non_negative,
     "adapt.memory_start": _non_negative,
+    "adapt.preheat_iters": _non_negative,
     "train.iters": _positive,
     "train.run_dir": (lambda v: bool(v.strip()), "must not be empty"),
     "train.eval_every": _non_negative,

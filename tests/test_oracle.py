@@ -34,7 +34,7 @@ LAMBDAS = {"adapt.lambda_adv": 30.0, "adapt.lambda_aux": 20.0, "adapt.lambda_seg
 
 
 def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", nesterov: bool = False,
-         aux_at: str = "image", recipe: bool = False, arch: str = "deeplabv2") -> config.Config:
+         aux_at: str = "image", recipe: bool = False, arch: str = "deeplabv2", **extra) -> config.Config:
     """A tiny run with O(1) lambdas; recipe=True adds MRNet's class balance (with the running "often"
     weight), hard pixels and a memory term that starts at the second step. arch "mrnet" is MRNet's
     generator at toy size, with its heads' GroupNorm (64 and 128 channels in 32 groups: with one
@@ -57,7 +57,7 @@ def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", 
         "optim.lr": 0.05, "optim.lr_d": 0.02, "optim.head_lr_mult": 3.0, "optim.momentum": 0.8,
         "optim.weight_decay": 0.01, "optim.power": 0.7, "optim.betas": [0.5, 0.9], "optim.impl": "torch",
         "optim.nesterov": nesterov, "optim.warmup_iters": 4, "optim.warmup_start": 0.3,  # step 3 warms up
-        "train.iters": 10, "kernels.backend": "torch"})
+        "train.iters": 10, "kernels.backend": "torch", **extra})
 
 
 def _batches(blocks: bool = True):
@@ -183,9 +183,10 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
         return d_aux(up(feat)) if a.aux_at == "image" else up(d_aux(feat))
 
     a_t_up = d_aux_up(feat_t) if use_aux else None
-    w = None if a.weighting == "none" else weights(up(main_t), a_t_up, a)
+    # CLAN's preheat: no weighting before adapt.preheat_iters.
+    w = None if a.weighting == "none" or step < a.preheat_iters else weights(up(main_t), a_t_up, a)
 
-    def adv(z_up, y):
+    def adv(z_up, y, w=w):
         per_pixel = bce(z_up[:, 0], y)
         return per_pixel.mean() if w is None else (w * per_pixel).mean()
 
@@ -201,7 +202,10 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
             g_obj = g_obj + a.lambda_mem * losses["mem"]
     # Discriminator stage: detached outputs, source labelled 0, target 1 (weighted for D).
     p_s, p_t = softmax(up(main_s)).detach(), softmax(up(main_t)).detach()
-    d_obj = (bce(up(d(p_s)), 0.0).mean(), adv(up(d(p_t)), 1.0))
+    # D's target term: w as eq. 9 writes it, no weights, or w / mean(w).
+    w_d = {"weighted": w, "unweighted": None,
+           "normalized": None if w is None else w / w.mean()}[a.d_target]
+    d_obj = (bce(up(d(p_s)), 0.0).mean(), adv(up(d(p_t)), 1.0, w_d))
     losses["d"] = sum(d_obj)
     if use_aux:
         daux_obj = (bce(d_aux_up(feat_s.detach()), 0.0).mean(), bce(d_aux_up(feat_t.detach()), 1.0).mean())
@@ -355,13 +359,22 @@ CASES = {  # id: (mode, weighting, memory, nesterov, aux_at, MRNet recipe, gener
     # moves the second step's backbone gradient by up to 7e-3 of its largest value.
     "mrnet-gen+dis-memory": ("adapt", "gen+dis", True, False, "image", False, "mrnet", "frozen"),
     "mrnet-paper-recipe": ("adapt", "gen+dis", True, True, "image", True, "mrnet", "frozen"),
+    # The switches the paper leaves open: D's target term, and CLAN's preheat (STEPS = (3, 4): the
+    # first unweighted, the second weighted).
+    "gen+dis-d-unweighted": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
+                             {"adapt.d_target": "unweighted"}),
+    "gen+dis-d-normalized": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
+                             {"adapt.d_target": "normalized"}),
+    "gen-preheat": ("adapt", "gen", False, False, "image", False, "deeplabv2", "frozen",
+                    {"adapt.preheat_iters": 4}),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_iterations_match_the_oracle(case, one_thread):
-    mode, weighting, memory, nesterov, aux_at, recipe, arch, bn = CASES[case]
-    cfg = _cfg(weighting, memory, mode, bn=bn, nesterov=nesterov, aux_at=aux_at, recipe=recipe, arch=arch)
+    mode, weighting, memory, nesterov, aux_at, recipe, arch, bn, *extra = CASES[case]
+    cfg = _cfg(weighting, memory, mode, bn=bn, nesterov=nesterov, aux_at=aux_at, recipe=recipe, arch=arch,
+               **(extra[0] if extra else {}))
     batches = _batches()
     snapshots, engine_log = run_engine(cfg, batches)
     oracle_log = run_oracle(snapshots, cfg, batches)
