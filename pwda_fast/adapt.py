@@ -251,10 +251,16 @@ class Adapter:
             main_t = upsample_to(main_t.float(), size)
             z_t = d(torch.softmax(main_t, dim=1)).float()  # D's native resolution
             a_low = d_aux_logits(d_aux, feat_t, size, self.a.aux_at).float() if self.use_aux else None
-        # The weighting map is a constant: seg and aux logits enter the loss detached; the weighted
-        # loss takes D's map (and D_aux's with aux_at=feature) at native resolution, upsampled in-kernel.
+        # The weighting map is a constant (adapt.weight_grad = "detached"): seg and aux logits enter
+        # the loss detached; the weighted loss takes D's map (and D_aux's with aux_at=feature) at native
+        # resolution, upsampled in-kernel. "flowing" (CLAN) differentiates through w on the torch path.
         weight_aux = a_low.detach() if a_low is not None else None
-        loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, self.weighting_on(step))
+        if self.a.weight_grad == "flowing" and self.weighting_on(step):
+            loss_adv = reference.weighted_adv_loss(
+                main_t, z_t, a_low, label=SOURCE, threshold=self.a.threshold, floor=self.a.floor,
+                mu=self.a.mu, detach_weights=False)
+        else:
+            loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, self.weighting_on(step))
         loss_g = self.a.lambda_adv * loss_adv
         losses["adv"] = loss_adv.detach()
         if self.use_aux:

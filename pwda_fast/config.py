@@ -185,6 +185,10 @@ class AdaptConfig:
     aux_at: Literal["image", "feature"] = "image"
     """Where D_aux runs: "image" (the paper: encodings upsampled to the input size; computed exactly by
     running D_aux's first 1x1 conv at feature size) or "feature" (feature size, logits upsampled)."""
+    weight_grad: Literal["detached", "flowing"] = "detached"
+    """The weights' gradient in the generator stage: "detached" (w a constant map) or "flowing" (into
+    the seg logits and, through D_aux, the features, as CLAN's code does; that term then runs on the
+    torch backend). D's stage always detaches. The paper does not say."""
     d_target: Literal["weighted", "unweighted", "normalized"] = "weighted"
     """D's target term in the discriminator stage: "weighted" (w * BCE, eq. 9 as written), "unweighted"
     (plain BCE) or "normalized" (w / mean(w) * BCE, the weights rescaled to mean 1); the paper leaves

@@ -12,6 +12,8 @@ to (H, W) first, as docs/METHOD.md prescribes for D's and D_aux's outputs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +32,15 @@ def generation_confidence(seg_logits: torch.Tensor, *, threshold: float = 0.9,
 
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,
-                  threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1) -> torch.Tensor:
+                  threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1,
+                  detach: bool = True) -> torch.Tensor:
     """Eqs. (4) and (6): w = (d + mu) * sigmoid(a), or d + mu without D_aux.
 
     seg_logits (N, C, H, W), aux_logits (N, 1, H, W) or None -> (N, H, W) float32, no gradient:
-    the weights are the paper's constant "weighting map".
+    the weights are a constant "weighting map" (our reading; the paper is silent); detach=False lets
+    the gradient flow through them into both logits (adapt.weight_grad = "flowing", as CLAN's code).
     """
-    with torch.no_grad():
+    with torch.no_grad() if detach else contextlib.nullcontext():
         w = generation_confidence(seg_logits, threshold=threshold, floor=floor) + mu
         if aux_logits is not None:
             w = w * torch.sigmoid(aux_logits.float()[:, 0])
@@ -64,8 +68,10 @@ def upsample_leaky_relu(x: torch.Tensor, size, slope: float = 0.2) -> torch.Tens
 
 def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
                       aux_logits: torch.Tensor | None = None, *, label: float,
-                      threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1) -> torch.Tensor:
-    """L = mean over N*H*W pixels of w * BCE(z, y); gradient flows into disc_logits only.
+                      threshold: float = 0.9, floor: float = 0.01, mu: float = 0.1,
+                      detach_weights: bool = True) -> torch.Tensor:
+    """L = mean over N*H*W pixels of w * BCE(z, y); gradient flows into disc_logits only (also into
+    seg_logits and aux_logits through w with detach_weights=False).
 
     seg_logits (N, C, H, W), disc_logits (N, 1, h, w), aux_logits (N, 1, ha, wa) or None -> () float32.
     Lower-resolution D / D_aux maps are first upsampled to (H, W) with `upsample_to`.
@@ -73,8 +79,8 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     size = seg_logits.shape[2:]
     disc_logits = upsample_to(disc_logits, size)
     if aux_logits is not None:
-        aux_logits = upsample_to(aux_logits.detach(), size)
-    w = pixel_weights(seg_logits, aux_logits, threshold=threshold, floor=floor, mu=mu)
+        aux_logits = upsample_to(aux_logits.detach() if detach_weights else aux_logits, size)
+    w = pixel_weights(seg_logits, aux_logits, threshold=threshold, floor=floor, mu=mu, detach=detach_weights)
     return (w * bce_with_logits(disc_logits[:, 0], label)).mean()
 
 

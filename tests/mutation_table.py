@@ -56,7 +56,7 @@ MUTATIONS = [
     ("warm-up starts at lr instead of warmup_start * lr", "pwda_fast/adapt.py",
      "return o.lr * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)", "return o.lr"),
     ("weighting map computed with gradient", "pwda_fast/reference.py",
-     "    with torch.no_grad():\n        w = generation_confidence",
+     "    with torch.no_grad() if detach else contextlib.nullcontext():\n        w = generation_confidence",
      "    if True:\n        w = generation_confidence"),
     ("finite check ignores gradients", "pwda_fast/adapt.py", "        if grads:\n", "        if False:\n"),
     ("no fsync before the checkpoint rename", "pwda_fast/checkpoint.py",

@@ -131,14 +131,15 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return e / e.sum(1, keepdim=True)
 
 
-def weights(main_up: torch.Tensor, a_up: torch.Tensor | None, a) -> torch.Tensor:
-    """Eqs. (3), (4), (6) pixel by pixel: (d + mu) * sigmoid(a), d = floor above T else exp(-p*)."""
+def weights(main_up: torch.Tensor, a_up: torch.Tensor | None, a, detach: bool = True) -> torch.Tensor:
+    """Eqs. (3), (4), (6) pixel by pixel: (d + mu) * sigmoid(a), d = floor above T else exp(-p*); a
+    constant map unless detach=False (adapt.weight_grad = "flowing")."""
     p_star = softmax(main_up).max(1).values
     d = torch.where(p_star > a.threshold, torch.full_like(p_star, a.floor), torch.exp(-p_star))
     w = d + a.mu
     if a_up is not None:
         w = w / (1.0 + torch.exp(-a_up[:, 0]))
-    return w.detach()
+    return w.detach() if detach else w
 
 
 def kl_to_fused(aux_up: torch.Tensor, main_up: torch.Tensor) -> torch.Tensor:
@@ -190,8 +191,11 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
         per_pixel = bce(z_up[:, 0], y)
         return per_pixel.mean() if w is None else (w * per_pixel).mean()
 
-    # Generator stage: fool D (target outputs labelled as source), and D_aux likewise.
-    losses["adv"] = adv(up(d(softmax(up(main_t)))), 0.0)
+    # Generator stage: fool D (target outputs labelled as source), and D_aux likewise; with
+    # weight_grad "flowing" the generator also descends through w (CLAN).
+    flowing = w is not None and a.weight_grad == "flowing"
+    losses["adv"] = adv(up(d(softmax(up(main_t)))), 0.0,
+                        weights(up(main_t), a_t_up, a, detach=False) if flowing else w)
     g_obj = g_obj + a.lambda_adv * losses["adv"]
     if use_aux:
         losses["adv_aux"] = bce(a_t_up, 0.0).mean()
@@ -359,14 +363,16 @@ CASES = {  # id: (mode, weighting, memory, nesterov, aux_at, MRNet recipe, gener
     # moves the second step's backbone gradient by up to 7e-3 of its largest value.
     "mrnet-gen+dis-memory": ("adapt", "gen+dis", True, False, "image", False, "mrnet", "frozen"),
     "mrnet-paper-recipe": ("adapt", "gen+dis", True, True, "image", True, "mrnet", "frozen"),
-    # The switches the paper leaves open: D's target term, and CLAN's preheat (STEPS = (3, 4): the
-    # first unweighted, the second weighted).
+    # The switches the paper leaves open: D's target term, CLAN's preheat (STEPS = (3, 4): the first
+    # unweighted, the second weighted), and the generator's gradient through w (CLAN).
     "gen+dis-d-unweighted": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
                              {"adapt.d_target": "unweighted"}),
     "gen+dis-d-normalized": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
                              {"adapt.d_target": "normalized"}),
     "gen-preheat": ("adapt", "gen", False, False, "image", False, "deeplabv2", "frozen",
                     {"adapt.preheat_iters": 4}),
+    "gen+dis-weight-grad-flowing": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
+                                    {"adapt.weight_grad": "flowing"}),
 }
 
 

@@ -89,6 +89,7 @@ GTA5 = {
     "adapt.lambda_mem": (0.1, "README --lambda-kl-target 0.1"),
     "adapt.memory_start": (15000, "trainer_ms.py: lambda_kl is 0 while i_iter < 15000"),
     "adapt.aux_at": ("image", "paper §5.2: encodings up-sampled to the input image size before D_aux"),
+    "adapt.weight_grad": ("detached", "paper silent; its weighting map read as a constant (METHOD.md §1)"),
     "adapt.d_target": ("weighted", "paper eq. 9: D's target term weighted by w as written"),
     "adapt.preheat_iters": (0, "the paper names no preheat (CLAN's is an option)"),
     # --- train ---
@@ -137,7 +138,8 @@ DEFAULTED = {
     "optim.impl",
     "train.seed", "train.keep_last", "train.log_every", "train.device", "train.amp", "train.channels_last",
     "train.compile", "train.stop_at", "train.max_skips", "train.allow_world_size_change", "train.resume",
-    "train.threads", "train.eval_images", "adapt.d_target", "adapt.preheat_iters",
+    "train.threads", "train.eval_images", "adapt.weight_grad", "adapt.d_target",
+    "adapt.preheat_iters",
     "kernels.backend", "kernels.upsample", "log.tensorboard", "log.images",
 }
 
