@@ -56,7 +56,8 @@ BAD_VALUES = {key: bad for key, bad in {
     "optim.lr_d": -1e-4, "optim.betas": [0.9, 1.0], "adapt.threshold": 0.0, "adapt.floor": -0.1,
     "adapt.mu": -0.1, "adapt.lambda_adv": -1.0, "adapt.lambda_aux": -1.0, "adapt.lambda_seg": -1.0,
     "adapt.class_balance_max": 0.0, "adapt.hard_pixels": 100.0, "adapt.lambda_mem": -1.0,
-    "adapt.memory_start": -1, "train.iters": -3, "train.run_dir": " ", "train.eval_every": -1,
+    "adapt.memory_start": -1, "adapt.preheat_iters": -1, "train.iters": -3, "train.run_dir": " ",
+    "train.eval_every": -1,
     "train.ckpt_every": 0, "train.keep_last": -1, "train.log_every": 0, "train.stop_at": -1,
     "train.max_skips": 0, "train.eval_images": -1, "train.threads": -1, "log.images": -1,
 }.items()}
