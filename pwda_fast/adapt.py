@@ -99,6 +99,8 @@ class Adapter:
         self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
         self.adapt = adapt_cfg.mode == "adapt"
         self.use_aux = self.adapt and adapt_cfg.weighting == "gen+dis"
+        # Eq. (3)-(6)'s constants, as every weighted loss and weight map of the step takes them.
+        self.weight_kw = dict(threshold=adapt_cfg.threshold, floor=adapt_cfg.floor, mu=adapt_cfg.mu)
         self.autocast = lambda: autocast(device.type, amp)
         # One scaler for the three networks, not one per optimizer: they step or skip as one, and a
         # single scale mirrors that decision exactly (an overflow anywhere skips all three and halves
@@ -162,10 +164,11 @@ class Adapter:
         """
         if not weighted:
             return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
-        kw = dict(threshold=self.a.threshold, floor=self.a.floor, mu=self.a.mu)
-        loss = ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label, backend=self.backend,
-                                     **kw)
-        return loss / ops.pixel_weights(seg_logits, aux_logits, **kw).mean() if normalized else loss
+        loss = ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
+                                     backend=self.backend, **self.weight_kw)
+        if not normalized:
+            return loss
+        return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).mean()
 
     def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
         """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
@@ -255,12 +258,12 @@ class Adapter:
         # the loss detached; the weighted loss takes D's map (and D_aux's with aux_at=feature) at native
         # resolution, upsampled in-kernel. "flowing" (CLAN) differentiates through w on the torch path.
         weight_aux = a_low.detach() if a_low is not None else None
-        if self.a.weight_grad == "flowing" and self.weighting_on(step):
-            loss_adv = reference.weighted_adv_loss(
-                main_t, z_t, a_low, label=SOURCE, threshold=self.a.threshold, floor=self.a.floor,
-                mu=self.a.mu, detach_weights=False)
+        weighted = self.weighting_on(step)
+        if weighted and self.a.weight_grad == "flowing":
+            loss_adv = reference.weighted_adv_loss(main_t, z_t, a_low, label=SOURCE, detach_weights=False,
+                                                   **self.weight_kw)
         else:
-            loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, self.weighting_on(step))
+            loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, weighted)
         loss_g = self.a.lambda_adv * loss_adv
         losses["adv"] = loss_adv.detach()
         if self.use_aux:

@@ -31,8 +31,8 @@ ORACLE = ["tests/test_oracle.py", "-k", "mrnet"]
 # (what it breaks, file, exact text, replacement[, the tests to run instead of --tests])
 MUTATIONS = [
     ("generator stage trains G toward the target label", "pwda_fast/adapt.py",
-     "loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE,",
-     "loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, TARGET,"),
+     "loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, weighted)",
+     "loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, TARGET, weighted)"),
     ("discriminator stage labels source outputs as target", "pwda_fast/adapt.py",
      "reference.domain_bce(upsample_to(z[:n_s], size), SOURCE)",
      "reference.domain_bce(upsample_to(z[:n_s], size), TARGET)"),
