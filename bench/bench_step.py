@@ -129,7 +129,7 @@ class Engine:
         self.adapter = engine.build(cfg, device).adapter
 
     def step(self, step: int, source: dict, target: dict) -> None:
-        self.adapter.step(step, source, target)
+        self.adapter.launch(step, source, target)  # as training runs it: nothing waits for the device
 
 
 EAGER = "eager fp32 NCHW (AdaptSegNet loop)"

@@ -117,10 +117,8 @@ class Adapter:
         # MRNet's running "often" class weight (adapt.often_balance); part of the checkpoint.
         self.often = (torch.ones(num_classes, device=device)
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
-        # What a skipped step puts back, and one copy of it kept for the whole run: saved with one
-        # multi-tensor copy per step, not one clone (a launch, on a GPU) per buffer, ~330 for R101.
         self.restored = self.buffers + ([self.often] if self.often is not None else [])
-        self.saved = [torch.empty_like(b) for b in self.restored]
+        self.snapshot = Snapshot(self.restored)
 
     def state_dict(self) -> dict:
         """{"often": (K,) tensor or None, "scaler": the loss scaler's state ({} unless amp=fp16)}."""
@@ -132,13 +130,15 @@ class Adapter:
         if state.get("scaler"):  # a checkpoint written without fp16 leaves the fresh scaler as it is
             self.scaler.load_state_dict(state["scaler"])
 
-    def set_lr(self, step: int) -> None:
+    def set_lr(self, step: int) -> float:
+        """Set the three optimizers' learning rates for `step` -> G's first group's (the backbone's)."""
         lr_g, lr_d = self.schedule.lr_g(step), self.schedule.lr_d(step)
         for group in self.opt.g.param_groups:
             group["lr"] = lr_g * group.get("lr_mult", 1.0)
         for opt in (self.opt.d, self.opt.d_aux):
             for group in opt.param_groups:
                 group["lr"] = lr_d
+        return self.opt.g.param_groups[0]["lr"]
 
     def cast_cache(self):
         """The region over the three stages in which autocast keeps its weight casts.
@@ -171,12 +171,21 @@ class Adapter:
         return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).mean()
 
     def step(self, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
-        """-> ({loss name: float}, stepped). `target` may be None in source_only mode."""
-        self.set_lr(step)
+        """-> ({loss name: float}, stepped): `launch`, then wait for its numbers. `target` may be None
+        in source_only mode."""
+        report = self.launch(step, source, target).read()
+        self.calibrating = report.calibrating
+        return report.losses, report.stepped
+
+    def launch(self, step: int, source: dict, target: dict | None) -> StepResult:
+        """One iteration, queued on the device without waiting for it: the skip decision, the restore
+        of what a skipped step changed and the loss scale's update all happen on the device when every
+        optimizer can skip there (torch's fused SGD and Adam, once G's momentum exists; see
+        `skips_on_device`). Otherwise the decision waits for the device once, as it always did."""
+        lr = self.set_lr(step)
         for opt in self.opt:
             opt.zero_grad(set_to_none=True)
-        if self.restored:
-            torch._foreach_copy_(self.saved, self.restored)
+        self.snapshot.save()
         losses = {}
         with self.cast_cache():
             src = self.segmenter_stage(source, losses)
@@ -186,33 +195,55 @@ class Adapter:
         for opt in self.opt:  # a no-op without fp16; inf and nan survive the division
             self.scaler.unscale_(opt)
         means, finite = self._reduce(losses)
-        if finite:
-            self.opt.g.step()
-            if self.adapt:
-                self.opt.d.step()
-                self.opt.d_aux.step()
-        elif self.restored:
-            torch._foreach_copy_(self.restored, self.saved)
-        self._update_scale(finite)
-        return means, finite
+        stepping = list(self.opt) if self.adapt else [self.opt.g]
+        if self.skips_on_device():
+            found_inf = (~finite).float()
+            for opt in stepping:
+                opt.found_inf, opt.grad_scale = found_inf, None
+                opt.step()
+        else:
+            take = bool(finite.item())  # the one host sync
+            for opt in stepping:
+                opt.found_inf = opt.grad_scale = None
+                if take:
+                    opt.step()
+        self.snapshot.restore_unless(finite)
+        return StepResult(tuple(losses), means, finite, lr, self._update_scale(finite))
 
-    def _update_scale(self, finite: bool) -> None:
-        """Halve the loss scale if any gradient overflowed (the scaler's own check, which agrees on
-        every rank: DDP has averaged the gradients), else count a step towards doubling it. A step
+    def skips_on_device(self) -> bool:
+        """Whether the optimizers can take the skip decision as a device flag (their `found_inf`):
+        torch's fused SGD and Adam can; foreach, single-tensor and apex optimizers cannot. G's first
+        step goes through the host: fused SGD allocates its momentum uninitialised on a first step and
+        would keep that garbage if the step were skipped (and optim.backbone_repeats restarts a fresh
+        momentum per entry there)."""
+        fused = all(isinstance(o, (torch.optim.SGD, torch.optim.Adam)) and o.defaults.get("fused")
+                    for o in self.opt)
+        momentum = any(group["momentum"] for group in self.opt.g.param_groups)
+        return fused and (not momentum or all("momentum_buffer" in self.opt.g.state.get(p, {})
+                                              for group in self.opt.g.param_groups
+                                              for p in group["params"]))
+
+    def _update_scale(self, finite: torch.Tensor) -> torch.Tensor | None:
+        """-> (2,) float on the device: [skipped for a gradient overflow that lowered the scale to
+        >= 1, the scale now]; None without fp16.
+
+        Halves the loss scale if any gradient overflowed (the scaler's own check, which agrees on
+        every rank: DDP has averaged the gradients), else counts a step towards doubling it. A step
         skipped only for a non-finite loss with finite gradients leaves the scale and its count of
-        good steps as they were: the scale cannot be the cause, and no optimizer stepped."""
+        good steps as they were: the scale cannot be the cause, and no optimizer stepped. All on the
+        device: the scaler's update and this correction need no host sync.
+        """
         if not self.scaler.is_enabled():
-            return
-        if finite:
-            self.scaler.update()
-            self.calibrating = False
-            return
-        before = self.scaler.state_dict()  # a host sync on skipped steps only
+            return None
+        scale, tracker = self.scaler._scale, self.scaler._growth_tracker
+        scale_before, tracker_before = scale.clone(), tracker.clone()
         self.scaler.update()  # also clears the per-optimizer unscale records the next step needs clear
-        lowered = self.scaler.get_scale() < before["scale"]
-        if not lowered:
-            self.scaler.load_state_dict(before)
-        self.calibrating = lowered and self.scaler.get_scale() >= 1.0
+        lowered = scale < scale_before
+        unchanged = ~finite & ~lowered
+        scale.copy_(torch.where(unchanged, scale_before, scale))
+        tracker.copy_(torch.where(unchanged, tracker_before, tracker))
+        calibrating = ~finite & lowered & (scale >= 1.0)
+        return torch.cat([calibrating.float().reshape(1), scale.float().reshape(1)])
 
     def _input(self, batch: dict) -> torch.Tensor:
         return batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -304,13 +335,81 @@ class Adapter:
             loss_d = loss_d + loss_d_aux
         self.scaler.scale(loss_d).backward()
 
-    def _reduce(self, losses: dict) -> tuple[dict, bool]:
-        """-> ({name: mean over ranks}, every loss and gradient finite on every rank); one all-reduce."""
+    def _reduce(self, losses: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ((K,) loss means over ranks, () every loss and gradient finite on every rank), both on
+        the device; one all-reduce."""
         values = torch.stack([v.float() for v in losses.values()])
         total = values.sum()
         grads = [p.grad for opt in self.opt for group in opt.param_groups for p in group["params"]
                  if p.grad is not None]
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-        means, finite = distributed.step_summary(values, torch.isfinite(total), self.dist)
-        return dict(zip(losses, means.tolist())), finite
+        return distributed.step_summary(values, torch.isfinite(total), self.dist)
+
+
+class Snapshot:
+    """The tensors a skipped step puts back (BatchNorm statistics, which change in the forward pass,
+    and MRNet's running class weight), kept as one flat copy per dtype for the whole run.
+
+    `save` is one concatenation per dtype; `restore_unless(flag)` selects, on the device, the saved
+    or the current values by a () bool tensor and copies them back with one multi-tensor copy: a few
+    launches per step for R101's ~330 buffers, no host sync, and bitwise what was saved.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        groups: dict = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t.view(-1))
+        self.groups = []
+        for views in groups.values():
+            n = sum(v.numel() for v in views)
+            saved, current, chosen = (views[0].new_empty(n) for _ in range(3))
+            parts = list(chosen.split([v.numel() for v in views]))
+            self.groups.append((views, saved, current, chosen, parts))
+
+    def save(self) -> None:
+        for views, saved, *_ in self.groups:
+            torch.cat(views, out=saved)
+
+    def restore_unless(self, keep: torch.Tensor) -> None:
+        """Put the saved values back where `keep` (a () bool tensor) is false."""
+        for views, saved, current, chosen, parts in self.groups:
+            torch.cat(views, out=current)
+            torch.where(keep, current, saved, out=chosen)
+            torch._foreach_copy_(views, parts)
+
+
+@dataclass
+class StepResult:
+    """One iteration's outcome as the device will have it; `read` waits for it (one transfer)."""
+    names: tuple[str, ...]
+    means: torch.Tensor
+    """(K,) the losses, means over ranks, in computation order"""
+    finite: torch.Tensor
+    """() bool: the optimizers stepped"""
+    lr: float
+    """G's learning rate in this iteration (its first parameter group's)"""
+    scaler: torch.Tensor | None = None
+    """fp16 only: (2,) float, [skipped for an overflow that lowered the scale to >= 1, the scale after]"""
+
+    def read(self) -> StepReport:
+        parts = [self.means.float(), self.finite.float().reshape(1)]
+        if self.scaler is not None:
+            parts.append(self.scaler)
+        values = torch.cat(parts).tolist()
+        k = len(self.names)
+        calibrating, scale = (values[k + 1] == 1.0, values[k + 2]) if len(values) > k + 1 else (False, None)
+        return StepReport(dict(zip(self.names, values[:k])), values[k] == 1.0, calibrating, scale, self.lr)
+
+
+@dataclass
+class StepReport:
+    losses: dict
+    """{loss name: mean over ranks}, in computation order"""
+    stepped: bool
+    calibrating: bool
+    """skipped for an fp16 overflow that lowered the loss scale to >= 1 (Trainer does not count it as
+    a divergence)"""
+    scale: float | None
+    """the fp16 loss scale after the step (None without fp16)"""
+    lr: float

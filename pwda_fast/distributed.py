@@ -91,8 +91,9 @@ def any_true(flag: bool, device, info: Dist) -> bool:
     return t.item() > 0.0
 
 
-def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist) -> tuple[torch.Tensor, bool]:
-    """(K,) local losses, () local "all finite" flag -> ((K,) mean over ranks, finite on every rank).
+def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K,) local losses, () local "all finite" flag -> ((K,) mean over ranks, () finite on every rank),
+    both left on the device (nothing here waits for it).
 
     One all-reduce of K + 1 floats per step: the logged losses and the skip decision come from the
     same reduction, so every rank logs the same numbers and skips the same steps.
@@ -101,7 +102,7 @@ def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist) -> tupl
     if info.enabled:
         dist.all_reduce(packed)
         packed[:-1] /= info.world
-    return packed[:-1], bool(packed[-1].item() == 0.0)
+    return packed[:-1], packed[-1] == 0.0
 
 
 def barrier(info: Dist) -> None:

@@ -62,8 +62,10 @@ class RepeatingSGD(torch.optim.SGD):
                 group["params"] = ps
 
 
-def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets, device: torch.device) -> Optimizers:
-    """SGD for G (heads at head_lr_mult), Adam for D and D_aux; fused on CUDA, foreach on CPU."""
+def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets) -> Optimizers:
+    """SGD for G (heads at head_lr_mult), Adam for D and D_aux; torch's fused implementations (CUDA
+    and CPU) by default: one kernel per step, and they skip a non-finite step on the device flag the
+    Adapter hands them, so the step never waits for the device (Adapter.skips_on_device)."""
     o = optim_cfg
     groups = nets.g.param_groups(o.lr, o.head_lr_mult, repeats=o.backbone_repeats)
     sgd = {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "nesterov": o.nesterov}
@@ -82,7 +84,7 @@ def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets, device: torch.de
     if o.impl == "torch":
         fast = {}  # torch's own default per device
     else:
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        fast = {"fused": True}
     return Optimizers(RepeatingSGD(groups, **sgd, **fast),
                       torch.optim.Adam(nets.d.parameters(), **adam, **fast),
                       torch.optim.Adam(nets.d_aux.parameters(), **adam, **fast))
@@ -173,7 +175,7 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     for net in nets:
         net.to(device, memory_format=fmt).train()
-    optimizers = build_optimizers(cfg.optim, nets, device)
+    optimizers = build_optimizers(cfg.optim, nets)
     adapter = Adapter(_wrap(cfg, nets, device, dist, log), optimizers, cfg.adapt,
                       Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
                       channels_last=cfg.train.channels_last, backend=backend, device=device, dist=dist,

@@ -113,7 +113,12 @@ def class_balance_weights(labels: torch.Tensor, num_classes: int, max_value: flo
     the start) the weights are also multiplied by 0.9 * often + 0.1 * (max_value where the class is
     absent from this batch, else 1), which becomes the new `often`.
     """
-    counts = torch.bincount(labels[labels != IGNORE_INDEX].flatten(), minlength=num_classes)[:num_classes]
+    # Counted by a scatter into a void bin, not bincount of the non-void pixels: both of those wait
+    # for the device (the mask's size, bincount's max), and the training step must not.
+    flat = labels.flatten().long()
+    bins = torch.where((flat >= 0) & (flat < num_classes), flat, num_classes)
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device).scatter_add_(
+        0, bins, torch.ones_like(bins))[:num_classes]
     rare = counts < 64 * 64 * labels.shape[0]
     weights = torch.where(rare, max_value, 1.0).float()
     if often is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shlex
 import signal
@@ -35,15 +34,13 @@ from pwda_fast import (
     pictures,
     weight_stats,
 )
+from pwda_fast.adapt import StepResult
 from pwda_fast.data import build_datasets, class_groups, train_batches
 from pwda_fast.data.loader import DataError, data_error_message
 from pwda_fast.logger import LoggerError, MetricsLogger
+from pwda_fast.skips import NonFiniteError, SkipCounter
 
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def _fault_injection_hook(run_dir: Path, step: int, rank: int) -> None:
@@ -67,8 +64,10 @@ class Trainer:
         self.init = init  # model.init_weights as main read it; handed to engine.build, then dropped
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_requested = False
-        self.skipped = self.consecutive = 0
-        self.streak_start: tuple[int, str | None] = (0, None)  # (step, first non-finite loss) of a streak
+        self.skips: SkipCounter | None = None
+        self.pending: tuple[int, StepResult] | None = None  # the last step launched, its numbers not yet read
+        self.bar: tqdm | None = None
+        self.clock = (0, 0.0)  # (first step, its time): the logged it/s
         self.engine: engine.Engine | None = None
         self.datasets: dict | None = None
         self.logger: MetricsLogger | None = None
@@ -100,8 +99,9 @@ class Trainer:
                  f"{self.engine.nets.d_aux.upsample_backend!r}, amp {cfg.train.amp}, "
                  f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
                  f"{cfg.data.workers} loader worker(s)")
-        start, self.skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,
-                                                loaders=self.saved_positions)
+        start, skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,
+                                           loaders=self.saved_positions)
+        self.skips = SkipCounter(cfg, self.log, skipped)
         best = checkpoint.best_score(self.run_dir)  # read now: an unreadable best.json stops the run here
         if best is not None:
             self.log(f"best so far: target mIoU {best['miou']:.2f} at step {best['step']} "
@@ -152,20 +152,18 @@ class Trainer:
     def run(self) -> int:
         start = self.setup()
         cfg, adapter = self.cfg, self.engine.adapter
-        bar = tqdm(total=cfg.train.iters, initial=start, disable=not self.dist.main, dynamic_ncols=True,
-                   desc=cfg.adapt.mode, smoothing=0.1)
-        step, t0 = start, time.perf_counter()
+        self.bar = tqdm(total=cfg.train.iters, initial=start, disable=not self.dist.main, dynamic_ncols=True,
+                        desc=cfg.adapt.mode, smoothing=0.1)
+        step, self.clock = start, (start, time.perf_counter())
         batches = self.batches(start)
-        with self.sigterm_stops_after_the_step(), contextlib.closing(bar):
+        with self.sigterm_stops_after_the_step(), contextlib.closing(self.bar):
             while step < cfg.train.iters:
                 source, target = next(batches)
                 _fault_injection_hook(self.run_dir, step, self.dist.rank)
-                losses, stepped = adapter.step(step, source, target)
+                result = adapter.launch(step, source, target)
+                self.flush()  # the previous step's numbers: waits for that step only, this one stays queued
                 step += 1
-                self.count_skips(step, losses, stepped)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-                self.log_step(step, losses, rate=(step - start) / (time.perf_counter() - t0))
+                self.pending = step, result
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.iters:
                     self.evaluate(step)
                 if self.checkpoint_or_stop(step):
@@ -173,41 +171,23 @@ class Trainer:
         self.finish(step)
         return 0
 
-    def count_skips(self, step: int, losses: dict, stepped: bool) -> None:
-        """Count a skipped (non-finite) step; too many in a row stop the run.
-
-        Every skip counts once in `skipped`. An fp16 overflow that halved the loss scale to 1 or more
-        (Adapter.calibrating) does not count towards train.max_skips: the scale starts high on
-        purpose and finds its level that way, at most 16 halvings from 65536 to 1. Overflowing below
-        scale 1 means the gradients themselves exceed fp16's range, so those skips count like any other.
-        """
-        if stepped:
-            self.consecutive = 0
+    def flush(self) -> None:
+        """Read the launched step's numbers (a wait for the device): count a skip, log, show progress.
+        Called one step late in the loop, and before anything that needs the step finished (an
+        evaluation, a checkpoint, the end)."""
+        if self.pending is None:
             return
-        self.skipped += 1
-        adapter = self.engine.adapter
-        if adapter.calibrating:
-            self.log(f"step {step}: fp16 gradient overflow; loss scale lowered to "
-                     f"{adapter.scaler.get_scale():g}, skipped all three optimizer steps "
-                     f"({self.skipped} skipped in all)")
-            return
-        self.consecutive += 1
-        bad = ", ".join(f"{k}={v:.3g}" for k, v in losses.items())
-        if self.consecutive == 1:  # the losses come in computation order: the first bad one went first
-            self.streak_start = step, next((k for k, v in losses.items() if not math.isfinite(v)), None)
-        self.log(f"step {step}: non-finite loss or gradient ({bad}); skipped all three "
-                 f"optimizer steps ({self.consecutive} in a row, {self.skipped} in all)")
-        if self.consecutive >= self.cfg.train.max_skips:
-            first_step, term = self.streak_start
-            raise NonFiniteError(
-                f"{self.consecutive} consecutive non-finite steps from step {first_step} (first non-finite: "
-                f"{f'the {term} loss' if term else 'a gradient, with finite losses'}; last: {bad}). "
-                f"Likely causes: {'; '.join(likely_causes(self.cfg, term))}")
+        (step, result), self.pending = self.pending, None
+        report = result.read()
+        self.skips.record(step, report)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in report.losses.items()}, refresh=False)
+        first, t0 = self.clock
+        self.log_step(step, report.losses, report.lr, rate=(step - first) / (time.perf_counter() - t0))
 
-    def log_step(self, step: int, losses: dict, rate: float) -> None:
+    def log_step(self, step: int, losses: dict, lr: float, rate: float) -> None:
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.iters:
-            lr = self.engine.optimizers.g.param_groups[0]["lr"]
-            self.logger.write({"step": step, "lr": lr, **losses, "skipped": self.skipped,
+            self.logger.write({"step": step, "lr": lr, **losses, "skipped": self.skips.skipped,
                                "it_s": round(rate, 3)})
 
     def loader_positions(self) -> dict:
@@ -229,9 +209,10 @@ class Trainer:
         self.stop_requested = distributed.any_true(self.stop_requested, self.device, self.dist)
         preempted = self.stop_requested or step == cfg.train.stop_at
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters or preempted:
+            self.flush()
             positions = self.loader_positions()
             if self.dist.main:
-                state = checkpoint.training_state(self.engine, step, cfg, self.dist.world, self.skipped,
+                state = checkpoint.training_state(self.engine, step, cfg, self.dist.world, self.skips.skipped,
                                                   positions)
                 checkpoint.save(self.run_dir, step, state, cfg.train.keep_last)
             distributed.barrier(self.dist)
@@ -243,6 +224,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict | None:
         """Target-val mIoU (rank 0), logged with the prediction and weighting-map pictures; a new
         highest mIoU replaces best.pt and best.json."""
+        self.flush()
         result = None
         if self.dist.main:
             val, g = self.datasets["val"], self.engine.nets.g
@@ -272,25 +254,6 @@ class Trainer:
             a = self.cfg.adapt
             self.log(metrics.format_result(
                 result, f"target val after {step} iterations ({a.mode}, weighting {a.weighting})"))
-
-
-def likely_causes(cfg: config.Config, term: str | None) -> list[str]:
-    """What most likely made a run diverge, from its config and the first loss that went non-finite."""
-    causes = []
-    if term in ("adv", "adv_aux", "d", "d_aux"):
-        causes.append(f"the adversarial terms diverged first: lower adapt.lambda_adv / adapt.lambda_aux "
-                      f"(now {cfg.adapt.lambda_adv:g} / {cfg.adapt.lambda_aux:g}) or optim.lr_d (now "
-                      f"{cfg.optim.lr_d:g})")
-    else:
-        causes.append(f"the segmenter diverged first: lower optim.lr (now {cfg.optim.lr:g})")
-    if not cfg.model.init_weights:
-        causes.append(f"the generator starts from random weights (no model.init_weights) with model.bn="
-                      f"{cfg.model.bn}" + ("" if cfg.model.bn == "train" else
-                                           ", which needs pretrained weights: set model.bn=train"))
-    if cfg.train.amp != "none":
-        causes.append(f"train.amp={cfg.train.amp}: retry with train.amp=none")
-    causes.append("a bad file: data.validate=full checks every file")
-    return causes
 
 
 def run_for_result(argv: list[str], title: str) -> tuple[int, dict | None]:

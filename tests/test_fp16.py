@@ -18,7 +18,8 @@ from helpers import (
     training_lines,
 )
 
-from pwda_fast import checkpoint, config, distributed, engine, evaluate, reference, train
+from pwda_fast import checkpoint, config, engine, evaluate, reference, train
+from pwda_fast.skips import SkipCounter
 
 CPU = torch.device("cpu")
 TINY = {"data.crop": [32, 64], "train.amp": "fp16", "train.eval_images": 1, "train.threads": 1}
@@ -144,16 +145,15 @@ def test_injected_gradient_inf_counts_once_and_does_not_stop_the_run(tmp_path, m
 
 def test_overflow_below_scale_one_counts_towards_max_skips(batches, monkeypatch):
     cfg = config.load("toy", {**TINY, "train.max_skips": 1})
-    trainer = train.Trainer(cfg, distributed.Dist(), CPU)
-    trainer.engine = engine.build(cfg, CPU, backend="torch")
-    adapter = trainer.engine.adapter
+    adapter = engine.build(cfg, CPU, backend="torch").adapter
     adapter.load_state_dict({"scaler": {**adapter.scaler.state_dict(), "scale": 1.0}})
     inf_gradient_on_call(monkeypatch, 1)
-    losses, stepped = adapter.step(0, *batches[0])
-    assert not stepped and not adapter.calibrating and adapter.scaler.get_scale() == 0.5
+    report = adapter.launch(0, *batches[0]).read()
+    assert not report.stepped and not report.calibrating and report.scale == 0.5
+    skips = SkipCounter(cfg, log=lambda msg: None)
     with pytest.raises(train.NonFiniteError, match="1 consecutive non-finite steps"):
-        trainer.count_skips(1, losses, stepped)
-    assert trainer.skipped == 1
+        skips.record(1, report)
+    assert skips.skipped == 1
 
 
 def test_fp16_prediction_is_fp32_and_close_to_fp32(batches):

@@ -53,13 +53,13 @@ def test_bf16_autocast_with_channels_last_is_finite_and_close_to_fp32(batches):
             assert g[name] == pytest.approx(w[name], rel=0.05, abs=1e-3), f"step {step} {name}"
 
 
-def test_optimizers_foreach_on_cpu_plain_torch_on_request():
+def test_optimizers_fused_by_default_plain_torch_on_request():
     cfg = config.load("toy")
     nets = Nets(*build_networks(cfg.model))
-    for opt in engine.build_optimizers(cfg.optim, nets, CPU):
-        assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    for opt in engine.build_optimizers(cfg.optim, nets):
+        assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
     cfg = config.load("toy", {"optim.impl": "torch"})
-    for opt in engine.build_optimizers(cfg.optim, nets, CPU):
+    for opt in engine.build_optimizers(cfg.optim, nets):
         assert not opt.defaults["foreach"] and not opt.defaults.get("fused")
 
 
@@ -67,7 +67,7 @@ def test_apex_without_apex_is_a_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "apex", None)  # "import apex.optimizers" now fails, installed or not
     cfg = config.load("toy", {"optim.impl": "apex"})
     with pytest.raises(config.ConfigError, match="optim.impl=apex needs NVIDIA apex.*use optim.impl=auto"):
-        engine.build_optimizers(cfg.optim, Nets(*build_networks(cfg.model)), CPU)
+        engine.build_optimizers(cfg.optim, Nets(*build_networks(cfg.model)))
     assert train.main(as_argv(tiny_overrides(tmp_path, **{"optim.impl": "apex"}))) == train.EXIT_CONFIG
     assert "optim.impl=apex needs NVIDIA apex" in capsys.readouterr().err
 

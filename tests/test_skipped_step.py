@@ -138,3 +138,69 @@ def test_fp16_skip_for_a_loss_alone_keeps_the_scaler_state(batches, monkeypatch)
     eng = build(**{"train.amp": "fp16"})
     moved = changed_kinds(assert_skip_restores_everything(eng, batches, monkeypatch, "loss only"))
     assert "scaler" in moved and "often" in moved, moved  # the good step counts towards growth
+
+
+def run_steps(eng, batches, monkeypatch, bad: set[int], steps: int = 4) -> list[tuple[dict, bool]]:
+    """`steps` iterations over the batches, those in `bad` made non-finite (a NaN segmentation loss,
+    so in every weighting mode)."""
+    out, real = [], reference.seg_ce
+    for i in range(steps):
+        with monkeypatch.context() as m:
+            if i in bad:
+                m.setattr(reference, "seg_ce", lambda *a: real(*a) * math.nan)
+            out.append(eng.adapter.step(i, *batches[i % len(batches)]))
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    {"adapt.weighting": "gen+dis"},
+    {"adapt.weighting": "gen", "kernels.backend": "ext"},
+    {"adapt.weighting": "none"},
+    {"adapt.d_target": "normalized", "adapt.weight_grad": "flowing"},
+    {"optim.backbone_repeats": True, "adapt.preheat_iters": 2},
+    {"train.amp": "fp16"},
+], ids=["gen+dis", "gen-ext", "none", "normalized-flowing", "backbone-repeats-preheat", "fp16"])
+def test_skip_decided_on_the_device_equals_the_host_decision_bit_for_bit(batches, monkeypatch, overrides):
+    """Fused optimizers skip on the device flag (no host sync): k steps with a skipped one in the
+    middle leave every network, optimizer, running weight and scaler state and every loss exactly as
+    the host-decided skip (the step before the device path existed) does."""
+    runs = []
+    for on_device in (True, False):
+        eng = build(**overrides)
+        decided = forced_skip_path(eng.adapter, on_device)
+        runs.append((run_steps(eng, batches, monkeypatch, bad={2}), state_of(eng), decided))
+    (device_steps, device_state, device_decided), (host_steps, host_state, _) = runs
+    assert device_decided == [False, True, True, True]  # G's first step (no momentum yet) on the host
+    assert [stepped for _, stepped in device_steps] == [True, True, False, True]
+    nan_safe = lambda steps: [({k: repr(v) for k, v in losses.items()}, s) for losses, s in steps]  # noqa: E731
+    assert nan_safe(device_steps) == nan_safe(host_steps)
+    assert changed(device_state, host_state) == []
+
+
+def forced_skip_path(adapter, on_device: bool) -> list[bool]:
+    """Make `adapter` skip on the device where it can (on_device) or always on the host -> the list
+    its own choice is recorded into, one entry per step."""
+    real, decided = adapter.skips_on_device, []
+
+    def decide() -> bool:
+        decided.append(real())
+        return on_device and decided[-1]
+    adapter.skips_on_device = decide
+    return decided
+
+
+def test_a_skipped_first_step_leaves_no_momentum_and_the_next_is_a_first_step(batches, monkeypatch):
+    """Fused SGD would keep uninitialised momentum from a skipped first step: that step goes through
+    the host, creates no optimizer state, and the next one starts as a first step does."""
+    eng = build(**{"optim.backbone_repeats": True})
+    before = state_of(eng)
+    assert not eng.adapter.skips_on_device()
+    run_steps(eng, batches, monkeypatch, bad={0}, steps=1)
+    assert changed(before, state_of(eng)) == [] and not eng.optimizers.g.state
+    fresh = build(**{"optim.backbone_repeats": True})
+    results = []
+    for e in (eng, fresh):
+        torch.manual_seed(1)  # the heads' dropout draws the same masks in both
+        results.append(e.adapter.step(0, *batches[1]))
+    assert results[0] == results[1]
+    assert changed(state_of(fresh), state_of(eng)) == [] and eng.adapter.skips_on_device()

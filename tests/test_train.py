@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
 
-from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, train
+from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, skips, train
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
 
@@ -90,15 +90,15 @@ RECIPE = {"adapt.class_balance": True, "adapt.often_balance": True, "adapt.hard_
 
 
 def nan_seg_loss_at(monkeypatch, bad: int) -> None:
-    """Adapter.step(bad, ...) gets a NaN segmentation loss (so it is skipped), in every run."""
-    real_step, real_ce = adapt.Adapter.step, reference.seg_ce
+    """Adapter.launch(bad, ...) gets a NaN segmentation loss (so it is skipped), in every run."""
+    real_launch, real_ce = adapt.Adapter.launch, reference.seg_ce
     monkeypatch.setattr(reference, "seg_ce", real_ce)  # put back after the test
 
-    def step(self, i, source, target):
+    def launch(self, i, source, target):
         reference.seg_ce = (lambda *a: real_ce(*a) * math.nan) if i == bad else real_ce
-        return real_step(self, i, source, target)
+        return real_launch(self, i, source, target)
 
-    monkeypatch.setattr(adapt.Adapter, "step", step)
+    monkeypatch.setattr(adapt.Adapter, "launch", launch)
 
 
 @pytest.mark.parametrize("recipe, skip", [(False, False), (True, False), (True, True)],
@@ -164,7 +164,7 @@ def test_injected_nan_is_skipped_and_persistent_nan_stops(tmp_path, monkeypatch,
 
 def test_likely_causes_name_what_the_run_saw():
     paper = config.load("gta5_to_cityscapes", {"train.amp": "bf16"})
-    causes = "; ".join(train.likely_causes(paper, "d"))
+    causes = "; ".join(skips.likely_causes(paper, "d"))
     assert "adversarial terms diverged first" in causes and "optim.lr_d (now 0.0001)" in causes
     assert "needs pretrained weights: set model.bn=train" in causes and "train.amp=bf16" in causes
 
