@@ -1,6 +1,6 @@
 """The paper's Table 3 ablation on the built-in toy pairs: which part of the pixel weighting helps.
 
-    python -m pwda_fast.ablate [--pair toy|toy_partial|both] [--seeds N | --seeds S1,S2,...]
+    pwda-ablate [--pair toy|toy_partial|both] [--seeds N | --seeds S1,S2,...]
         [--iters N] [--config toy] [--out DIR] [--doc FILE] [--section.key=value ...]
 
 Rows (the paper's Table 3): source-only; DA without pixel-wise weighting; GenMap (T=1); GenMap (T=0.9);

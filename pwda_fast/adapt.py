@@ -25,16 +25,10 @@ from torch import nn
 from pwda_fast import distributed, ops, reference
 from pwda_fast.config import AdaptConfig, OptimConfig
 from pwda_fast.models import Nets
+from pwda_fast.precision import autocast
 from pwda_fast.reference import upsample_to
 
 SOURCE, TARGET = 0.0, 1.0
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device_type: str, amp: str):
-    """train.amp ("none" | "bf16" | "fp16") -> the autocast context of that precision."""
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:

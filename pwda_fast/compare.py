@@ -1,6 +1,6 @@
 """`make train`: source-only vs PWDA on the toy domains, same seed, target mIoU side by side.
 
-    python -m pwda_fast.compare [--seed 1234] [--iters N] [extra --section.key=value overrides]
+    pwda-compare [--seed 1234] [--iters N] [extra --section.key=value overrides]
 
 Each run is an ordinary `pwda_fast.train` run in its own run_dir (runs/toy-<mode>-s<seed>), so
 rerunning resumes or, when finished, just reprints the table.

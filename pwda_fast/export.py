@@ -11,7 +11,7 @@ how the generator was trained.
 - state_dict: DIR/generator.pt, the generator's tensors and nothing else (loads with weights_only=True;
   also a model.init_weights for a warm start). generator(x) -> (aux, main, features) at output stride
   8; the prediction is the main head's logits upsampled to the input size (bilinear,
-  align_corners=True), as pwda_fast.evaluate's single protocol scores it.
+  align_corners=True), as pwda-evaluate's single protocol scores it.
 - onnx: DIR/generator.onnx, input "image" (N, 3, H, W) float32 normalised as generator.json says, any
   N, H, W; output "logits" (N, 19, H, W): that prediction, already upsampled (argmax over dim 1 gives
   trainIds). Before the command returns, onnxruntime runs it on CPU at two sizes against torch.
@@ -57,7 +57,7 @@ class OnnxMismatch(ExportError):
 
 class Prediction(nn.Module):
     """image (N, 3, H, W) normalised -> the main head's logits (N, K, H, W), upsampled to the image
-    size bilinearly with align_corners=True (pwda_fast.evaluate.predict, fp32)."""
+    size bilinearly with align_corners=True (pwda_fast.inference.predict, fp32)."""
 
     def __init__(self, g: nn.Module):
         super().__init__()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pwda_fast import evaluate, ops, reference
+from pwda_fast import inference, ops, reference
 from pwda_fast.adapt import d_aux_logits
 from pwda_fast.data import normalization
 from pwda_fast.data.labels import IGNORE, colorize
@@ -149,7 +149,7 @@ def prediction_panels(image: torch.Tensor, label: np.ndarray | None, adapted: np
 @torch.no_grad()
 def predict_ids(g, image: torch.Tensor) -> np.ndarray:
     """image (N, 3, H, W) -> (N, H, W) uint8 trainIds of the main head at image resolution."""
-    return evaluate.predict(g, image, tuple(image.shape[2:])).argmax(1).cpu().numpy().astype(np.uint8)
+    return inference.predict(g, image, tuple(image.shape[2:])).argmax(1).cpu().numpy().astype(np.uint8)
 
 
 def drop_empty_label(item: dict) -> dict:

@@ -28,7 +28,7 @@ from pwda_fast import (
     config,
     distributed,
     engine,
-    evaluate,
+    inference,
     metrics,
     models,
     pictures,
@@ -231,8 +231,8 @@ class Trainer:
             if self.cfg.train.eval_images:
                 val = torch.utils.data.Subset(val, range(min(self.cfg.train.eval_images, len(val))))
             result = metrics.with_protocols(  # SYNTHIA runs add the 16- and 13-class mIoU
-                evaluate.evaluate_model(g, val, self.device, self.cfg.train.amp,
-                                        protocol=self.cfg.train.eval_protocol), self.cfg.data.source)
+                inference.evaluate_model(g, val, self.device, self.cfg.train.amp,
+                                         protocol=self.cfg.train.eval_protocol), self.cfg.data.source)
             fig2 = weight_stats.measure(g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt,
                                         class_groups(self.cfg.data.target))
             self.logger.write({"step": step, "eval": True,

@@ -1,7 +1,7 @@
 """Pictures of a run: predictions in the Cityscapes palette, the paper's weighting maps, training curves.
 
-    python -m pwda_fast.visualize --checkpoint FILE [--source-only FILE] [--images N | PATH ...] --out DIR
-    python -m pwda_fast.visualize --curves RUN_DIR --out DIR
+    pwda-visualize --checkpoint FILE [--source-only FILE] [--images N | PATH ...] --out DIR
+    pwda-visualize --curves RUN_DIR --out DIR
 
 Per target image two PNGs: <name>_pred.png (image | ground truth | source-only | adapted, as in the
 paper's Fig. 4) and <name>_maps.png (the three maps of Fig. 2: the generation-confidence map d of

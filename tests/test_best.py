@@ -79,7 +79,7 @@ def resumed_run(tmp_path_factory):
     argv = as_argv(tiny_overrides(run_dir, **TINY_MODEL, **{"train.eval_every": 1, "train.keep_last": 1}))
     logs = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.evaluate, "evaluate_model",
+        mp.setattr(train.inference, "evaluate_model",
                    lambda *a, **k: {"miou": next(scripted), "iou": {}, "protocol": "single"})
         mp.setattr(train.tqdm, "write", logs.append)
         assert train.main(argv + ["--train.stop_at=2"]) == 0

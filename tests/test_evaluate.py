@@ -11,7 +11,7 @@ from data_trees import make_tree
 from PIL import Image
 from torch.utils.data import Subset
 
-from pwda_fast import checkpoint, config, evaluate
+from pwda_fast import checkpoint, config, evaluate, inference
 from pwda_fast.data.loader import SegmentationDataset
 from pwda_fast.models import build_networks
 
@@ -92,8 +92,8 @@ def test_checkpoint_on_a_cityscapes_root_at_label_resolution(tmp_path, monkeypat
     g = build_networks(cfg.model)[0]
     path = checkpoint.save(tmp_path / "run", 1, {"config": cfg.to_dict(), "g": g.state_dict()})
     shapes = []
-    real = evaluate.predict
-    monkeypatch.setattr(evaluate, "predict", lambda g, image, size, amp="none": (
+    real = inference.predict
+    monkeypatch.setattr(inference, "predict", lambda g, image, size, amp="none": (
         shapes.append((tuple(image.shape[2:]), size)), real(g, image, size, amp))[1])
     out = tmp_path / "r.json"
     assert evaluate.main(["--checkpoint", str(path), "--dataset", "cityscapes", "--root",
@@ -161,16 +161,16 @@ def halves(tmp_path):
 
 def test_mrnet_protocol_hand_checked(halves):
     g = VotingGenerator()
-    result = evaluate.evaluate_model(g, halves, torch.device("cpu"), protocol="mrnet")
+    result = inference.evaluate_model(g, halves, torch.device("cpu"), protocol="mrnet")
     assert g.seen == list(PASSES)  # scales 1 and 1.25, each as is and mirrored
     # 7 labelled rows x 8 columns per half, both right: building 56/56, sidewalk 56/56.
     assert result == {"miou": 100.0, "iou": {"sidewalk": 100.0, "building": 100.0}, "protocol": "mrnet"}
     g.seen.clear()
-    assert evaluate.evaluate_model(g, Subset(halves, [0]), torch.device("cpu"), protocol="mrnet") == result
+    assert inference.evaluate_model(g, Subset(halves, [0]), torch.device("cpu"), protocol="mrnet") == result
     # "single": the main head of the first pass alone: left road (true building), right sidewalk.
     # road 0 / 56, sidewalk 56 / 56, building 0 / 56.
     g.seen.clear()
-    single = evaluate.evaluate_model(g, halves, torch.device("cpu"))
+    single = inference.evaluate_model(g, halves, torch.device("cpu"))
     assert g.seen == [((4, 8), False)]
     assert single == {"miou": pytest.approx(100 / 3), "protocol": "single",
                       "iou": {"road": 0.0, "sidewalk": 100.0, "building": 0.0}}
@@ -185,7 +185,7 @@ def test_fused_probabilities_upsample_after_softmax():
         return aux, main, None
 
     images = [torch.randn(2, 3, 13, 21), torch.randn(2, 3, 16, 26)]
-    got = evaluate.fused_probabilities(g, images, (31, 45))
+    got = inference.fused_probabilities(g, images, (31, 45))
     want = torch.zeros(2, 19, 31, 45)
     for x in images:
         for flip in (False, True):
@@ -198,10 +198,10 @@ def test_fused_probabilities_upsample_after_softmax():
 
 def test_protocol_errors(halves, tmp_path):
     with pytest.raises(ValueError, match="unknown evaluation protocol 'multi'; valid: single, mrnet"):
-        evaluate.evaluate_model(VotingGenerator(), halves, torch.device("cpu"), protocol="multi")
+        inference.evaluate_model(VotingGenerator(), halves, torch.device("cpu"), protocol="multi")
     native = SegmentationDataset(halves.pairs, train=False, resize_label=False)
     with pytest.raises(ValueError, match="needs a val set resized to a fixed size"):
-        evaluate.evaluate_model(VotingGenerator(), native, torch.device("cpu"), protocol="mrnet")
+        inference.evaluate_model(VotingGenerator(), native, torch.device("cpu"), protocol="mrnet")
     with pytest.raises(SystemExit):
         evaluate.main(["--predictions", str(tmp_path), "--root", str(tmp_path), "--protocol", "mrnet"])
 
@@ -219,8 +219,8 @@ def test_checkpoint_protocol_from_config_or_flag(tmp_path, monkeypatch, saved, f
         del stored["train"]["eval_protocol"]
     path = checkpoint.save(tmp_path / "run", 1, {"config": stored, "g": g.state_dict()})
     calls = []
-    real = evaluate.fused_probabilities
-    monkeypatch.setattr(evaluate, "fused_probabilities", lambda g, images, size, amp="none": (
+    real = inference.fused_probabilities
+    monkeypatch.setattr(inference, "fused_probabilities", lambda g, images, size, amp="none": (
         calls.append(([tuple(x.shape[2:]) for x in images], size)), real(g, images, size, amp))[1])
     out = tmp_path / "r.json"
     assert evaluate.main(["--checkpoint", str(path), "--dataset", "cityscapes", "--root",

@@ -19,7 +19,18 @@ from data_trees import make_tree
 from helpers import training_lines
 from PIL import Image
 
-from pwda_fast import checkpoint, config, evaluate, export, models, pictures, train, visualize
+from pwda_fast import (
+    checkpoint,
+    config,
+    evaluate,
+    export,
+    inference,
+    models,
+    pictures,
+    predictions,
+    train,
+    visualize,
+)
 from pwda_fast.data import build_val
 from pwda_fast.data.labels import colorize
 
@@ -74,7 +85,7 @@ def mrnet_prediction(g, image_path, label_shape) -> np.ndarray:
     w, h = SIZE
     larger = (int(w * 1.25 + 0.5), int(h * 1.25 + 0.5))  # 80x60, as the val set's files resized
     inputs = [caffe_input(image_path, SIZE), caffe_input(image_path, larger)]
-    return evaluate.fused_probabilities(g.eval(), inputs, label_shape).argmax(1)[0].numpy()
+    return inference.fused_probabilities(g.eval(), inputs, label_shape).argmax(1)[0].numpy()
 
 
 def test_the_runs_records_agree(run):
@@ -102,7 +113,7 @@ def test_the_scores_depend_on_the_normalisation(run):
     """Precondition of the test above: the same networks on ImageNet-normalised inputs score otherwise."""
     nets, cfg = checkpoint.load_networks(run["dir"] / "best.pt", CPU)
     cfg.data.normalize = "imagenet"
-    other = evaluate.evaluate_model(nets.g, build_val(cfg.data, log=lambda _: None), CPU, protocol="mrnet")
+    other = inference.evaluate_model(nets.g, build_val(cfg.data, log=lambda _: None), CPU, protocol="mrnet")
     assert other["iou"] != final(run)["iou"]
 
 
@@ -131,7 +142,7 @@ def test_saved_predictions_are_the_runs_and_score_as_it_did(run, tmp_path):
     # Pixel for pixel what MRNet's protocol gives on Caffe inputs made here from the image files.
     g = checkpoint.load_networks(run["dir"] / "best.pt", CPU)[0].g
     for image, _, label in run["val"]:
-        saved = evaluate.read_prediction(preds / image.parent.name / image.name, label.shape, "labelid")
+        saved = predictions.read_prediction(preds / image.parent.name / image.name, label.shape, "labelid")
         assert np.array_equal(saved, mrnet_prediction(g, image, label.shape)), image.name
 
 
@@ -149,7 +160,7 @@ def test_exported_generator_fed_as_its_json_says_predicts_as_the_run(run, tmp_pa
     evaluate.main(["--checkpoint", str(run["dir"] / "best.pt"), "--save-predictions", str(preds),
                    "--device", "cpu"])
     for image, _, label in run["val"]:
-        saved = evaluate.read_prediction(preds / image.parent.name / image.name, label.shape)
+        saved = predictions.read_prediction(preds / image.parent.name / image.name, label.shape)
         assert np.array_equal(mrnet_prediction(g, image, label.shape), saved), image.name
 
 
@@ -172,7 +183,7 @@ def test_visualize_draws_the_image_and_the_prediction_from_caffe_inputs(run, tmp
     zoom = pictures.auto_zoom(SIZE[1])
     for path, adapted_panel in ((image, 2), (elsewhere, 1)):
         x = caffe_input(path, SIZE)
-        adapted = evaluate.predict(g, x, x.shape[2:]).argmax(1)[0].numpy().astype(np.uint8)
+        adapted = inference.predict(g, x, x.shape[2:]).argmax(1)[0].numpy().astype(np.uint8)
         rgb = np.asarray(Image.open(path).convert("RGB").resize(SIZE, Image.BICUBIC))
         out = tmp_path / f"pictures{adapted_panel}"
         assert visualize.main(["--checkpoint", str(run["dir"] / "best.pt"), "--images", str(path),

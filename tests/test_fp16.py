@@ -18,7 +18,7 @@ from helpers import (
     training_lines,
 )
 
-from pwda_fast import checkpoint, config, engine, evaluate, reference, train
+from pwda_fast import checkpoint, config, engine, inference, reference, train
 from pwda_fast.skips import SkipCounter
 
 CPU = torch.device("cpu")
@@ -159,8 +159,8 @@ def test_overflow_below_scale_one_counts_towards_max_skips(batches, monkeypatch)
 def test_fp16_prediction_is_fp32_and_close_to_fp32(batches):
     g = fp16_engine().nets.g.eval()
     image = batches[0][0]["image"]
-    want = evaluate.predict(g, image, (32, 64))
-    got = evaluate.predict(g, image, (32, 64), amp="fp16")
+    want = inference.predict(g, image, (32, 64))
+    got = inference.predict(g, image, (32, 64), amp="fp16")
     assert got.dtype == torch.float32 and got.shape == want.shape
     # fp16 keeps 11 bits of mantissa: about 0.05 % per rounding, under 1 % through the network
     assert torch.allclose(got, want, rtol=0.01, atol=0.01 * want.abs().max().item())

@@ -1,4 +1,4 @@
-"""Prediction export (evaluate --save-predictions) for the Cityscapes benchmark.
+"""Prediction export (pwda-evaluate --save-predictions) for the Cityscapes benchmark.
 
 The exported labelId PNGs are found and scored by the official evaluation, cityscapesscripts'
 evalPixelLevelSemanticLabeling (its getPrediction file search and its evaluateImgLists), and it
@@ -25,7 +25,7 @@ import torch
 from data_trees import make_tree
 from PIL import Image
 
-from pwda_fast import checkpoint, config, evaluate
+from pwda_fast import checkpoint, config, evaluate, inference, predictions
 from pwda_fast.data.labels import CLASSES, TRAIN_TO_CITYSCAPES_ID
 from pwda_fast.models import build_networks
 
@@ -94,10 +94,10 @@ def run(tmp_path_factory):
 def exports(run):
     """{format: (folder, scores)} of the single-protocol export in each format."""
     tmp, root, ckpt, _ = run
-    return {fmt: (tmp / fmt, export(ckpt, root, tmp / fmt, fmt)) for fmt in evaluate.FORMATS}
+    return {fmt: (tmp / fmt, export(ckpt, root, tmp / fmt, fmt)) for fmt in predictions.FORMATS}
 
 
-@pytest.mark.parametrize("protocol", evaluate.PROTOCOLS)
+@pytest.mark.parametrize("protocol", inference.PROTOCOLS)
 def test_official_evaluation_of_exported_label_ids_matches_ours(run, exports, protocol, capsys):
     tmp, root, ckpt, pairs = run
     if protocol == "single":
@@ -144,7 +144,7 @@ def test_pixels_of_no_evaluated_class_count_as_misses_as_officially(run, exports
     """A labelId of a non-evaluated class (0 unlabeled, 4 static), trainId 255 or black is wrong
     wherever it lands: --predictions agrees with the official evaluation on such files."""
     _, root, _, pairs = run
-    edited = {fmt: tmp_path / fmt for fmt in evaluate.FORMATS}
+    edited = {fmt: tmp_path / fmt for fmt in predictions.FORMATS}
     for fmt, folder in edited.items():
         shutil.copytree(exports[fmt][0], folder)
     for i, (img, _, _) in enumerate(pairs[:2]):
@@ -166,16 +166,17 @@ def test_predictions_are_named_and_found_by_the_image_stem(tmp_path):
     image = tmp_path / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.jpg"
     preds = tmp_path / "preds"
     name = "lindau_000001_000019_leftImg8bit.png"
-    assert evaluate._find_prediction(preds, image) is None
+    assert predictions._find_prediction(preds, image) is None
     (preds / "lindau").mkdir(parents=True)
     (preds / "lindau_000001_000019_leftImg8bit.jpg").touch()  # lossy, never a prediction file
-    assert evaluate._find_prediction(preds, image) is None
+    assert predictions._find_prediction(preds, image) is None
     ids = np.array([[0, 18], [13, 5]], np.uint8)
-    assert evaluate.PredictionWriter(preds, "labelid").write(image, ids) == preds / "lindau" / name
-    assert evaluate._find_prediction(preds, image) == preds / "lindau" / name
-    np.testing.assert_array_equal(evaluate.read_prediction(preds / "lindau" / name, (2, 2), "labelid"), ids)
+    assert predictions.PredictionWriter(preds, "labelid").write(image, ids) == preds / "lindau" / name
+    assert predictions._find_prediction(preds, image) == preds / "lindau" / name
+    saved = predictions.read_prediction(preds / "lindau" / name, (2, 2), "labelid")
+    np.testing.assert_array_equal(saved, ids)
     (preds / name).touch()  # flat in the folder is looked at first
-    assert evaluate._find_prediction(preds, image) == preds / name
+    assert predictions._find_prediction(preds, image) == preds / name
 
 
 def test_prediction_format_errors(tmp_path, capsys):
