@@ -23,6 +23,8 @@ $(STAMP): Makefile pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/c
 	# Tests only: its label table and its official evaluation cross-check ours. Of its dependencies the
 	# evaluation module's import needs pyquaternion alone (pure Python, needs numpy).
 	$(PY) -m pip install -q --no-deps cityscapesscripts pyquaternion
+	# Tests only: scipy's Student t quantiles cross-check stats.py's (scipy needs only numpy).
+	$(PY) -m pip install -q --no-deps scipy
 	touch $(STAMP)
 
 train: setup
