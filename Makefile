@@ -19,10 +19,12 @@ $(STAMP): Makefile pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "torch>=2.11,<=2.14.1" numpy pillow tqdm pytest pytest-benchmark ruff
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard,export]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,dali,tensorboard,export,plots]"
 	# Tests only: its label table and its official evaluation cross-check ours. Of its dependencies the
 	# evaluation module's import needs pyquaternion alone (pure Python, needs numpy).
 	$(PY) -m pip install -q --no-deps cityscapesscripts pyquaternion
+	# Tests only: scipy's Student t quantiles cross-check stats.py's (scipy needs only numpy).
+	$(PY) -m pip install -q --no-deps scipy
 	touch $(STAMP)
 
 train: setup

@@ -314,6 +314,11 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, extra = parse_args(argv)
+    try:  # curves.png needs matplotlib: say so before the runs, not after hours of them
+        curves.require_matplotlib()
+    except curves.PlotsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # Quoted so that it reruns as printed (list overrides such as --data.crop=[48, 96] hold spaces).
     command = shlex.join(["python", "-m", "pwda_fast.ablate", *argv])
     date = datetime.date.today().isoformat()

@@ -1,17 +1,52 @@
-"""Training curves from a run's metrics.jsonl: one chart per loss and one of the target mIoU (PIL only)."""
+"""Training curves as matplotlib charts (the `plots` extra: pip install 'pwda_fast[plots]').
+
+plot_curves: one chart per loss and one of the target mIoU of a run, from its metrics.jsonl.
+plot_rows: rows of a study over training, each row's mean over seeds over its min-max band.
+
+Drawn on matplotlib's Agg canvas (no screen, and pyplot's global state is left alone); each figure is
+built by a *_figure function that returns it unsaved, so what it plots can be inspected.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-
-from PIL import Image, ImageDraw
-
-from pwda_fast.pictures import BACKGROUND, INK, VIRIDIS, load_font
+from types import SimpleNamespace
 
 LOSS_KEYS = ("seg", "adv", "adv_aux", "d", "d_aux", "mem")
-CURVE_W, CURVE_H, MARGIN_L, MARGIN_B = 360, 200, 58, 22
+PLOTS_INSTALL = "pip install 'pwda_fast[plots]'"
+DPI = 100
+TITLE_H = 40  # pixels above the charts for the figure's title
+CURVE_W, CURVE_H = 480, 300  # one chart of plot_curves, in pixels (two per line)
+ROWS_W, ROWS_CHART_H, LEGEND_LINE_H = 720, 340, 22  # plot_rows: width, one chart, one legend line
+BAND_ALPHA = 0.18  # min-max bands: translucent, so overlapping rows stay visible
+GRID = {"color": "0.85", "linewidth": 0.6}  # a light grid under the data
+TARGET_COLOUR = "tab:red"  # target mIoU; the losses take tab10's other colours
+
+
+class PlotsError(RuntimeError):
+    """matplotlib, which draws the charts, is not installed."""
+
+
+def _matplotlib() -> SimpleNamespace:
+    """The few matplotlib names the charts use, or a PlotsError that names the extra to install."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import to_rgb
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as e:
+        raise PlotsError(f"training curves need matplotlib: {PLOTS_INSTALL} (or pip install matplotlib) "
+                         f"(import error: {e})") from None
+    return SimpleNamespace(Figure=Figure, FigureCanvasAgg=FigureCanvasAgg, MaxNLocator=MaxNLocator,
+                           tab10=colormaps["tab10"].colors, to_rgb=to_rgb)
+
+
+def require_matplotlib() -> None:
+    """Raise PlotsError now (e.g. before a long study) if the charts could not be drawn later."""
+    _matplotlib()
 
 
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -25,124 +60,96 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _plot(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str, xs: list, ys: list,
-          colour: tuple, font) -> None:
-    """One line chart in the CURVE_W x CURVE_H box at (x0, y0): axes, min/max ticks, the polyline."""
-    points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-    draw.text((x0 + MARGIN_L, y0 + 2), title, fill=INK, font=font)
-    left, right, top, bottom = x0 + MARGIN_L, x0 + CURVE_W - 10, y0 + 20, y0 + CURVE_H - MARGIN_B
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=INK)
-    if not points:
-        draw.text((left + 8, (top + bottom) // 2), "no finite values", fill=INK, font=font)
-        return
-    (x_lo, x_hi), (y_lo, y_hi) = ((min(v), max(v)) for v in zip(*points))
-    if y_hi - y_lo < 1e-12:  # a flat series: centre it instead of dividing by zero
-        y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1.0), y_hi + 0.5 * (abs(y_hi) or 1.0)
-    x_span = (x_hi - x_lo) or 1
+def _figure(width: int, height: int, title: str):
+    """An empty Agg-backed figure of width x height pixels with constrained layout and a title."""
+    mpl = _matplotlib()
+    fig = mpl.Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    mpl.FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=11)
+    return fig
 
-    def at(x, y):
-        return (left + (x - x_lo) / x_span * (right - left),
-                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
-    # Enough significant digits that the three ticks differ (d_aux sits near 1.386 for long stretches).
-    digits = 3 + max(0, math.ceil(math.log10(max(abs(y_lo), abs(y_hi)) / (y_hi - y_lo))))
-    for value in (y_lo, (y_lo + y_hi) / 2, y_hi):
-        _, py = at(x_lo, value)
-        draw.line([(left - 3, py), (left, py)], fill=INK)
-        text = f"{value:.{digits}g}"
-        draw.text((left - 5 - draw.textlength(text, font=font), py - 6), text, fill=INK, font=font)
-    for step in sorted({x_lo, x_hi}):
-        px, _ = at(step, y_lo)
-        text = str(step)
-        draw.text((px - draw.textlength(text, font=font) / 2, bottom + 4), text, fill=INK, font=font)
-    xy = [at(x, y) for x, y in points]
-    if len(xy) > 1:
-        draw.line(xy, fill=colour, width=2)
-    for px, py in xy if len(xy) <= 30 else []:  # dots only where they stay readable
-        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+def _style(ax, title: str, ylabel: str) -> None:
+    """Title, labelled axes, a light grid behind the data, integer steps, plain y tick values."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, **GRID)
+    ax.set_axisbelow(True)
+    ax.xaxis.set_major_locator(_matplotlib().MaxNLocator(nbins="auto", integer=True))
+    ax.ticklabel_format(axis="y", useOffset=False)  # 1.3855, 1.3860, not +1.386 and 0.0005
+    ax.tick_params(labelsize=8)
+
+
+def _save(fig, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, facecolor="white")
+    return out
+
+
+def curve_charts(run_dir: str | Path) -> list[tuple[str, str, list[int], list[float]]]:
+    """(title, y label, steps, values) per chart of plot_curves: each logged loss, then target mIoU.
+    Non-finite values (a skipped step's NaN loss) are left out."""
+    train, evals = read_metrics(run_dir)
+    series = [(f"loss {k}", "loss", train, k) for k in LOSS_KEYS if any(k in r for r in train)]
+    series.append(("target mIoU (%)", "mIoU (%)", evals, "miou"))
+    charts = []
+    for title, ylabel, lines, key in series:
+        points = [(r["step"], float(r[key])) for r in lines if key in r and math.isfinite(float(r[key]))]
+        charts.append((title, ylabel, [x for x, _ in points], [y for _, y in points]))
+    return charts
+
+
+def curves_figure(run_dir: str | Path):
+    """The figure plot_curves saves: two charts per line, CURVE_W x CURVE_H pixels each, below a title."""
+    charts = curve_charts(run_dir)
+    cols, rows = 2, math.ceil(len(charts) / 2)
+    fig = _figure(cols * CURVE_W, rows * CURVE_H + TITLE_H, str(run_dir))
+    mpl = _matplotlib()
+    colours = [c for c in mpl.tab10 if c != mpl.to_rgb(TARGET_COLOUR)]
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for k, (ax, (title, ylabel, xs, ys)) in enumerate(zip(axes, charts)):
+        _style(ax, title, ylabel)
+        if not xs:
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+            continue
+        colour = TARGET_COLOUR if title.startswith("target") else colours[k % len(colours)]
+        ax.plot(xs, ys, color=colour, linewidth=1.6, marker="o" if len(xs) <= 30 else None, markersize=3)
+    for ax in axes[len(charts):]:
+        ax.set_visible(False)
+    return fig
 
 
 def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
     """metrics.jsonl of `run_dir` -> out/curves.png: one chart per loss and one of target mIoU."""
-    train, evals = read_metrics(run_dir)
-    charts = [(f"loss {k}", [r["step"] for r in train if k in r], [float(r[k]) for r in train if k in r])
-              for k in LOSS_KEYS if any(k in r for r in train)]
-    charts.append(("target mIoU (%)", [r["step"] for r in evals], [float(r["miou"]) for r in evals]))
-    cols = 2
-    rows = math.ceil(len(charts) / cols)
-    canvas = Image.new("RGB", (cols * CURVE_W, rows * CURVE_H + 24), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), load_font()
-    draw.text((6, 4), f"{run_dir}  (x: training step)", fill=INK, font=font)
-    palette = [tuple(int(c) for c in VIRIDIS[i]) for i in (0, 2, 4, 6, 1, 3, 5)]
-    for k, (title, xs, ys) in enumerate(charts):
-        r, c = divmod(k, cols)
-        colour = (200, 30, 30) if title.startswith("target") else palette[k % len(palette)]
-        _plot(draw, c * CURVE_W, 24 + r * CURVE_H, title, xs, ys, colour, font)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    canvas.save(out / "curves.png")
-    return out / "curves.png"
+    return _save(curves_figure(run_dir), Path(out) / "curves.png")
 
 
+def rows_figure(charts: list[tuple[str, dict[str, dict[int, list[float]]]]], title: str):
+    """The figure plot_rows saves: one chart per (chart title, {row: {step: [value per seed]}}) of
+    ROWS_W x ROWS_CHART_H pixels, one colour per row, a legend of the rows below the charts."""
+    rows = list(dict.fromkeys(row for _, series in charts for row in series))
+    colours = _matplotlib().tab10
+    colour = {row: colours[i % len(colours)] for i, row in enumerate(rows)}
+    legend_h = LEGEND_LINE_H * (math.ceil(len(rows) / 2) + 1)
+    fig = _figure(ROWS_W, TITLE_H + len(charts) * ROWS_CHART_H + legend_h, title)
+    axes = fig.subplots(len(charts), 1, squeeze=False).ravel()
+    handles = {}
+    for ax, (chart_title, series) in zip(axes, charts):
+        _style(ax, chart_title, "mean over seeds")
+        for row, s in series.items():
+            steps = sorted(s)
+            ax.fill_between(steps, [min(s[x]) for x in steps], [max(s[x]) for x in steps],
+                            color=colour[row], alpha=BAND_ALPHA, linewidth=0)
+            handles[row], = ax.plot(steps, [math.fsum(s[x]) / len(s[x]) for x in steps], color=colour[row],
+                                    linewidth=1.6, marker="o", markersize=3, label=row)
+    fig.legend([handles[r] for r in rows if r in handles], [r for r in rows if r in handles],
+               loc="outside lower center", ncols=2, fontsize=9, frameon=False)
+    return fig
 
 
 def plot_rows(charts: list[tuple[str, dict[str, dict[int, list[float]]]]], out: str | Path,
               title: str) -> Path:
     """Rows of a study over training -> out (PNG): one chart per (chart title, {row: {step: [value
-    per seed]}}), each row's mean over seeds as a line over its min-max band, with a legend."""
-    width, height, left, right, top, bottom = 560, 260, 58, 12, 24, 26
-    rows = list(dict.fromkeys(row for _, series in charts for row in series))
-    last = len(VIRIDIS) - 2  # the last, yellow entry is hard to see on white
-    palette = {row: tuple(int(c) for c in VIRIDIS[round(i * last / max(len(rows) - 1, 1))])
-               for i, row in enumerate(rows)}
-    legend_h = 16 * len(rows) + 8
-    canvas = Image.new("RGBA", (width, 24 + len(charts) * height + legend_h), BACKGROUND + (255,))
-    font = load_font()
-    ImageDraw.Draw(canvas).text((6, 4), title, fill=INK, font=font)
-    for k, (chart_title, series) in enumerate(charts):
-        y0 = 24 + k * height
-        x_lo, x_hi = min(min(s) for s in series.values()), max(max(s) for s in series.values())
-        values = [v for s in series.values() for vs in s.values() for v in vs]
-        y_lo, y_hi = min(values), max(values)
-        y_hi = y_hi if y_hi > y_lo else y_lo + 1.0
-
-        def at(x, y, y0=y0, x_lo=x_lo, x_hi=x_hi, y_lo=y_lo, y_hi=y_hi):
-            return (left + (x - x_lo) / ((x_hi - x_lo) or 1) * (width - left - right),
-                    y0 + height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
-
-        bands = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-        band_draw = ImageDraw.Draw(bands)
-        for row, s in series.items():
-            steps = sorted(s)
-            if len(steps) > 1:
-                band = [at(x, min(s[x])) for x in steps] + [at(x, max(s[x])) for x in reversed(steps)]
-                band_draw.polygon(band, fill=palette[row] + (60,))
-        canvas.alpha_composite(bands)
-        draw = ImageDraw.Draw(canvas)
-        draw.text((left, y0 + 4), chart_title, fill=INK, font=font)
-        axis_bottom = y0 + height - bottom
-        draw.line([(left, y0 + top), (left, axis_bottom), (width - right, axis_bottom)], fill=INK)
-        for value in (y_lo, (y_lo + y_hi) / 2, y_hi):
-            text = f"{value:.3g}"
-            _, py = at(x_lo, value)
-            draw.text((left - 5 - draw.textlength(text, font=font), py - 6), text, fill=INK, font=font)
-        for step in (x_lo, x_hi):
-            px, py = at(step, y_lo)
-            text = str(step)
-            draw.text((px - draw.textlength(text, font=font) / 2, py + 4), text, fill=INK, font=font)
-        for row, s in series.items():
-            steps = sorted(s)
-            line = [at(x, sum(s[x]) / len(s[x])) for x in steps]
-            if len(line) > 1:
-                draw.line(line, fill=palette[row], width=2)
-            for px, py in line:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=palette[row])
-    draw = ImageDraw.Draw(canvas)
-    for i, row in enumerate(rows):
-        y = 24 + len(charts) * height + 4 + 16 * i
-        draw.rectangle([left, y + 3, left + 14, y + 11], fill=palette[row])
-        draw.text((left + 20, y), row, fill=INK, font=font)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.convert("RGB").save(out)
-    return out
+    per seed]}}), each row's mean over seeds as a line over its translucent min-max band, with a legend."""
+    return _save(rows_figure(charts, title), Path(out))

@@ -3,7 +3,8 @@
 The t quantile inverts the exact Student t distribution function, written with the regularised
 incomplete beta function (a continued fraction), and above LARGE_DF degrees of freedom uses the
 Cornish-Fisher series around the normal quantile; so no scipy is needed, and it matches published
-tables to 1e-9 for any degrees of freedom.
+tables to 1e-9 for any degrees of freedom (tests/test_stats.py checks it against scipy.stats.t.ppf to a
+relative 1e-11, df from 0.5 to 1e9).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@
 Per target image two PNGs: <name>_pred.png (image | ground truth | source-only | adapted, as in the
 paper's Fig. 4) and <name>_maps.png (the three maps of Fig. 2: the generation-confidence map d of
 eq. 3, the discrimination-confidence map sigmoid(D_aux), and the weight w of eq. 6 the run trained
-with). `--curves` writes curves.png: every loss and the target mIoU over steps, from metrics.jsonl.
-`--images N` takes the first N images of the checkpoint's target val set; paths of images from that
-set get their ground truth, other images are shown without it. Drawn with PIL alone (no matplotlib).
+with). `--curves` writes curves.png: every loss and the target mIoU over steps, from metrics.jsonl,
+drawn with matplotlib (pip install 'pwda_fast[plots]'). `--images N` takes the first N images of the
+checkpoint's target val set; paths of images from that set get their ground truth, other images are
+shown without it. The pictures are drawn with PIL alone.
 """
 
 from __future__ import annotations

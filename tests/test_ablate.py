@@ -1,14 +1,20 @@
 """The Table 3 ablation: options, paired statistics and outputs on fake results; one tiny real run."""
 
+import importlib.util
 import json
 import statistics
+import sys
 
 import numpy as np
 import pytest
 from helpers import tiny_overrides
 from PIL import Image
 
-from pwda_fast import ablate, config, pictures, stats, train
+from pwda_fast import ablate, config, curves, pictures, stats, train
+
+# main draws curves.png with matplotlib (the plots extra) and stops before any run without it
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="needs the plots extra (matplotlib)")
 
 ALIGNED, SHIFTED = ["road", "building"], ["sidewalk", "car"]
 GROUPS = {"aligned": ALIGNED, "shifted": SHIFTED}
@@ -128,6 +134,7 @@ def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
                                "<!-- ablation:toy_partial:end -->\n")
 
 
+@needs_matplotlib
 def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypatch, capsys):
     """Training replaced by fake results: what main asks train for, and what it writes."""
     asked = []
@@ -185,12 +192,21 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         assert text.strip() in out
         assert f"<!-- ablation:{pair}:start -->\n{text.rstrip()}\n<!-- ablation:{pair}:end -->" in \
             (tmp_path / "R.md").read_text()
-        chart = Image.open(tmp_path / "abl" / pair / "curves.png")  # two charts and a 5-row legend
-        assert chart.size == (560, 24 + 2 * 260 + 16 * len(ablate.ROWS) + 8)
+        chart = Image.open(tmp_path / "abl" / pair / "curves.png")  # two charts, 5 rows' legend on 3 lines
+        legend_h = (3 + 1) * curves.LEGEND_LINE_H
+        assert chart.size == (curves.ROWS_W, curves.TITLE_H + 2 * curves.ROWS_CHART_H + legend_h)
     # ablation.png: one panel per row, its first seed's run, titled with that run's mIoU.
     for pair, runs in zip(("toy", "toy_partial"), rendered):
         assert [str(d) for d in runs.values()] == [f"abl/{pair}/{slug}-s1" for slug, _, _ in ablate.ROWS]
         assert list(runs)[2] == "GenMap (T=1): 36.0"
+
+
+def test_main_without_matplotlib_stops_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setattr(train, "run_for_result", lambda argv, title: pytest.fail("a run started"))
+    assert ablate.main(["--pair", "toy", "--seeds", "1", "--iters", "2", "--out", str(tmp_path)]) == 2
+    assert "pip install 'pwda_fast[plots]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
@@ -210,6 +226,7 @@ def test_t_interval_in_the_summary_is_the_stats_one():
     assert {k: diff[k] for k in expected} == expected
 
 
+@needs_matplotlib
 @pytest.mark.slow
 def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, capsys):
     tiny = tiny_overrides(tmp_path, **{"data.batch_size": 1, "train.eval_images": 4})

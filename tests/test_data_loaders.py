@@ -9,7 +9,7 @@ from data_trees import aligned_fraction, make_tree
 from PIL import Image
 
 from pwda_fast import config
-from pwda_fast.data import build_datasets, dali, train_batches
+from pwda_fast.data import build_datasets, dali, normalization, train_batches
 from pwda_fast.data.loader import DataError, InfiniteSampler, SegmentationDataset
 from pwda_fast.data.prepare import prepare
 
@@ -63,6 +63,28 @@ def test_torch_loader_val_keeps_full_label_resolution(trees):
     big = SegmentationDataset(sets["val"].pairs, size=(32, 24), train=False,
                               label_reader=sets["val"].label_reader, resize_label=False)[0]
     assert big["image"].shape == (3, 24, 32) and big["label"].shape == (48, 64)
+
+
+@pytest.mark.parametrize("size", [(80, 60), None])
+def test_torch_loader_resizes_once_to_the_scaled_size(tmp_path, size):
+    """MRNet's loader and the DALI pipeline: one resize from the stored image to round(size * s); not
+    a resize to `size` followed by a second one by s, which would blur the image twice."""
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    Image.fromarray(rng.integers(0, 19, (70, 100), dtype=np.uint8), "L").save(tmp_path / "l.png")
+    ds = SegmentationDataset([(tmp_path / "i.png", tmp_path / "l.png")], size=size, scale=(0.8, 1.3),
+                             interpolation="bicubic", normalize="imagenet")
+    for draw in range(4):
+        s = np.random.default_rng(draw).uniform(0.8, 1.3)  # the sample's first draw is its scale
+        w, h = size or (100, 70)
+        scaled = (int(w * s + 0.5), int(h * s + 0.5))
+        image = np.asarray(Image.open(tmp_path / "i.png").resize(scaled, Image.BICUBIC), np.float32)
+        label = np.asarray(Image.open(tmp_path / "l.png").resize(scaled, Image.NEAREST), np.int64)
+        item = ds[(0, draw)]
+        assert item["image"].shape == (3, scaled[1], scaled[0])
+        expected = normalization.apply(image, "imagenet").transpose(2, 0, 1)
+        np.testing.assert_array_equal(item["image"].numpy(), expected)
+        np.testing.assert_array_equal(item["label"].numpy(), label)
 
 
 def test_torch_sharding_is_disjoint_per_rank():

@@ -129,6 +129,9 @@ def test_dali_bicubic_differs_and_labels_stay_exact(textured):
         out[interpolation] = next(dali.train_loader(ds, 1, 0, 0, 1, 0, 1, CPU))
     linear, cubic = out["bilinear"], out["bicubic"]
     assert linear["image"].shape == (1, 3, 22, 35)  # 17 * 1.3 and 27 * 1.3, rounded
+    # The torch loader's one resize reaches the same size.
+    torch_item = SegmentationDataset([paths], size=(27, 17), scale=(1.3, 1.3))[(0, 0)]
+    assert torch_item["image"].shape == (3, 22, 35) and torch_item["label"].shape == (22, 35)
     assert (linear["image"] - cubic["image"]).abs().max() > 0.1
     assert torch.equal(linear["label"], cubic["label"]) and set(cubic["label"].unique().tolist()) <= ids
 

@@ -1,4 +1,4 @@
-"""Small-sample statistics against hand-computed numbers and published t tables."""
+"""Small-sample statistics against hand-computed numbers, published t tables and scipy's t quantiles."""
 
 import math
 
@@ -80,3 +80,20 @@ def test_cdf_inverts_the_quantile_and_df_1_is_cauchy():
     # df = 1 is the Cauchy distribution: P(T <= t) = 1/2 + atan(t) / pi.
     for t in (-3.0, 0.0, 0.7, 20.0):
         assert stats.t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)
+
+
+# scipy's quantiles (Boost's inversion, accurate to a few ulp) as the reference, the way the label
+# tables are checked against cityscapesscripts: a test-only dependency (`make` installs it).
+SCIPY_DFS = [*range(1, 61), 75, 100, 120, 250, 500, 999, stats.LARGE_DF, 1001, 2000, 10**4, 10**6, 10**9,
+             0.5, 2.5, 7.3]
+SCIPY_PS = (0.6, 0.75, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
+
+
+@pytest.mark.parametrize("df", SCIPY_DFS)
+def test_t_quantile_matches_scipy_when_installed(df):
+    t = pytest.importorskip("scipy.stats", reason="scipy not installed (pip install scipy to run this "
+                                                  "cross-check)").t
+    for p in SCIPY_PS:
+        expected = float(t.ppf(p, df))
+        assert stats.t_quantile(p, df) == pytest.approx(expected, rel=1e-11, abs=0), (p, df)
+        assert stats.t_quantile(1 - p, df) == pytest.approx(-expected, rel=1e-11, abs=0), (1 - p, df)

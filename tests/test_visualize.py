@@ -1,6 +1,8 @@
 """Pictures of a tiny run: figure sizes, exact palette colours, weighting maps equal to ops.pixel_weights."""
 
 import copy
+import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ from PIL import Image
 
 from pwda_fast import checkpoint, curves, ops, pictures, reference, train, visualize
 from pwda_fast.data.labels import PALETTE, colorize
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +106,27 @@ def test_colormap_runs_dark_to_bright_and_clips():
 def test_cli_writes_prediction_maps_and_curves(tiny_run, tmp_path):
     run_dir, ckpt = tiny_run
     out = tmp_path / "pictures"
+    with_curves = ["--curves", str(run_dir)] if HAS_MATPLOTLIB else []  # curves: the plots extra
     code = visualize.main(["--checkpoint", str(ckpt), "--source-only", str(ckpt), "--images", "2",
-                           "--curves", str(run_dir), "--out", str(out), "--device", "cpu"])
+                           *with_curves, "--out", str(out), "--device", "cpu"])
     assert code == 0
     preds, maps = sorted(out.glob("*_pred.png")), sorted(out.glob("*_maps.png"))
     assert len(preds) == len(maps) == 2
     h, w = 96, 192  # the toy target_size; auto zoom doubles it
     assert Image.open(preds[0]).size == (4 * 2 * w + 3 * pictures.GAP, pictures.TITLE_H + 2 * h)
-    chart = Image.open(out / "curves.png")
-    assert chart.size[0] == 2 * curves.CURVE_W and chart.size[1] > 3 * curves.CURVE_H
-    assert len(np.unique(np.asarray(chart).reshape(-1, 3), axis=0)) > 10  # lines and text, not blank
+    if not HAS_MATPLOTLIB:
+        return
+    chart = Image.open(out / "curves.png")  # every loss and the mIoU: 7 charts, two per line
+    assert chart.size == (2 * curves.CURVE_W, 4 * curves.CURVE_H + curves.TITLE_H)
+    rgb = np.asarray(chart.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 10  # lines and text, not blank
+
+
+def test_cli_curves_without_matplotlib_exit_2_naming_the_extra(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert visualize.main(["--curves", str(tiny_run[0]), "--out", str(tmp_path)]) == 2
+    assert "pip install 'pwda_fast[plots]'" in capsys.readouterr().err
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_image_paths_outside_the_val_set_render_without_ground_truth(tiny_run, tmp_path):

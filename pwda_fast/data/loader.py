@@ -49,11 +49,13 @@ class SegmentationDataset(Dataset):
     pairs: [(image path, label path or None)]; label_reader: label path -> (H, W) trainId image,
     mode "L" (default: 8-bit trainId PNGs, values outside 0..18 read as void);
     labels_are_train_ids: the label files themselves are such PNGs (what DALI can read).
-    size (width, height): resize first (image with `interpolation`, "bilinear" or "bicubic"; label
+    size (width, height): the base size (image with `interpolation`, "bilinear" or "bicubic"; label
     nearest; resize_label=False keeps labels at their stored resolution, for evaluation at full
-    resolution). Training adds a random rescale in `scale`, a random crop of `crop` (height, width)
-    padded with the mean colour and void if needed, and a horizontal flip, all with identical
-    parameters for image and label. `normalize` names the input normalisation (normalization.py;
+    resolution). Training scales the base size (or the stored size, without `size`) by a random factor
+    in `scale` and resizes once, from the stored image straight to that size (as MRNet does and as
+    the DALI pipeline does), then takes a random crop of `crop` (height, width) padded with the mean
+    colour and void if needed, and a horizontal flip, all with identical parameters for image and
+    label. `normalize` names the input normalisation (normalization.py;
     "auto" reads as "imagenet"). Items are (index, draw) pairs from InfiniteSampler; `draw` seeds
     the augmentation. A pair that fails to decode raises DataError naming it; with skip_bad the next
     pair stands in and the sample lists the skipped one under "skipped".
@@ -119,34 +121,30 @@ class SegmentationDataset(Dataset):
 
     def _sample(self, img, lab, draw: int) -> dict:
         """Decoded pair -> {"image": (3, h, w) float32, "label": (h, w) int64}, resized, augmented."""
-        if self.size:
-            img = img.resize(tuple(self.size), FILTERS[self.interpolation])
+        rng = np.random.default_rng(draw)
+        size = self._output_size(img.size, rng)
+        if size != img.size:  # one resize: the base size and the random scale combined
+            img = img.resize(size, FILTERS[self.interpolation])
             if lab is not None and self.resize_label:
-                lab = lab.resize(tuple(self.size), Image.NEAREST)
+                lab = lab.resize(size, Image.NEAREST)
         image = np.asarray(img, np.float32)
         label = (np.asarray(lab, np.int64) if lab is not None
                  else np.full(image.shape[:2], IGNORE, np.int64))
-        rng = np.random.default_rng(draw)
-        if self.train:
-            image, label = self._rescale(image, label, rng)
         image = normalization.apply(image, self.normalize)  # (H, W, 3), the mean colour now 0
         if self.train:
             image, label = self._crop_and_flip(image, label, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
                 "label": torch.from_numpy(np.ascontiguousarray(label))}
 
-    def _rescale(self, image, label, rng):
-        """(H, W, 3) 0-255 image, (H, W) label -> both resized by one random factor in `scale`."""
+    def _output_size(self, stored: tuple[int, int], rng) -> tuple[int, int]:
+        """(width, height) an image of `stored` size is resized to: `size` (or the stored size), in
+        training times one random factor in `scale`, rounded half up as the DALI pipeline rounds it."""
+        w, h = tuple(self.size) if self.size else stored
         lo, hi = self.scale
-        if (lo, hi) == (1.0, 1.0):
-            return image, label
+        if not self.train or (lo, hi) == (1.0, 1.0):
+            return w, h
         s = rng.uniform(lo, hi)
-        h, w = label.shape
-        size = (max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1))
-        image = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(size, FILTERS[self.interpolation]),
-                           np.float32)
-        label = np.asarray(Image.fromarray(label.astype(np.uint8)).resize(size, Image.NEAREST), np.int64)
-        return image, label
+        return max(int(w * s + 0.5), 1), max(int(h * s + 0.5), 1)
 
     def _crop_and_flip(self, image, label, rng):
         """(H, W, 3) normalised image, (H, W) label -> the random crop, then the random flip."""
