@@ -265,36 +265,33 @@ def breakdown_rows(breakdown: dict, gpu: bool) -> list[tuple[str, str, str]]:
     return rows
 
 
-def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
-    gpu = mode == "gpu"
-    log = parse_run_log((out / "run.log").read_text() if (out / "run.log").exists() else "")
-    steps, rows = log["steps"], []
+def _environment_row(p: dict | None, steps: dict) -> tuple[str, str, str]:
+    p = p or {}
+    return ("environment", "ok" if p else "missing",
+            f"python {p.get('python')}, torch {p.get('torch')} (CUDA {p.get('cuda')}), "
+            f"triton {p.get('triton')}, device {p.get('device_name') or 'cpu only'}" if p
+            else step_status(steps, "probe") or "no @@probe line")
 
-    p = log["probe"] or {}
-    rows.append(("environment", "ok" if p else "missing",
-                 f"python {p.get('python')}, torch {p.get('torch')} (CUDA {p.get('cuda')}), "
-                 f"triton {p.get('triton')}, device {p.get('device_name') or 'cpu only'}" if p
-                 else step_status(steps, "probe") or "no @@probe line"))
 
-    # 1. build
-    b = log["backends"] or {}
+def _build_row(b: dict | None, steps: dict, gpu: bool) -> tuple[str, str, str]:
+    b = b or {}
     ext_cuda = (b.get("ext") or {}).get("cuda", "unknown") if b else "unknown"
     ext_note = "ext CUDA kernel registered" if b and ext_cuda is None else f"ext on cuda: {ext_cuda}"
     st = step_status(steps, "build")
     secs = steps.get("build", {}).get("seconds")
     if gpu:
-        rows.append(("build extension in place (CUDA sm_90)",
-                     st or ("pass" if b and ext_cuda is None else "FAIL (no CUDA kernel)"),
-                     (f"{secs} s; " if secs is not None else "") + ext_note + "; log: build.log"))
-    else:
-        ext_cpu = (b.get("ext") or {}).get("cpu", "unknown") if b else "unknown"
-        rows.append(("build extension in place (CUDA sm_90)", NO_GPU,
-                     "dry run compiles nothing: setup.py evaluated "
-                     + ("OK" if st is None else st) + "; existing pwda_fast._C on cpu: "
-                     + ("loads" if ext_cpu is None else str(ext_cpu))))
+        return ("build extension in place (CUDA sm_90)",
+                st or ("pass" if b and ext_cuda is None else "FAIL (no CUDA kernel)"),
+                (f"{secs} s; " if secs is not None else "") + ext_note + "; log: build.log")
+    ext_cpu = (b.get("ext") or {}).get("cpu", "unknown") if b else "unknown"
+    return ("build extension in place (CUDA sm_90)", NO_GPU,
+            "dry run compiles nothing: setup.py evaluated "
+            + ("OK" if st is None else st) + "; existing pwda_fast._C on cpu: "
+            + ("loads" if ext_cpu is None else str(ext_cpu)))
 
-    # 2. tests
-    counts = log["pytest"].get("gpu_tests", {})
+
+def _test_rows(pytest_counts: dict, steps: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    counts = pytest_counts.get("gpu_tests", {})
     count_txt = ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"
     st = step_status(steps, "gpu_tests")
     bad = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
@@ -302,18 +299,21 @@ def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
         result = st or ("FAIL" if bad else "pass" if counts.get("passed") else "none ran")
     else:
         result = "FAIL" if bad else (st or NO_GPU)
-    rows.append(("GPU tests (pytest -m gpu)", result, count_txt + "; log: run.log"))
+    rows = [("GPU tests (pytest -m gpu)", result, count_txt + "; log: run.log")]
     if not gpu:
-        counts = log["pytest"].get("triton_interpret", {})
+        counts = pytest_counts.get("triton_interpret", {})
         st = step_status(steps, "triton_interpret")
         ok = st is None and counts.get("passed") and not counts.get("failed")
         rows.append(("triton kernel under TRITON_INTERPRET=1 (cpu, cheap cases)",
                      "pass (cpu interpreter)" if ok else (st or "FAIL"),
                      ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"))
+    return rows
 
-    # 3. the training loop's call first, then bandwidth and the fused loss per case
-    rows.extend(production_rows(_read_json(out / "bench_loss_production.json"), gpu,
-                                step_status(steps, "bench_loss_production")))
+
+def _kernel_bench_rows(out: Path, steps: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    """The training loop's call first, then bandwidth and the fused loss per case, then the upsample."""
+    rows = production_rows(_read_json(out / "bench_loss_production.json"), gpu,
+                           step_status(steps, "bench_loss_production"))
     bench = _read_json(out / "bench_loss.json")
     st = step_status(steps, "bench_loss")
     if gpu and bench is None:
@@ -323,16 +323,18 @@ def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
         rows.append((BANDWIDTH_ROW, NO_GPU, ""))
         rows.append(("fused loss faster than torch.compile(reference)", NO_GPU, ""))
     if bench is not None:
-        rows.extend(r for r in loss_rows(bench, gpu))
+        rows.extend(loss_rows(bench, gpu))
     elif not gpu:
         rows.append(("fused loss benchmark (cpu, tiny)", st or "missing", "no bench_loss.json"))
     st = step_status(steps, "bench_upsample")
     rows.append(("D_aux upsample_leaky_relu: eager, compile, triton (fwd, fwd+bwd)",
                  st or ("measured" if gpu else "ran (cpu, tiny)"),
                  "table in run.log (@@step bench_upsample)"))
+    return rows
 
-    # 4. train step
-    step_jsons = []
+
+def _train_step_rows(out: Path, log: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    steps, rows, step_jsons = log["steps"], [], []
     for name, label, compiled in (("bench_step", "train step engine/eager >= 3x (R101 512x1024)", False),
                                   ("bench_step_compile", "train step engine+compile/eager >= 3x", True)):
         data = _read_json(out / f"{name}.json")
@@ -347,6 +349,17 @@ def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
                              step_status(steps, "step_profile")))
     rows.append(real_size_row(log["real_size"], gpu, step_status(steps, "real_size")))
     return rows
+
+
+def build_table(out: Path, mode: str) -> list[tuple[str, str, str]]:
+    """The table's rows from a gpu_check output folder: environment, build, tests, kernel benchmarks,
+    train step."""
+    gpu = mode == "gpu"
+    log = parse_run_log((out / "run.log").read_text() if (out / "run.log").exists() else "")
+    steps = log["steps"]
+    return [_environment_row(log["probe"], steps), _build_row(log["backends"], steps, gpu),
+            *_test_rows(log["pytest"], steps, gpu), *_kernel_bench_rows(out, steps, gpu),
+            *_train_step_rows(out, log, gpu)]
 
 
 def render(rows, mode: str) -> str:

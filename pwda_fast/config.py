@@ -1,8 +1,10 @@
-"""Typed configuration: dataclass sections, TOML presets, dotted CLI overrides.
+"""The config manager: TOML presets, dotted CLI overrides, valid ranges, --help, the key reference.
 
-Precedence: CLI (`--optim.lr=1e-4`) > TOML file (`--config NAME|PATH`) > dataclass defaults.
-Unknown keys and wrong types raise ConfigError listing the valid keys. Each field's docstring (the
-string literal under it) is the documentation; `describe()` renders it for the README.
+The sections themselves (fields, types, defaults and a docstring under each field) are in
+pwda_fast/settings.py and are re-exported here, so `config.Config`, `config.AdaptConfig`, ... still
+name them. Precedence: CLI (`--optim.lr=1e-4`) > TOML file (`--config NAME|PATH`) > dataclass
+defaults. Unknown keys and wrong types raise ConfigError listing the valid keys. Each field's docstring
+is its documentation; `describe()` renders it for docs/CONFIG.md.
 """
 
 from __future__ import annotations
@@ -14,265 +16,26 @@ import inspect
 import json
 import tomllib
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+# Re-exported: callers name the sections as config.Config, config.AdaptConfig, ...
+from pwda_fast.settings import (  # noqa: F401
+    AdaptConfig,
+    Config,
+    DataConfig,
+    KernelsConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
-
-
-@dataclass
-class ModelConfig:
-    arch: Literal["mrnet", "deeplabv2"] = "mrnet"
-    """Generator: "mrnet" (the paper's: MRNet's heads on layer3 and concat(layer4, layer3)) or
-    "deeplabv2" (AdaptSegNet's: ASPP heads on layer3 and layer4)."""
-    depth: int = 101
-    """ResNet depth of the backbone: 101 (paper), 50, 26 or 14 (toy and tests)."""
-    width: int = 64
-    """Channels of the stem; every stage scales with it (64 = the standard ResNet)."""
-    num_classes: int = 19
-    """Segmentation classes (19 Cityscapes trainIds)."""
-    bn: Literal["stats", "frozen", "train"] = "stats"
-    """Backbone BatchNorm: "stats" (affine frozen, batch statistics used and tracked, as AdaptSegNet and
-    MRNet run it), "frozen" (affine and statistics fixed: eval-mode BN) or "train" (all trained)."""
-    stride_on: Literal["auto", "1x1", "3x3"] = "auto"
-    """Where a bottleneck strides: "1x1" (Caffe / DeepLab-v2 weights), "3x3" (torchvision weights);
-    "auto" follows model.init_weights' layout ("1x1" without weights)."""
-    head_width: int = 256
-    """MRNet heads: channels of each of the five branches (256 in MRNet); the bottleneck has twice this."""
-    head_norm: Literal["gn", "bn"] = "gn"
-    """MRNet heads: GroupNorm(32) as MRNet's README trains them, or BatchNorm."""
-    head_se: bool = True
-    """MRNet heads: squeeze-excitation on the concatenated branches."""
-    head_dropout: float = 0.1
-    """MRNet heads: Dropout2d probability before the classifier."""
-    init_weights: str = ""
-    """Local file with initial weights for G: ImageNet / DeepLab / AdaptSegNet / MRNet weights (torchvision
-    or "Scale." layout), or a warm start from a pwda_fast checkpoint (ckpt_*.pt, best.pt) or exported
-    generator.pt (generator weights only; its generator keys must match and its input normalisation is
-    used); "" = random."""
-    disc_width: int = 64
-    """Channels of the first output-space discriminator conv (64-128-256-512 in the paper)."""
-    aux_disc_width: int = 256
-    """Hidden channels of D_aux's first 1x1 conv (then /2, /4); not given in the paper. D_aux runs at
-    image size (adapt.aux_at), so its cost grows with this squared: see docs/METHOD.md."""
-
-
-@dataclass
-class DataConfig:
-    source: Literal["toy", "toy_partial", "gta5", "synthia"] = "toy"
-    """Source (labelled) domain: "toy", "toy_partial" (the built-in pairs; give both roles the same
-    one), "gta5" or "synthia"."""
-    target: Literal["toy", "toy_partial", "cityscapes"] = "toy"
-    """Target (unlabelled) domain: "toy", "toy_partial" (some classes aligned, others shifted:
-    docs/TOY_PARTIAL.md) or "cityscapes"."""
-    source_root: str = ""
-    """Root folder of the source dataset ("" = the toy cache)."""
-    target_root: str = ""
-    """Root folder of the target dataset ("" = the toy cache)."""
-    source_prepared: str = ""
-    """Where `pwda_fast.data.prepare --out` put the source's trainId labels ("" = source_root)."""
-    target_prepared: str = ""
-    """Where `pwda_fast.data.prepare --out` put the target's trainId labels ("" = target_root)."""
-    loader: Literal["auto", "torch", "dali"] = "auto"
-    """Input pipeline: "torch", "dali" or "auto" (DALI on a GPU when installed); both resume exactly."""
-    image_format: Literal["auto", "original", "jpeg"] = "auto"
-    """Which files the training sets read when `prepare --jpeg` wrote JPEG copies: "original", "jpeg"
-    (the copies; an error without them) or "auto" (the copies only for DALI decoding on a GPU).
-    Evaluation always reads the original images."""
-    source_size: list[int] = field(default_factory=lambda: [1280, 720])
-    """Source images are resized to this (width, height) before cropping."""
-    target_size: list[int] = field(default_factory=lambda: [1024, 512])
-    """Target images are resized to this (width, height)."""
-    crop: list[int] = field(default_factory=lambda: [512, 1024])
-    """Training crop (height, width), taken at random from the resized image."""
-    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Random rescale range of source images before cropping ([1, 1] = none)."""
-    flip: bool = False
-    """Random horizontal flip of source images."""
-    target_augment: bool = False
-    """Also rescale (data.scale) and flip (data.flip) target images (MRNet and AdaptSegNet do not)."""
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    """Image resizing filter (labels always nearest); MRNet resizes with bicubic."""
-    normalize: Literal["auto", "caffe", "imagenet"] = "auto"
-    """Input normalisation: "caffe" (BGR, 0-255, minus the DeepLab mean, as DeepLab-v2 weights expect),
-    "imagenet" (RGB / 255, ImageNet mean and std, as torchvision weights expect); "auto" follows
-    model.init_weights' layout ("imagenet" without weights)."""
-    batch_size: int = 1
-    """Images per domain per step per process."""
-    workers: int = -1
-    """Loader worker processes; -1 = auto: none on 1-2 available cores (a worker would compete with
-    the compute threads), else min(4, cores // 2)."""
-    skip_bad: bool = False
-    """Skip unreadable or mismatched files (reported) instead of stopping."""
-    max_bad_fraction: float = 0.01
-    """Stop even with skip_bad when more than this fraction of files is bad."""
-    validate: Literal["header", "full"] = "header"
-    """Pre-flight file check: "header" (sizes, label modes; seconds) or "full" (decode, label values)."""
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 2.5e-4
-    """Generator SGD learning rate (heads get head_lr_mult times this)."""
-    momentum: float = 0.9
-    """Generator SGD momentum."""
-    weight_decay: float = 5e-4
-    """Generator SGD weight decay."""
-    power: float = 0.9
-    """Poly decay exponent: lr * (1 - step / poly_iters) ** power."""
-    poly_iters: int = 0
-    """Horizon of the poly decay (0 = train.iters); MRNet decays over 100k and keeps the 25k snapshot."""
-    head_lr_mult: float = 10.0
-    """Learning-rate multiplier of the classifier heads."""
-    lr_d: float = 1e-4
-    """Adam learning rate of D and D_aux."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    """Adam betas of D and D_aux."""
-    nesterov: bool = False
-    """Nesterov momentum for G's SGD (MRNet uses it; AdaptSegNet does not)."""
-    warmup_iters: int = 0
-    """Linear warm-up of G's learning rate over this many iterations before the poly decay (0 = none)."""
-    warmup_start: float = 0.1
-    """G's warm-up starts at this fraction of optim.lr (MRNet: 0.1)."""
-    impl: Literal["auto", "torch", "apex"] = "auto"
-    """Optimizer implementation: "auto" (fused on CUDA, foreach on CPU), "torch" or "apex"."""
-    backbone_repeats: bool = False
-    """Update each backbone tensor as often per step as MRNet's and AdaptSegNet's parameter list names
-    it (conv1 once, bottleneck convs 3x, downsample convs 4x: 314 entries for R101's 104 tensors); their
-    SGD stepped every entry, so their published numbers trained that way (docs/METHOD.md)."""
-
-
-@dataclass
-class AdaptConfig:
-    mode: Literal["adapt", "source_only"] = "adapt"
-    """"adapt" (three-stage PWDA loop) or "source_only" (stage 1 only, the baseline)."""
-    weighting: Literal["none", "gen", "gen+dis"] = "gen+dis"
-    """Pixel weighting: "none" (DA without pixel-wise weighting), "gen" (GenMap) or "gen+dis"
-    (GenMap + DisMap, the paper's best)."""
-    threshold: float = 0.9
-    """Confidence threshold T of eq. (3); >= 1 turns the floor off."""
-    floor: float = 0.01
-    """Weight of pixels whose confidence exceeds T."""
-    mu: float = 0.1
-    """Offset mu added to the generation confidence (eqs. 4, 6)."""
-    lambda_adv: float = 5e-4
-    """Weight of the output-space adversarial loss in the generator stage."""
-    lambda_aux: float = 5e-4
-    """Weight of the feature-space (D_aux) adversarial loss in the generator stage."""
-    lambda_seg: float = 0.1
-    """Weight of the auxiliary (layer3) head's segmentation loss."""
-    class_balance: bool = False
-    """MRNet's class weighting of the source CE: classes with fewer than 64*64 pixels per image in the
-    batch get weight class_balance_max (recomputed every batch)."""
-    class_balance_max: float = 7.0
-    """Weight of the rare classes under adapt.class_balance (MRNet: 7)."""
-    often_balance: bool = False
-    """With class_balance: also up-weight classes absent from recent batches (MRNet's running weight)."""
-    hard_pixels: float = 0.0
-    """Percentile of the per-pixel source CE below which pixels are ignored (MRNet: 80, i.e. keep the
-    hardest 20%); 0 = every pixel."""
-    memory: bool = False
-    """MRNet memory regularisation on the target (KL toward the fused prediction)."""
-    lambda_mem: float = 0.1
-    """Weight of the memory regularisation."""
-    memory_start: int = 0
-    """Iteration at which the memory regularisation starts (MRNet: 15000)."""
-    aux_at: Literal["image", "feature"] = "image"
-    """Where D_aux runs: "image" (the paper: encodings upsampled to the input size; computed exactly by
-    running D_aux's first 1x1 conv at feature size) or "feature" (feature size, logits upsampled)."""
-    weight_grad: Literal["detached", "flowing"] = "detached"
-    """The weights' gradient in the generator stage: "detached" (w a constant map) or "flowing" (into
-    the seg logits and, through D_aux, the features, as CLAN's code does; that term then runs on the
-    torch backend). D's stage always detaches. The paper does not say."""
-    d_target: Literal["weighted", "unweighted", "normalized"] = "weighted"
-    """D's target term in the discriminator stage: "weighted" (w * BCE, eq. 9 as written), "unweighted"
-    (plain BCE) or "normalized" (w / mean(w) * BCE, the weights rescaled to mean 1); the paper leaves
-    the choice open."""
-    preheat_iters: int = 0
-    """No pixel weighting (in the generator and the discriminator stage) before this iteration: CLAN's
-    preheat (its NUM_STEPS_STOP / 20); the paper names none."""
-
-
-@dataclass
-class TrainConfig:
-    iters: int = 250000
-    """Total training iterations."""
-    run_dir: str = "runs/default"
-    """Folder for checkpoints, metrics.jsonl and final.json; rerunning resumes from it."""
-    seed: int = 1234
-    """Random seed (each rank adds its rank)."""
-    eval_every: int = 5000
-    """Evaluate on the target val set every this many iterations (0 = only at the end)."""
-    ckpt_every: int = 5000
-    """Write a checkpoint every this many iterations (and at the end)."""
-    keep_last: int = 3
-    """Checkpoints kept in run_dir."""
-    log_every: int = 10
-    """Append a metrics.jsonl line every this many iterations."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """"auto" (CUDA when available), "cpu" or "cuda"."""
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    """Autocast precision: "none" (fp32), "bf16", or "fp16" with a dynamic loss scale (for GPUs
-    without bf16, such as V100 and T4): a step whose scaled gradients overflow is skipped and the
-    scale halved."""
-    channels_last: bool = False
-    """Run networks and inputs in channels_last memory format."""
-    compile: bool = False
-    """torch.compile the networks."""
-    stop_at: int = 0
-    """Stop after this step with a checkpoint, as a preemption would (0 = run to train.iters)."""
-    max_skips: int = 20
-    """Stop (exit code 3) after this many consecutive steps skipped for non-finite values."""
-    allow_world_size_change: bool = False
-    """Allow resuming a checkpoint written with a different number of processes."""
-    resume: Literal["auto", "force"] = "auto"
-    """"auto": resume run_dir's latest checkpoint only if the config matches it in every key that
-    changes results; "force": resume whatever the differences (they are logged)."""
-    threads: int = 0
-    """Intra-op CPU threads of each process (0 = the cores available to it, divided among local ranks)."""
-    eval_images: int = 0
-    """Evaluate on the first this many target-val images only (0 = all); for quick runs and tests."""
-    eval_protocol: Literal["single", "mrnet"] = "single"
-    """Evaluation: "single" (main head, one scale) or "mrnet" (fused heads, scales 1 and 1.25, flips)."""
-
-
-@dataclass
-class KernelsConfig:
-    backend: Literal["auto", "torch", "ext", "triton"] = "auto"
-    """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA) or "triton"."""
-    upsample: Literal["auto", "torch", "triton"] = "auto"
-    """D_aux's leaky_relu(upsample(.)) at image size: "auto" (Triton on CUDA, else torch), "torch" or
-    "triton"."""
-
-
-@dataclass
-class LogConfig:
-    tensorboard: bool = False
-    """Also write TensorBoard scalars and images to run_dir/tensorboard (needs the tensorboard extra)."""
-    images: int = 1
-    """Target-val images whose prediction and weighting maps go to TensorBoard at each evaluation."""
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    kernels: KernelsConfig = field(default_factory=KernelsConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # Valid ranges, checked when a config is loaded (before anything is built or written). Choices are
@@ -597,7 +360,7 @@ def field_docs(section_cls) -> dict[str, str]:
 
 
 def describe() -> str:
-    """Markdown reference of every key: default and docstring (kept in the README by a test)."""
+    """Markdown reference of every key: default and docstring (kept in docs/CONFIG.md by a test)."""
     lines = []
     for f in dataclasses.fields(Config):
         section = f.default_factory()
@@ -614,7 +377,7 @@ def describe() -> str:
 def reference_markdown() -> str:
     """docs/CONFIG.md: every key with its default and docstring, generated from the dataclasses."""
     return ("# Configuration reference\n\n"
-            "Generated from `pwda_fast/config.py` by "
+            "Generated from the dataclasses in `pwda_fast/settings.py` by "
             "`python -m pwda_fast.config --update-docs docs/CONFIG.md`"
             " (a test keeps it current). Set a key in a TOML file (`[section]` then `key = value`) or on the "
             "command line (`--section.key=value`); the command line wins.\n\n" + describe())

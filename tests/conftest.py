@@ -12,6 +12,14 @@ def toy_data_root(tmp_path_factory):
     return os.environ["PWDA_FAST_DATA"]
 
 
+@pytest.fixture(scope="module")
+def batches(request):
+    """Two (source, target) toy batches of 2 at the test module's BATCH_CROP (H, W), built once a module."""
+    from helpers import toy_batches
+
+    return toy_batches(request.module.BATCH_CROP)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on the 2 shared cores a second one only adds contention."""

@@ -2,10 +2,11 @@
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
-from pwda_fast import config
+from pwda_fast import checkpoint, config
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
 
@@ -54,6 +55,27 @@ class InfGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.full_like(grad, math.inf)
+
+
+class Payload:
+    """Unpickles by writing "the pickle ran" to `marker`: a checkpoint holding it runs code if loaded
+    with full unpickling, which must not happen."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the pickle ran"))
+
+
+def disk_full_on_save(monkeypatch) -> None:
+    """checkpoint's torch.save writes part of a file, then fails as a full disk would."""
+
+    def fails(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", fails)
 
 
 def toy_batches(crop, n: int = 2) -> list[tuple[dict, dict]]:

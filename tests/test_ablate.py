@@ -134,10 +134,9 @@ def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
                                "<!-- ablation:toy_partial:end -->\n")
 
 
-@needs_matplotlib
-def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypatch, capsys):
-    """Training replaced by fake results: what main asks train for, and what it writes."""
-    asked = []
+def _fake_run_for_result(tmp_path, asked: list):
+    """A stand-in for train.run_for_result: records the overrides in `asked`, writes a metrics.jsonl and
+    returns a made-up result (mIoU 30 + seed, 5 more with adapt.weighting=gen)."""
 
     def fake_run(argv, title):
         overrides = config.parse_args(argv)[1]
@@ -154,7 +153,14 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return 0, {"miou": miou, "iou": iou, "protocol": "single"}
 
-    monkeypatch.setattr(train, "run_for_result", fake_run)
+    return fake_run
+
+
+@needs_matplotlib
+def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypatch, capsys):
+    """Training replaced by fake results: what main asks train for, and what it writes."""
+    asked = []
+    monkeypatch.setattr(train, "run_for_result", _fake_run_for_result(tmp_path, asked))
     rendered = []
 
     def fake_render(runs, out, index):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, disk_full_on_save, tiny_overrides
 
 from pwda_fast import checkpoint, evaluate, train, visualize
 
@@ -50,12 +50,7 @@ def test_keep_last_never_removes_best_and_latest_never_names_it(tmp_path):
 def test_a_failed_best_write_leaves_the_previous_best(tmp_path, monkeypatch):
     checkpoint.save_best(tmp_path, 1, {"miou": 10.0}, _state(1))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def fails(obj, f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    disk_full_on_save(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_best(tmp_path, 2, {"miou": 20.0}, _state(2))
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".tmp-")}

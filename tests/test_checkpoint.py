@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Payload, disk_full_on_save
 
 from pwda_fast import checkpoint
 
@@ -80,12 +81,7 @@ def test_failed_checkpoint_write_leaves_the_old_files_untouched(tmp_path, monkey
     checkpoint.save(tmp_path, 1, {"step": 1})
     checkpoint.save(tmp_path, 2, {"step": 2})  # a same-named file must not be opened in place either
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def fails(obj, f):
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint.torch, "save", fails)
+    disk_full_on_save(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(tmp_path, 2, {"step": 2, "new": True})
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".tmp-")}
@@ -144,17 +140,9 @@ def test_latest_without_a_usable_pointer_is_the_newest_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path).name == "ckpt_00000003.pt"  # the pointer wins when it is valid
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "the pickle ran"))
-
-
 def test_load_refuses_code_and_names_the_file_and_the_cause(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"step": 1, "g": _Payload(marker)}, tmp_path / "ckpt_00000001.pt")
+    torch.save({"step": 1, "g": Payload(marker)}, tmp_path / "ckpt_00000001.pt")
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"cannot load checkpoint .*ckpt_00000001.pt: UnpicklingError: "):
         checkpoint.load(tmp_path / "ckpt_00000001.pt")

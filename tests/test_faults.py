@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import Payload, as_argv, tiny_overrides
 
 from pwda_fast import checkpoint, config, distributed, engine, train
 
@@ -166,17 +166,9 @@ def test_killed_worker_is_relaunched_by_torchrun_and_the_run_resumes(tmp_path):
 
 # -- hostile or mismatched files --------------------------------------------------------------------
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.write_text, (self.marker, "the pickle ran"))
-
-
 def test_malicious_checkpoint_is_refused_without_running(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    torch.save({"step": 1, "g": _Payload(marker)}, tmp_path / "ckpt_00000001.pt")
+    torch.save({"step": 1, "g": Payload(marker)}, tmp_path / "ckpt_00000001.pt")
     with pytest.raises(checkpoint.CheckpointError, match="cannot load checkpoint .*ckpt_00000001.pt"):
         checkpoint.load(checkpoint.latest(tmp_path))
     assert train.main(as_argv(tiny_overrides(tmp_path))) == train.EXIT_CONFIG

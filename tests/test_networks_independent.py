@@ -316,6 +316,18 @@ def _discriminators():
     return randomized(d, SEED, torch.float32), randomized(d_aux, SEED + 1, torch.float32)
 
 
+def assert_same_gradients(net, p, ours, twin, seed, what):
+    """ours, twin: (input, output). The gradients of a fixed random weighting of each output with respect
+    to its input and to every parameter of `net` (the twin's leaves in `p`) agree."""
+    (x_ours, out_ours), (x_twin, out_twin) = ours, twin
+    weighted_sum([out_ours], torch.Generator().manual_seed(seed)).backward()
+    grads = torch.autograd.grad(weighted_sum([out_twin], torch.Generator().manual_seed(seed)),
+                                [x_twin, *(p[k] for k, _ in net.named_parameters())])
+    assert_close(x_ours.grad, grads[0], f"{what} gradient of its input", rtol=1e-5)
+    for (k, param), grad in zip(net.named_parameters(), grads[1:]):
+        assert_close(param.grad, grad, f"{what} gradient of {k}", rtol=1e-5)
+
+
 def test_output_discriminator_equals_adaptsegnets():
     d, _ = _discriminators()
     gen = torch.Generator().manual_seed(SEED + 3)
@@ -327,12 +339,7 @@ def test_output_discriminator_equals_adaptsegnets():
     assert not p.unread()
     assert ours.shape == (2, 1, 3, 4)
     assert_close(ours, twin, "D logits", rtol=1e-5)
-    weighted_sum([ours], torch.Generator().manual_seed(1)).backward()
-    grads = torch.autograd.grad(weighted_sum([twin], torch.Generator().manual_seed(1)),
-                                [x_twin, *(p[k] for k, _ in d.named_parameters())])
-    assert_close(x_ours.grad, grads[0], "D gradient of its input", rtol=1e-5)
-    for (k, param), grad in zip(d.named_parameters(), grads[1:]):
-        assert_close(param.grad, grad, f"D gradient of {k}", rtol=1e-5)
+    assert_same_gradients(d, p, (x_ours, ours), (x_twin, twin), 1, "D")
 
 
 @pytest.mark.parametrize("size", [None, (61, 83)], ids=["feature-size", "image-size"])
@@ -344,9 +351,4 @@ def test_feature_discriminator_equals_the_papers(size):
     ours, twin = d_aux(x_ours, size), twin_feature_discriminator(p, x_twin, size)
     assert not p.unread()
     assert_close(ours, twin, "D_aux logits", rtol=1e-5)
-    weighted_sum([ours], torch.Generator().manual_seed(2)).backward()
-    grads = torch.autograd.grad(weighted_sum([twin], torch.Generator().manual_seed(2)),
-                                [x_twin, *(p[k] for k, _ in d_aux.named_parameters())])
-    assert_close(x_ours.grad, grads[0], "D_aux gradient of its input", rtol=1e-5)
-    for (k, param), grad in zip(d_aux.named_parameters(), grads[1:]):
-        assert_close(param.grad, grad, f"D_aux gradient of {k}", rtol=1e-5)
+    assert_same_gradients(d_aux, p, (x_ours, ours), (x_twin, twin), 2, "D_aux")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides, toy_batches
+from helpers import as_argv, tiny_overrides
 
 from pwda_fast import config, engine, train
 from pwda_fast.models import Nets, build_networks
@@ -13,14 +13,8 @@ from pwda_fast.models import Nets, build_networks
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return toy_batches((48, 96))
+pytestmark = pytest.mark.usefixtures("one_thread")
+BATCH_CROP = (48, 96)  # of the `batches` fixture (conftest.py)
 
 
 def _losses(batches, **overrides) -> list[dict]:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import InfGrad, toy_batches
+from helpers import InfGrad
 
 from pwda_fast import config, engine, reference
 
@@ -24,14 +24,8 @@ RECIPE = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.di
           "adapt.memory": True, "adapt.memory_start": 0, "optim.nesterov": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    yield
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return toy_batches((32, 64))
+pytestmark = pytest.mark.usefixtures("one_thread")
+BATCH_CROP = (32, 64)  # of the `batches` fixture (conftest.py)
 
 
 def build(**overrides) -> engine.Engine:
