@@ -73,13 +73,15 @@ class DataConfig:
     (the copies; an error without them) or "auto" (the copies only for DALI decoding on a GPU).
     Evaluation always reads the original images."""
     source_size: list[int] = field(default_factory=lambda: [1280, 720])
-    """Source images are resized to this (width, height) before cropping."""
+    """Source images are resized to this (width, height) times the random scale (data.scale), once,
+    before cropping."""
     target_size: list[int] = field(default_factory=lambda: [1024, 512])
     """Target images are resized to this (width, height)."""
     crop: list[int] = field(default_factory=lambda: [512, 1024])
     """Training crop (height, width), taken at random from the resized image."""
     scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    """Random rescale range of source images before cropping ([1, 1] = none)."""
+    """Random rescale range of source images, applied in the same single resize as
+    data.source_size ([1, 1] = none)."""
     flip: bool = False
     """Random horizontal flip of source images."""
     target_augment: bool = False
@@ -128,7 +130,9 @@ class OptimConfig:
     warmup_start: float = 0.1
     """G's warm-up starts at this fraction of optim.lr (MRNet: 0.1)."""
     impl: Literal["auto", "torch", "apex"] = "auto"
-    """Optimizer implementation: "auto" (fused on CUDA, foreach on CPU), "torch" or "apex"."""
+    """Optimizer implementation: "auto" (torch's fused SGD and Adam, on CUDA and CPU: they skip a
+    non-finite step on a device flag, so the step never waits for the GPU), "torch" (torch's own
+    default per device) or "apex"."""
     backbone_repeats: bool = False
     """Update each backbone tensor as often per step as MRNet's and AdaptSegNet's parameter list names
     it (conv1 once, bottleneck convs 3x, downsample convs 4x: 314 entries for R101's 104 tensors); their

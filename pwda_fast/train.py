@@ -1,6 +1,6 @@
 """Entry point: config -> distributed -> build -> loop -> close.
 
-    python -m pwda_fast.train                                   # toy domains, CPU or GPU
+    pwda-train                                                  # toy domains, CPU or GPU
     torchrun --nproc_per_node=8 -m pwda_fast.train --config gta5_to_cityscapes \
         --data.source_root=/data/gta5 --data.target_root=/data/cityscapes
 

@@ -14,7 +14,6 @@ from helpers import (
     assert_same_networks,
     assert_same_optimizers,
     tiny_overrides,
-    toy_batches,
     training_lines,
 )
 
@@ -22,6 +21,7 @@ from pwda_fast import checkpoint, config, engine, inference, reference, train
 from pwda_fast.skips import SkipCounter
 
 CPU = torch.device("cpu")
+BATCH_CROP = (32, 64)  # the shared `batches` fixture (conftest.py)
 TINY = {"data.crop": [32, 64], "train.amp": "fp16", "train.eval_images": 1, "train.threads": 1}
 
 
@@ -48,11 +48,6 @@ def inf_gradient_on_call(monkeypatch, n: int) -> None:
         return real(InfGrad.apply(logits) if calls["n"] == n else logits, label)
 
     monkeypatch.setattr(reference, "domain_bce", domain_bce)
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return toy_batches((32, 64))
 
 
 def tensors(state: dict) -> dict:

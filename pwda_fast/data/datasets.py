@@ -1,7 +1,7 @@
 """The published folder layouts of GTA5, SYNTHIA RAND-CITYSCAPES and Cityscapes, and their labels.
 
 Each layout lists (image, label) pairs of a split and turns a label file into 8-bit Cityscapes
-trainIds (255 = void). `python -m pwda_fast.data.prepare` writes those trainIds once into a sibling
+trainIds (255 = void). `pwda-prepare` writes those trainIds once into a sibling
 folder (`labels_trainIds/`, `GT/LABELS_trainIds/`, `gtFine_trainIds/`) and marks the prepared tree
 complete; a complete prepared tree's labels are read instead of the raw labels (and by DALI, which
 cannot decode palette or 16-bit class ids). Its optional JPEG copies of the images are offered to
@@ -70,7 +70,7 @@ def read_synthia_ids(path: Path) -> np.ndarray:
 
 def read_stored_train_ids(path: Path) -> np.ndarray:
     """An 8-bit trainId PNG (prepared or toy) -> (H, W) uint8 trainIds as stored."""
-    return _read_8bit(path, "an 8-bit trainId label PNG", "rerun python -m pwda_fast.data.prepare")
+    return _read_8bit(path, "an 8-bit trainId label PNG", "rerun pwda-prepare")
 
 
 def to_train_ids(path: Path, read=read_stored_train_ids, lut: np.ndarray = TRAIN_ID_TO_TRAIN) -> Image.Image:
