@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BATCH_CROP = (32, 64)  # of the `batches` fixture (conftest.py)
 
 
-def build(**overrides) -> engine.Engine:
-    return engine.build(config.load("toy", {**RECIPE, **overrides}), CPU)
+def build(device=CPU, **overrides) -> engine.Engine:
+    return engine.build(config.load("toy", {**RECIPE, **overrides}), torch.device(device))
 
 
 def state_of(eng: engine.Engine) -> dict[str, torch.Tensor]:
@@ -198,3 +198,24 @@ def test_a_skipped_first_step_leaves_no_momentum_and_the_next_is_a_first_step(ba
         results.append(e.adapter.step(0, *batches[1]))
     assert results[0] == results[1]
     assert changed(state_of(fresh), state_of(eng)) == [] and eng.adapter.skips_on_device()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overrides", [{}, {"train.amp": "fp16", "kernels.backend": "ext"},
+                                       {"train.amp": "bf16", "optim.backbone_repeats": True}],
+                         ids=["fp32", "fp16-ext", "bf16-repeats"])
+def test_cuda_skip_on_the_device_restores_every_state(batches, monkeypatch, overrides):
+    """On the GPU the fused optimizers skip on the device flag (no host sync from step 1 on): a
+    skipped step leaves every weight, BN statistic, optimizer state, running weight and scale
+    exactly as it was, and the same step unskipped changes them."""
+    eng = build("cuda", **overrides)
+    cuda_batches = [tuple({k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in pair)
+                    for pair in batches]
+    decided = forced_skip_path(eng.adapter, on_device=True)
+    # Under fp16 a non-finite gradient is an overflow that halves the scale (tests/test_fp16.py): here
+    # the kind that must leave the scaler as it was.
+    for kind in ("loss only",) if overrides.get("train.amp") == "fp16" else ("loss", "gradient"):
+        moved = changed_kinds(assert_skip_restores_everything(eng, cuda_batches, monkeypatch, kind))
+        assert moved >= {"g weights", "g BN statistics", "often", "opt_g", "opt_d", "opt_d_aux"}, moved
+    assert decided[0] is False and all(decided[1:])
