@@ -7,6 +7,8 @@
    encodings at image size; MRNet's memory KL from adapt.memory_start on.
 3. Discriminators: on detached outputs, D minimises BCE(D(G(x_s)), 0) + L(y=1) and D_aux minimises
    BCE(D_aux(F(x_s)), 0) + BCE(D_aux(F(x_t)), 1).
+With adapt.adversary = "mrnet" stages 2 and 3 run MRNet's own adversary instead (MRNet as published:
+its LSGAN D1 on the aux head and D2 on the main head, no weighting; docs/METHOD.md).
 Then, if every loss and gradient is finite on every rank, all three optimizers step; else none does.
 The returned losses are means over ranks (one all-reduce carries them and the finite flag).
 With train.amp=fp16 every backward runs on the loss times one dynamic loss scale, and the gradients
@@ -93,6 +95,8 @@ class Adapter:
         self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
         self.adapt = adapt_cfg.mode == "adapt"
         self.use_aux = self.adapt and adapt_cfg.weighting == "gen+dis"
+        # MRNet's own adversary in nets.d (models.MRNetDiscriminators) instead of the paper's D.
+        self.mrnet = self.adapt and adapt_cfg.adversary == "mrnet"
         # Eq. (3)-(6)'s constants, as every weighted loss and weight map of the step takes them.
         self.weight_kw = dict(threshold=adapt_cfg.threshold, floor=adapt_cfg.floor, mu=adapt_cfg.mu)
         self.autocast = lambda: autocast(device.type, amp)
@@ -257,11 +261,13 @@ class Adapter:
                                                                  self.a.class_balance_max, self.often)
                 if often is not None:
                     self.often.copy_(often)
-            loss_seg = reference.multi_level_seg_loss(upsample_to(aux_s.float(), size), main_s, y_s,
-                                                      self.a.lambda_seg, weights, self.a.hard_pixels)
+            aux_s = upsample_to(aux_s.float(), size)
+            loss_seg = reference.multi_level_seg_loss(aux_s, main_s, y_s, self.a.lambda_seg, weights,
+                                                      self.a.hard_pixels)
             self.scaler.scale(loss_seg).backward()
         losses["seg"] = loss_seg.detach()
-        return {"main": main_s.detach(), "feat": feat_s.detach()}
+        aux_s = aux_s.detach() if self.mrnet else None  # MRNet's D stage fuses the source heads
+        return {"main": main_s.detach(), "feat": feat_s.detach(), "aux": aux_s}
 
     def generator_stage(self, target: dict, losses: dict, step: int = 0) -> dict:
         """Stage 2: G fools the frozen D (pixel-weighted, eq. 6) and F fools the frozen D_aux; the
@@ -269,6 +275,8 @@ class Adapter:
 
         D and D_aux are called unwrapped, so DDP does not wait for gradients they do not get here.
         """
+        if self.mrnet:
+            return self._mrnet_generator_stage(target, losses, step)
         d, d_aux = _unwrap(self.nets.d), _unwrap(self.nets.d_aux)
         x_t = self._input(target)
         size = tuple(x_t.shape[2:])
@@ -295,23 +303,49 @@ class Adapter:
             loss_adv_aux = reference.domain_bce(upsample_to(a_low, size), SOURCE)
             loss_g = loss_g + self.a.lambda_aux * loss_adv_aux
             losses["adv_aux"] = loss_adv_aux.detach()
-        aux_t = upsample_to(aux_t.float(), size)
-        if self.a.memory:
-            # Logged from the first step; weighted from memory_start on (MRNet: lambda 0 before 15k).
-            loss_mem = reference.memory_kl(aux_t, main_t)
-            loss_g = loss_g + (self.a.lambda_mem if step >= self.a.memory_start else 0.0) * loss_mem
-            losses["mem"] = loss_mem.detach()
-        else:
-            # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
-            loss_g = loss_g + 0.0 * aux_t.mean()
+        loss_g = loss_g + self._memory_term(upsample_to(aux_t.float(), size), main_t, step, losses)
         self.scaler.scale(loss_g).backward()
         set_requires_grad(d, True)
         set_requires_grad(d_aux, True)
         return {"main": main_t.detach(), "feat": feat_t.detach(), "weight_aux": weight_aux}
 
+    def _memory_term(self, aux_t, main_t, step: int, losses: dict) -> torch.Tensor:
+        """MRNet's memory KL on the target heads (image-size logits), logged from the first step and
+        weighted from memory_start on (MRNet: lambda 0 before 15k); 0 * aux without memory."""
+        if not self.a.memory:
+            # Keeps the aux head in this backward's graph so DDP reduces its stage-1 gradient.
+            return 0.0 * aux_t.mean()
+        loss_mem = reference.memory_kl(aux_t, main_t)
+        losses["mem"] = loss_mem.detach()
+        return (self.a.lambda_mem if step >= self.a.memory_start else 0.0) * loss_mem
+
+    def _mrnet_generator_stage(self, target: dict, losses: dict, step: int) -> dict:
+        """Stage 2 with MRNet's adversary (trainer_ms.py gen_update): on the target, G pulls D1's scores
+        of softmax(aux) and D2's of softmax(main), image-size logits, toward "real" (LSGAN,
+        calc_gen_loss): lambda_mrnet_aux * L_gen(D1) + lambda_mrnet_main * L_gen(D2), logged as "adv_aux"
+        and "adv"; plus the memory term. D1 and D2 frozen, called unwrapped."""
+        d = _unwrap(self.nets.d)
+        x_t = self._input(target)
+        size = tuple(x_t.shape[2:])
+        set_requires_grad(d, False)
+        with self.autocast():
+            aux_t, main_t, _ = self.nets.g(x_t)
+            aux_t, main_t = upsample_to(aux_t.float(), size), upsample_to(main_t.float(), size)
+            maps_aux, maps_main = d(torch.softmax(aux_t, 1).contiguous(memory_format=self.memory_format),
+                                    torch.softmax(main_t, 1).contiguous(memory_format=self.memory_format))
+        loss_adv, loss_adv_aux = reference.lsgan_gen_loss(maps_main), reference.lsgan_gen_loss(maps_aux)
+        losses["adv"], losses["adv_aux"] = loss_adv.detach(), loss_adv_aux.detach()
+        loss_g = self.a.lambda_mrnet_main * loss_adv + self.a.lambda_mrnet_aux * loss_adv_aux
+        loss_g = loss_g + self._memory_term(aux_t, main_t, step, losses)
+        self.scaler.scale(loss_g).backward()
+        set_requires_grad(d, True)
+        return {"main": main_t.detach(), "aux": aux_t.detach()}
+
     def discriminator_stage(self, src: dict, tgt: dict, losses: dict, step: int = 0) -> None:
         """Stage 3: D and D_aux on detached outputs; source and target in one batch (no BN in D). D's
         target term is weighted as adapt.d_target says (eq. 9 by default)."""
+        if self.mrnet:
+            return self._mrnet_discriminator_stage(src, tgt, losses)
         n_s, size = src["main"].shape[0], tuple(src["main"].shape[2:])
         probs = torch.cat([torch.softmax(src["main"], 1), torch.softmax(tgt["main"], 1)])
         with self.autocast():
@@ -328,6 +362,23 @@ class Adapter:
             losses["d_aux"] = loss_d_aux.detach()
             loss_d = loss_d + loss_d_aux
         self.scaler.scale(loss_d).backward()
+
+    def _mrnet_discriminator_stage(self, src: dict, tgt: dict, losses: dict) -> None:
+        """Stage 3 with MRNet's adversary (trainer_ms.py dis_update): on detached image-size outputs, D1
+        scores softmax(aux_t) as fake and D2 softmax(main_t), both against the source's
+        softmax(0.5 * aux_s + main_s) as real; each minimises calc_dis_loss (LSGAN, gradient penalty
+        on the real input), logged as "d_aux" (D1) and "d" (D2). Fake and real go through each D as
+        one batch (D has no normalisation, so each image's scores are its own)."""
+        n_t = tgt["main"].shape[0]
+        real = reference.fused_probs(src["aux"], src["main"]).requires_grad_()  # a leaf: the penalty's input
+        inputs = [torch.cat([torch.softmax(tgt[k], 1), real]).contiguous(memory_format=self.memory_format)
+                  for k in ("aux", "main")]
+        with self.autocast():
+            maps_aux, maps_main = self.nets.d(*inputs)
+        loss_d_aux, loss_d = (reference.lsgan_dis_loss([m[:n_t] for m in maps], [m[n_t:] for m in maps], real)
+                              for maps in (maps_aux, maps_main))
+        losses["d"], losses["d_aux"] = loss_d.detach(), loss_d_aux.detach()
+        self.scaler.scale(loss_d + loss_d_aux).backward()
 
     def _reduce(self, losses: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> ((K,) loss means over ranks, () every loss and gradient finite on every rank), both on

@@ -246,7 +246,7 @@ def networks_from_state(state: dict, device: torch.device):
     version cannot read, KeyError without G, RuntimeError (naming the network) for weights that do not fit."""
     cfg = config.from_dict(state["config"])
     cfg.model.init_weights = ""  # the checkpoint holds every weight; the init file need not exist here
-    nets = Nets(*build_networks(cfg.model))
+    nets = Nets(*build_networks(cfg.model, adversary=cfg.adapt.adversary))
     nets.load_state_dict(state, required=("g",))
     for net in nets:
         net.to(device).eval()

@@ -84,6 +84,8 @@ RULES = {
     "adapt.lambda_mem": _non_negative,
     "adapt.memory_start": _non_negative,
     "adapt.preheat_iters": _non_negative,
+    "adapt.lambda_mrnet_aux": _non_negative,
+    "adapt.lambda_mrnet_main": _non_negative,
     "train.iters": _positive,
     "train.run_dir": (lambda v: bool(v.strip()), "must not be empty"),
     "train.eval_every": _non_negative,
@@ -121,6 +123,10 @@ def validate(cfg: Config) -> None:
             w, h = size
             problems.append(f"data.crop (height, width) {d.crop} must fit inside {size_key} (width, height) "
                             f"{[w, h]}")
+    a = cfg.adapt
+    if a.adversary == "mrnet" and a.mode == "adapt" and a.weighting != "none":
+        problems.append(f"adapt.adversary 'mrnet' runs MRNet's own discriminators, which weight no pixel; "
+                        f"set adapt.weighting = 'none' (got {a.weighting!r})")
     if {d.source, d.target} == {"toy", "toy_partial"}:  # halves of two different built-in pairs
         problems.append(f"data.source {d.source!r} and data.target {d.target!r} are halves of two "
                         "different built-in pairs; set both to toy or both to toy_partial")

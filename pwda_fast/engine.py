@@ -167,7 +167,7 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
-    nets = Nets(*models.build_networks(cfg.model, init))
+    nets = Nets(*models.build_networks(cfg.model, init, cfg.adapt.adversary))
     nets.d_aux.upsample_backend = ops.resolve_upsample_backend(cfg.kernels.upsample, device)
     if init is not None and init.layout == "pwda":
         log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "

@@ -155,6 +155,13 @@ def multi_level_seg_loss(aux_logits: torch.Tensor, main_logits: torch.Tensor, la
     return ce(main_logits) + lambda_seg * ce(aux_logits)
 
 
+def fused_probs(aux_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
+    """softmax(0.5 * aux + main) over classes: (N, C, H, W) logits -> (N, C, H, W) float32. The
+    prediction MRNet feeds its discriminators as "real" (trainer_ms.py dis_update) and distils into
+    both heads (memory_kl)."""
+    return torch.softmax(0.5 * aux_logits.float() + main_logits.float(), dim=1)
+
+
 def memory_kl(aux_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tensor:
     """MRNet memory regularisation: KL of each head toward the detached fused prediction.
 
@@ -162,9 +169,39 @@ def memory_kl(aux_logits: torch.Tensor, main_logits: torch.Tensor) -> torch.Tens
     Returns the per-pixel KL, summed over classes and the two heads, averaged over pixels.
     """
     with torch.no_grad():
-        target = torch.softmax(0.5 * aux_logits.float() + main_logits.float(), dim=1)
+        target = fused_probs(aux_logits, main_logits)
     kl = 0.0
     for logits in (aux_logits, main_logits):
         log_p = torch.log_softmax(logits.float(), dim=1)
         kl = kl + F.kl_div(log_p, target, reduction="none").sum(dim=1).mean()
     return kl
+
+
+# -- MRNet's own adversary (adapt.adversary = "mrnet"; models/ms_discriminator.py) --------------------
+# layumi/Seg-Uncertainty model/ms_discriminator.py, MsImageDis with gan_type 'lsgan'. `maps` are the
+# per-scale score maps a MultiScaleDiscriminator returns: [(N, 1, H_s, W_s)] (raw, no sigmoid).
+
+MRNET_PENALTY = 0.01  # MsImageDis.LAMBDA: weight of the gradient penalty on the real inputs
+
+
+def lsgan_gen_loss(maps: list[torch.Tensor]) -> torch.Tensor:
+    """calc_gen_loss: sum over scales of 2 * mean((D(fake) - 1)^2): G pulls its target outputs'
+    scores to the "real" label 1. -> () float32."""
+    return sum(2.0 * ((m.float() - 1.0) ** 2).mean() for m in maps)
+
+
+def lsgan_dis_loss(fake_maps: list[torch.Tensor], real_maps: list[torch.Tensor], real_input: torch.Tensor,
+                   penalty: float = MRNET_PENALTY) -> torch.Tensor:
+    """calc_dis_loss: sum over scales of mean(D(fake)^2) + mean((D(real) - 1)^2) + penalty * R_s, where
+    R_s = mean over images of sum over (C, H, W) of (d sum(D(real)_s) / d real_input)^2 (compute_grad2,
+    one gradient per scale, taken with create_graph so that D's update descends through it too).
+
+    real_input: the (N, K, H, W) tensor D saw at its first scale, a leaf with requires_grad; real_maps
+    must have been computed from it. -> () float32.
+    """
+    loss = 0.0
+    for fake, real in zip(fake_maps, real_maps):
+        (grad,) = torch.autograd.grad(real.float().sum(), real_input, create_graph=True)
+        reg = grad.float().pow(2).flatten(1).sum(1).mean()
+        loss = loss + (fake.float() ** 2).mean() + ((real.float() - 1.0) ** 2).mean() + penalty * reg
+    return loss

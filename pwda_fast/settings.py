@@ -188,6 +188,19 @@ class AdaptConfig:
     preheat_iters: int = 0
     """No pixel weighting (in the generator and the discriminator stage) before this iteration: CLAN's
     preheat (its NUM_STEPS_STOP / 20); the paper names none."""
+    adversary: Literal["pwda", "mrnet"] = "pwda"
+    """The output-space adversary: "pwda" (the paper's: AdaptSegNet's BCE D on the main head, D_aux on
+    the features, pixel weighting as adapt.weighting says) or "mrnet" (MRNet as published, what the
+    paper's "DA without pixel-wise weighting" row ran: two multi-scale LSGAN discriminators, D1 on
+    the aux head and D2 on the main head, source side fed softmax(0.5 * aux + main), gradient penalty
+    0.01, weights lambda_mrnet_aux / lambda_mrnet_main; needs adapt.weighting = "none"). D_aux is
+    not used with "mrnet"; docs/METHOD.md."""
+    lambda_mrnet_aux: float = 2e-4
+    """adapt.adversary = "mrnet": weight of D1's LSGAN loss on the aux head in the generator stage
+    (MRNet's --lambda-adv-target1 0.0002)."""
+    lambda_mrnet_main: float = 1e-3
+    """adapt.adversary = "mrnet": weight of D2's LSGAN loss on the main head in the generator stage
+    (MRNet's --lambda-adv-target2 0.001)."""
 
 
 @dataclass

@@ -59,9 +59,12 @@ def likely_causes(cfg: config.Config, term: str | None) -> list[str]:
     """What most likely made a run diverge, from its config and the first loss that went non-finite."""
     causes = []
     if term in ("adv", "adv_aux", "d", "d_aux"):
-        causes.append(f"the adversarial terms diverged first: lower adapt.lambda_adv / adapt.lambda_aux "
-                      f"(now {cfg.adapt.lambda_adv:g} / {cfg.adapt.lambda_aux:g}) or optim.lr_d (now "
-                      f"{cfg.optim.lr_d:g})")
+        a = cfg.adapt
+        mrnet = a.adversary == "mrnet"
+        names = ("lambda_mrnet_main", "lambda_mrnet_aux") if mrnet else ("lambda_adv", "lambda_aux")
+        values = [getattr(a, name) for name in names]
+        causes.append(f"the adversarial terms diverged first: lower adapt.{names[0]} / adapt.{names[1]} "
+                      f"(now {values[0]:g} / {values[1]:g}) or optim.lr_d (now {cfg.optim.lr_d:g})")
     else:
         causes.append(f"the segmenter diverged first: lower optim.lr (now {cfg.optim.lr:g})")
     if not cfg.model.init_weights:

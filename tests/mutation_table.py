@@ -27,6 +27,8 @@ SKIPPED = ["tests/test_skipped_step.py"]
 FINISHED = ["tests/test_finished_run.py"]
 RESUME = ["tests/test_train.py", "-k", "stop_and_resume"]
 ORACLE = ["tests/test_oracle.py", "-k", "mrnet"]
+# MRNet's own adversary (adapt.adversary = "mrnet"): the oracle's iterations and the twin of MsImageDis.
+MRNET_ADV = ["tests/test_oracle.py", "tests/test_mrnet_adversary.py", "-k", "mrnet-adversary or twin"]
 
 # (what it breaks, file, exact text, replacement[, the tests to run instead of --tests])
 MUTATIONS = [
@@ -128,6 +130,21 @@ MUTATIONS = [
      "norm = normalization.get(cfg.data.normalize)", 'norm = normalization.get("auto")', FINISHED),
     ("visualize feeds an outside image ImageNet-normalised", "pwda_fast/visualize.py",
      "size=size, train=False, normalize=cfg.data.normalize,", "size=size, train=False,", FINISHED),
+    ("MRNet's D: gradient penalty not differentiated into D", "pwda_fast/reference.py",
+     "real_input, create_graph=True)", "real_input, retain_graph=True)", MRNET_ADV),
+    ("MRNet's generator LSGAN term without its factor 2", "pwda_fast/reference.py",
+     "sum(2.0 * ((m.float() - 1.0) ** 2).mean() for m in maps)",
+     "sum(((m.float() - 1.0) ** 2).mean() for m in maps)", MRNET_ADV),
+    ("MRNet's D1 (aux head) and D2 (main head) weights swapped", "pwda_fast/adapt.py",
+     "self.a.lambda_mrnet_main * loss_adv + self.a.lambda_mrnet_aux * loss_adv_aux",
+     "self.a.lambda_mrnet_aux * loss_adv + self.a.lambda_mrnet_main * loss_adv_aux", MRNET_ADV),
+    ("MRNet's D stage scores the source as fake", "pwda_fast/adapt.py",
+     "[m[:n_t] for m in maps], [m[n_t:] for m in maps]", "[m[n_t:] for m in maps], [m[:n_t] for m in maps]",
+     MRNET_ADV),
+    ("MRNet's D averages the zero padding into its pooled scales", "pwda_fast/models/ms_discriminator.py",
+     "count_include_pad=False", "count_include_pad=True", MRNET_ADV),
+    ("MRNet's D residual blocks without the skip", "pwda_fast/models/ms_discriminator.py",
+     "return x + self.body(x)", "return self.body(x)", MRNET_ADV),
 ]
 
 

@@ -26,12 +26,15 @@ def test_rows_are_the_papers_table_3_settings():
         overrides = dict(config.parse_args(flags)[1])
         settings[slug] = config.load("toy", overrides).adapt
     assert settings["source-only"].mode == "source_only"
-    assert settings["no-weighting"].weighting == "none"
+    assert (settings["no-weighting"].weighting, settings["no-weighting"].adversary) == ("none", "pwda")
+    published = settings["mrnet-published"]
+    assert (published.mode, published.weighting, published.adversary) == ("adapt", "none", "mrnet")
     assert (settings["genmap-t1"].weighting, settings["genmap-t1"].threshold) == ("gen", 1.0)
     assert (settings["genmap-t0.9"].weighting, settings["genmap-t0.9"].threshold) == ("gen", 0.9)
     last = settings["genmap-t0.9-dismap"]
     assert (last.mode, last.weighting, last.threshold) == ("adapt", "gen+dis", 0.9)
-    assert ablate.BASELINE in {name for _, name, _ in ablate.ROWS}
+    assert ablate.BASELINE == dict((slug, name) for slug, name, _ in ablate.ROWS)["no-weighting"]
+    assert all(s.adversary == "pwda" for slug, s in settings.items() if slug != "mrnet-published")
 
 
 def test_options_pairs_seeds_and_iters():
@@ -204,7 +207,7 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
     # ablation.png: one panel per row, its first seed's run, titled with that run's mIoU.
     for pair, runs in zip(("toy", "toy_partial"), rendered):
         assert [str(d) for d in runs.values()] == [f"abl/{pair}/{slug}-s1" for slug, _, _ in ablate.ROWS]
-        assert list(runs)[2] == "GenMap (T=1): 36.0"
+        assert list(runs)[[name for _, name, _ in ablate.ROWS].index("GenMap (T=1)")] == "GenMap (T=1): 36.0"
 
 
 def test_main_without_matplotlib_stops_before_any_run(tmp_path, monkeypatch, capsys):

@@ -31,12 +31,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] | None) -> dict:
-    """STEPS iterations of the real Adapter on the toy data; returns losses, skips and weights."""
+def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] | None,
+           extra: dict | None = None) -> dict:
+    """STEPS iterations of the real Adapter on the toy data (config overrides `extra`); returns losses,
+    skips and weights."""
     # No dropout: its random masks would differ between one process and the ranks' split of the batch.
     cfg = config.load("toy", {"model.bn": bn, "model.head_dropout": 0.0, "data.batch_size": batch,
                               "data.workers": 0,
-                              "data.crop": [48, 96], "kernels.backend": "torch", "train.iters": 100})
+                              "data.crop": [48, 96], "kernels.backend": "torch", "train.iters": 100,
+                              **(extra or {})})
     info = distributed.Dist(rank, rank, world)
     eng = engine.build(cfg, torch.device("cpu"), info)  # DDP-wrapped when world > 1
     adapter, (g, d, d_aux) = eng.adapter, eng.nets
@@ -58,26 +61,31 @@ def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] |
     return out
 
 
-def _worker(rank, world, port, results, batch, bn, nan_at):
+def _worker(rank, world, port, results, batch, bn, nan_at, extra=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results[rank] = _train(rank, world, batch, bn, nan_at)
+        results[rank] = _train(rank, world, batch, bn, nan_at, extra)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(batch: int, bn: str = "frozen", nan_at=None) -> list[dict]:
+def _spawn(batch: int, bn: str = "frozen", nan_at=None, extra=None) -> list[dict]:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), results, batch, bn, nan_at), nprocs=2)
+        mp.spawn(_worker, args=(2, _free_port(), results, batch, bn, nan_at, extra), nprocs=2)
         return [results[0], results[1]]
 
 
-def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(one_thread):
-    ranks = _spawn(batch=1)
-    single = _train(0, 1, 2, "frozen", None)
+# MRNet's own adversary: D1 + D2 as one DDP module, its gradient penalty a double backward through it.
+MRNET = {"adapt.adversary": "mrnet", "adapt.weighting": "none", "model.width": 8, "model.head_width": 16}
+
+
+@pytest.mark.parametrize("extra", [{}, MRNET], ids=["pwda", "mrnet-adversary"])
+def test_two_ranks_of_batch_b_match_one_rank_of_batch_2b(extra, one_thread):
+    ranks = _spawn(batch=1, extra=extra)
+    single = _train(0, 1, 2, "frozen", None, extra)
     for step in range(STEPS):  # the same samples per step, split between the ranks
         assert sorted(ranks[0]["indices"][step] + ranks[1]["indices"][step]) == single["indices"][step]
         assert ranks[0]["losses"][step] == ranks[1]["losses"][step]  # reduced: every rank logs the same

@@ -31,6 +31,7 @@ STEPS = (3, 4)  # two consecutive iterations, not the first: the poly schedule i
 # here so that each term carries a visible share of G's update (test_oracle_sees_each_term).
 LAMBDAS = {"adapt.lambda_adv": 30.0, "adapt.lambda_aux": 20.0, "adapt.lambda_seg": 0.4,
            "adapt.lambda_mem": 0.25}
+MRNET_LAMBDAS = {"adapt.lambda_mrnet_aux": 40.0, "adapt.lambda_mrnet_main": 60.0}
 
 
 def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", nesterov: bool = False,
@@ -178,6 +179,14 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
     if not adapt:
         return losses, (g_obj,), d_obj, daux_obj
     aux_t, main_t, feat_t = generate(g, tgt["image"].double(), cfg.model.arch)
+    if a.adversary == "mrnet":
+        g_adv, d_obj = mrnet_adversary(d, up(aux_s), up(main_s), up(aux_t), up(main_t), a, losses)
+        g_obj = g_obj + g_adv
+        if a.memory:
+            losses["mem"] = kl_to_fused(up(aux_t), up(main_t))
+            if step >= a.memory_start:
+                g_obj = g_obj + a.lambda_mem * losses["mem"]
+        return losses, (g_obj,), d_obj, None
     use_aux = a.weighting == "gen+dis"
 
     def d_aux_up(feat):  # the paper's D_aux on encodings upsampled to the image, literally
@@ -215,6 +224,41 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
         daux_obj = (bce(d_aux_up(feat_s.detach()), 0.0).mean(), bce(d_aux_up(feat_t.detach()), 1.0).mean())
         losses["d_aux"] = sum(daux_obj)
     return losses, (g_obj,), d_obj, daux_obj
+
+
+def ms_scores(net, p: torch.Tensor) -> list[torch.Tensor]:
+    """MsImageDis.forward: scale k's net sees the input average-pooled k times (3x3, stride 2, pad 1,
+    the padding not counted in the mean)."""
+    out = []
+    for k, scale_net in enumerate(net.nets):
+        if k:
+            p = F.avg_pool2d(p, 3, stride=2, padding=1, count_include_pad=False)
+        out.append(scale_net(p))
+    return out
+
+
+def mrnet_adversary(d, aux_s, main_s, aux_t, main_t, a, losses: dict):
+    """MRNet's own adversary (trainer_ms.py gen_update / dis_update, MsImageDis calc_gen_loss /
+    calc_dis_loss with lsgan), on image-size logits -> (G's adversarial objective, D's objective terms).
+
+    G: lambda1 * sum_k 2 mean((D1_k(softmax(aux_t)) - 1)^2) + lambda2 * the same for D2 on softmax(main_t).
+    D1 (D2): fake softmax(aux_t) (softmax(main_t)), real softmax(0.5 aux_s + main_s), each D called on
+    fake and on real separately as calc_dis_loss does: sum_k mean(fake_k^2) + mean((real_k - 1)^2) +
+    0.01 * mean_n sum_chw (d sum(real_k) / d real)^2."""
+    gen = {name: sum(2.0 * ((z - 1.0) ** 2).mean() for z in ms_scores(net, softmax(x)))
+           for name, net, x in (("adv_aux", d.d1, aux_t), ("adv", d.d2, main_t))}
+    losses.update(gen)
+    real = softmax(0.5 * aux_s + main_s).detach().requires_grad_()
+    terms = {}
+    for name, net, x in (("d_aux", d.d1, aux_t), ("d", d.d2, main_t)):
+        terms[name] = []
+        for fake, real_k in zip(ms_scores(net, softmax(x).detach()), ms_scores(net, real)):
+            (grad,) = torch.autograd.grad(real_k.sum(), real, create_graph=True)
+            terms[name] += [(fake ** 2).mean(), ((real_k - 1.0) ** 2).mean(),
+                            0.01 * (grad ** 2).sum((1, 2, 3)).mean()]
+        losses[name] = sum(terms[name])
+    return a.lambda_mrnet_aux * gen["adv_aux"] + a.lambda_mrnet_main * gen["adv"], \
+        tuple(terms["d_aux"] + terms["d"])
 
 
 def poly(base: float, step: int, cfg) -> float:
@@ -265,12 +309,14 @@ class OracleAdam:
 
 
 def _grads(terms, params):
-    """-> (gradient of the sum of `terms`, per tensor the largest |gradient| of any single term)."""
+    """-> (gradient of the sum of `terms`, per tensor the largest |gradient| of any single term; a
+    term that does not reach a tensor counts 0 there)."""
     if terms is None:
         return None, None
     total = torch.autograd.grad(sum(terms), params, retain_graph=True)
-    per_term = [torch.autograd.grad(t, params, retain_graph=True) for t in terms]
-    scale = [max(g[i].abs().max().item() for g in per_term) for i in range(len(params))]
+    per_term = [torch.autograd.grad(t, params, retain_graph=True, allow_unused=True) for t in terms]
+    scale = [max(0.0 if g[i] is None else g[i].abs().max().item() for g in per_term)
+             for i in range(len(params))]
     return total, scale
 
 
@@ -373,6 +419,10 @@ CASES = {  # id: (mode, weighting, memory, nesterov, aux_at, MRNet recipe, gener
                     {"adapt.preheat_iters": 4}),
     "gen+dis-weight-grad-flowing": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
                                     {"adapt.weight_grad": "flowing"}),
+    # MRNet as published: its own LSGAN D1 (aux head) and D2 (main head), gradient penalty, memory on,
+    # on MRNet's generator (the oracle's own multi-scale pass and losses: mrnet_adversary).
+    "mrnet-adversary": ("adapt", "none", True, False, "image", False, "mrnet", "frozen",
+                        {"adapt.adversary": "mrnet", **MRNET_LAMBDAS}),
 }
 
 

@@ -92,6 +92,10 @@ GTA5 = {
     "adapt.weight_grad": ("detached", "paper silent; its weighting map read as a constant (METHOD.md §1)"),
     "adapt.d_target": ("weighted", "paper eq. 9: D's target term weighted by w as written"),
     "adapt.preheat_iters": (0, "the paper names no preheat (CLAN's is an option)"),
+    "adapt.adversary": ("pwda", "paper §5.2: AdaptSegNet's D (and D_aux) in place of MRNet's MsImageDis "
+                                "D1, D2"),
+    "adapt.lambda_mrnet_aux": (2e-4, "README --lambda-adv-target1 0.0002 (read only with adversary mrnet)"),
+    "adapt.lambda_mrnet_main": (1e-3, "README --lambda-adv-target2 0.001 (read only with adversary mrnet)"),
     # --- train ---
     "train.iters": (25000, "README: pseudo labels and Stage II start from GTA5_25000.pth"),
     "train.run_dir": ("runs/gta5_to_cityscapes", "engine"),
@@ -139,7 +143,7 @@ DEFAULTED = {
     "train.seed", "train.keep_last", "train.log_every", "train.device", "train.amp", "train.channels_last",
     "train.compile", "train.stop_at", "train.max_skips", "train.allow_world_size_change", "train.resume",
     "train.threads", "train.eval_images", "adapt.weight_grad", "adapt.d_target",
-    "adapt.preheat_iters",
+    "adapt.preheat_iters", "adapt.adversary", "adapt.lambda_mrnet_aux", "adapt.lambda_mrnet_main",
     "kernels.backend", "kernels.upsample", "log.tensorboard", "log.images",
 }
 

@@ -24,8 +24,10 @@ from pwda_fast.models.init_weights import (
     weights_layout,
 )
 from pwda_fast.models.mrnet import MRNet
+from pwda_fast.models.ms_discriminator import MRNetDiscriminators, MultiScaleDiscriminator
 
-__all__ = ["DeepLabV2", "MRNet", "OutputDiscriminator", "FeatureDiscriminator", "build_networks",
+__all__ = ["DeepLabV2", "MRNet", "OutputDiscriminator", "FeatureDiscriminator", "MRNetDiscriminators",
+           "MultiScaleDiscriminator", "build_networks",
            "build_generator", "resolve_model", "weights_layout", "read_init_weights", "load_init_weights",
            "InitWeights", "EXPORT_FORMAT", "EXPORT_VERSION", "trained_record", "trained_words"]
 
@@ -37,7 +39,11 @@ _MRNET_HEAD_KEYS = ("head_width", "head_norm", "head_se")
 
 @dataclasses.dataclass
 class Nets:
-    """The method's three networks by their checkpoint names: G, D and D_aux."""
+    """The method's three networks by their checkpoint names: G, D and D_aux.
+
+    d is the output-space adversary that adapt.adversary names: the paper's D (OutputDiscriminator)
+    or MRNet's pair D1 + D2 (MRNetDiscriminators, one module, one optimizer); d_aux is the
+    feature-space D_aux either way (trained only under DisMap weighting)."""
     g: nn.Module
     d: nn.Module
     d_aux: nn.Module
@@ -75,8 +81,10 @@ def _read(model_cfg, init: InitWeights | None) -> InitWeights | None:
     return init
 
 
-def build_networks(model_cfg, init: InitWeights | None = None) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux).
+def build_networks(model_cfg, init: InitWeights | None = None,
+                   adversary: str = "pwda") -> tuple[nn.Module, nn.Module, nn.Module]:
+    """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux); D is MRNet's
+    D1 + D2 (MRNetDiscriminators) with adversary "mrnet" (adapt.adversary), else the paper's D.
 
     `init`: model.init_weights as the caller read it (read here when not given). stride_on "auto" is
     resolved here from it (resolve_model); a caller that saves the config should resolve it first,
@@ -87,7 +95,10 @@ def build_networks(model_cfg, init: InitWeights | None = None) -> tuple[nn.Modul
     g = build_generator(m)
     if init is not None:
         load_init_weights(g, init)
-    d = OutputDiscriminator(m.num_classes, m.disc_width)
+    if adversary not in ("pwda", "mrnet"):
+        raise ValueError(f"adapt.adversary must be 'pwda' or 'mrnet'; got {adversary!r}")
+    d = (MRNetDiscriminators(m.num_classes) if adversary == "mrnet"
+         else OutputDiscriminator(m.num_classes, m.disc_width))
     d_aux = FeatureDiscriminator(g.feat_channels, m.aux_disc_width)
     return g, d, d_aux
 
