@@ -139,8 +139,10 @@ def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16:
               compile_g: bool = False):
     """(the preset's config, {provider label: constructor}) in table order, the eager loop first.
 
-    Every engine row runs channels_last; bf16 adds the bf16-autocast row; compile_g adds the engine
-    with torch.compile(G) (bf16 when bf16, else fp32)."""
+    Every engine row runs channels_last; bf16 adds the bf16-autocast row; on CUDA the engine in that
+    precision also runs with train.cuda_graphs (give --warmup >= 4: three eager steps and the capture
+    come before its replays); compile_g adds the engine with torch.compile(G) (bf16 when bf16, else
+    fp32)."""
     overrides = {"train.device": torch.device(device).type}
     if batch:
         overrides["data.batch_size"] = batch
@@ -148,13 +150,17 @@ def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16:
         overrides["data.crop"] = list(crop)
     base = config.load(PRESETS[preset], overrides)
 
-    def engine(amp: str, compiled: bool):
-        cfg = config.load(PRESETS[preset], {**overrides, "train.channels_last": True, "train.amp": amp})
+    def engine(amp: str, compiled: bool, graphs: bool = False):
+        cfg = config.load(PRESETS[preset], {**overrides, "train.channels_last": True, "train.amp": amp,
+                                            "train.cuda_graphs": graphs})
         return lambda: Engine(cfg, device, compiled)
 
     ctors = {EAGER: lambda: EagerLoop(base, device), "engine fp32 channels_last": engine("none", False)}
     if bf16:
         ctors["engine bf16 channels_last"] = engine("bf16", False)
+    if torch.device(device).type == "cuda":
+        amp = "bf16" if bf16 else "none"
+        ctors[f"engine {'bf16' if bf16 else 'fp32'} channels_last + CUDA graphs"] = engine(amp, False, True)
     if compile_g:
         ctors[f"engine {'bf16' if bf16 else 'fp32'} channels_last + compile"] = engine(
             "bf16" if bf16 else "none", True)

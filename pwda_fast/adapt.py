@@ -129,14 +129,23 @@ class Adapter:
             self.scaler.load_state_dict(state["scaler"])
 
     def set_lr(self, step: int) -> float:
-        """Set the three optimizers' learning rates for `step` -> G's first group's (the backbone's)."""
+        """Set the three optimizers' learning rates for `step` -> G's first group's (the backbone's).
+        A learning rate held as a device tensor (train.cuda_graphs: a captured optimizer step reads it
+        there) is filled in place."""
         lr_g, lr_d = self.schedule.lr_g(step), self.schedule.lr_d(step)
-        for group in self.opt.g.param_groups:
-            group["lr"] = lr_g * group.get("lr_mult", 1.0)
-        for opt in (self.opt.d, self.opt.d_aux):
-            for group in opt.param_groups:
-                group["lr"] = lr_d
-        return self.opt.g.param_groups[0]["lr"]
+        lrs = [(group, lr_g * group.get("lr_mult", 1.0)) for group in self.opt.g.param_groups]
+        lrs += [(group, lr_d) for opt in (self.opt.d, self.opt.d_aux) for group in opt.param_groups]
+        for group, lr in lrs:
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        return lrs[0][1]
+
+    def phase(self, step: int) -> tuple:
+        """What the iteration decides in Python from the step number: whether pixels are weighted
+        (the preheat) and whether the memory term counts. Equal phases run the same kernels."""
+        return self.weighting_on(step), self.a.memory and step >= self.a.memory_start
 
     def cast_cache(self):
         """The region over the three stages in which autocast keeps its weight casts.
@@ -180,7 +189,10 @@ class Adapter:
         of what a skipped step changed and the loss scale's update all happen on the device when every
         optimizer can skip there (torch's fused SGD and Adam, once G's momentum exists; see
         `skips_on_device`). Otherwise the decision waits for the device once, as it always did."""
-        lr = self.set_lr(step)
+        return self.iteration(step, source, target, self.set_lr(step))
+
+    def iteration(self, step: int, source: dict, target: dict | None, lr: float) -> StepResult:
+        """`launch` once the learning rates are set: what train.cuda_graphs captures."""
         for opt in self.opt:
             opt.zero_grad(set_to_none=True)
         self.snapshot.save()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pwda_fast import config, distributed, models, ops
+from pwda_fast import config, distributed, graphs, models, ops
 from pwda_fast.adapt import Adapter, Nets, Schedule
 
 
@@ -28,8 +28,15 @@ class Optimizers:
         return iter((self.g, self.d, self.d_aux))
 
     def state_dict(self) -> dict:
-        return {"opt_g": self.g.state_dict(), "opt_d": self.d.state_dict(),
-                "opt_d_aux": self.d_aux.state_dict()}
+        """The three optimizers' states; learning rates as numbers even where train.cuda_graphs holds
+        them in device tensors (a checkpoint resumes with or without graphs, on any device)."""
+        state = {"opt_g": self.g.state_dict(), "opt_d": self.d.state_dict(),
+                 "opt_d_aux": self.d_aux.state_dict()}
+        for opt_state in state.values():
+            for group in opt_state["param_groups"]:
+                if torch.is_tensor(group["lr"]):
+                    group["lr"] = group["lr"].item()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for opt, key in zip(self, ("opt_g", "opt_d", "opt_d_aux")):
@@ -95,7 +102,7 @@ class Engine:
     nets: Nets
     """The bare networks: what checkpoints hold and evaluation runs."""
     optimizers: Optimizers
-    adapter: Adapter
+    adapter: Adapter | graphs.GraphedAdapter
     """Runs one iteration on the networks as training wraps them (DDP, torch.compile)."""
     backend: str
     """The weighted-loss backend `kernels.backend` resolved to on this device."""
@@ -180,4 +187,21 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
                       Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
                       channels_last=cfg.train.channels_last, backend=backend, device=device, dist=dist,
                       num_classes=cfg.model.num_classes)
+    if cfg.train.cuda_graphs:
+        check_graphable(cfg, device, dist)
+        adapter = graphs.GraphedAdapter(adapter)
     return Engine(nets, optimizers, adapter, backend)
+
+
+def check_graphable(cfg: config.Config, device: torch.device, dist: distributed.Dist) -> None:
+    """train.cuda_graphs runs where a captured iteration is exactly the eager one: else ConfigError."""
+    t = cfg.train
+    problems = [why for bad, why in [
+        (device.type != "cuda", f"a CUDA device (this run is on {device.type})"),
+        (dist.enabled, "one process (DDP's gradient hooks are not captured)"),
+        (t.compile, "train.compile = false"),
+        (t.amp == "fp16", "train.amp none or bf16 (the fp16 loss scaler is not captured)"),
+        (cfg.optim.impl != "auto", "optim.impl = auto (the fused optimizers skip on a device flag)"),
+    ] if bad]
+    if problems:
+        raise config.ConfigError("train.cuda_graphs needs " + "; ".join(problems))

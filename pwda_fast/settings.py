@@ -229,6 +229,10 @@ class TrainConfig:
     """Run networks and inputs in channels_last memory format."""
     compile: bool = False
     """torch.compile the networks."""
+    cuda_graphs: bool = False
+    """Replay the whole training iteration as one CUDA graph after 3 eager ones (pwda_fast/graphs.py):
+    one GPU, no torch.compile, train.amp "none" or "bf16", optim.impl "auto". Experimental: off until
+    the H200 measurement decides its default."""
     stop_at: int = 0
     """Stop after this step with a checkpoint, as a preemption would (0 = run to train.iters)."""
     max_skips: int = 20
