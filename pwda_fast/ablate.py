@@ -6,9 +6,11 @@
 Rows (the paper's Table 3, its "DA without pixel-wise weighting" as two rows): source-only; MRNet as
 published (what the paper's row ran: MRNet's own LSGAN discriminators D1 + D2, adapt.adversary =
 mrnet); the paper's D without weighting (AdaptSegNet's BCE D, the setting the weighting rows add to);
-GenMap (T=1); GenMap (T=0.9); GenMap (T=0.9) + DisMap. Each (pair, row, seed) is an ordinary
-`pwda_fast.train` run in OUT/<pair>/<row>-s<seed>, so rerunning resumes unfinished runs and
-re-evaluates finished ones.
+GenMap (T=1); GenMap (T=0.9); GenMap (T=0.9) + DisMap ("full"); then the full method with each
+choice the paper leaves open switched (docs/METHOD.md): w's gradient flowing in the generator stage
+(CLAN), D's target term unweighted or weighted by w / mean(w), CLAN's preheat. Each (pair, row,
+seed) is an ordinary `pwda_fast.train` run in OUT/<pair>/<row>-s<seed>, so rerunning resumes
+unfinished runs and re-evaluates finished ones.
 
 Every row of a pair runs on the same seeds, so each row is compared with "the paper's D without
 weighting" (the weighting rows differ from it in the weighting alone) seed by seed: the mean paired
@@ -47,6 +49,7 @@ from pwda_fast.data.labels import CLASSES, colorize
 # toy). The paper's "DA without pixel-wise weighting" (45.5) is MRNet's published adaptation, with its
 # own discriminators; the paper's weighting rows replace them with AdaptSegNet's D. Both are rows here,
 # named for what they run; the paired differences are taken against the second.
+FULL = ["--adapt.mode=adapt", "--adapt.weighting=gen+dis", "--adapt.threshold=0.9"]
 ROWS = (
     ("source-only", "source-only", ["--adapt.mode=source_only"]),
     ("mrnet-published", "MRNet as published (its D1 + D2)",
@@ -55,8 +58,12 @@ ROWS = (
     ("genmap-t1", "GenMap (T=1)", ["--adapt.mode=adapt", "--adapt.weighting=gen", "--adapt.threshold=1.0"]),
     ("genmap-t0.9", "GenMap (T=0.9)",
      ["--adapt.mode=adapt", "--adapt.weighting=gen", "--adapt.threshold=0.9"]),
-    ("genmap-t0.9-dismap", "GenMap (T=0.9) + DisMap",
-     ["--adapt.mode=adapt", "--adapt.weighting=gen+dis", "--adapt.threshold=0.9"]),
+    ("genmap-t0.9-dismap", "GenMap (T=0.9) + DisMap", FULL),
+    # The choices the paper leaves open (docs/METHOD.md), each on top of the full method.
+    ("full-flowing", "full, w's gradient flowing (CLAN)", [*FULL, "--adapt.weight_grad=flowing"]),
+    ("full-d-unweighted", "full, D's target term unweighted", [*FULL, "--adapt.d_target=unweighted"]),
+    ("full-d-normalized", "full, D's target term by w / mean(w)", [*FULL, "--adapt.d_target=normalized"]),
+    ("full-preheat", "full after CLAN's preheat (5% of 400 steps)", [*FULL, "--adapt.preheat_iters=20"]),
 )
 BASELINE = "the paper's D without weighting"
 PAIRS = ("toy", "toy_partial")
