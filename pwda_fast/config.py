@@ -57,6 +57,11 @@ class ModelConfig:
     used); "" = random."""
     disc_width: int = 64
     """Channels of the first output-space discriminator conv (64-128-256-512 in the paper)."""
+    disc_stride: int = 32
+    """Total stride of the output-space discriminator: 32 = the paper's D (five 4x4 stride-2 convs,
+    16x32 cells on a 512x1024 crop); 16, 8, 4, 2 or 1 keep that many halvings and make the remaining
+    convs 1x1, so each cell sees about 3 cells across as in the paper (the toy: 4, 16x32 cells on
+    64x128 crops)."""
     aux_disc_width: int = 256
     """Hidden channels of D_aux's first 1x1 conv (then /2, /4); not given in the paper. D_aux runs at
     image size (adapt.aux_at), so its cost grows with this squared: see docs/METHOD.md."""
@@ -292,6 +297,7 @@ RULES = {
     "model.head_dropout": _fraction,
     "model.init_weights": _file_or_empty,
     "model.disc_width": _positive,
+    "model.disc_stride": (lambda v: v in (1, 2, 4, 8, 16, 32), "must be one of 1, 2, 4, 8, 16, 32"),
     "model.aux_disc_width": (lambda v: v >= 4, "must be >= 4 (its convs have width, width/2, width/4)"),
     "data.source_size": _size,
     "data.target_size": _size,

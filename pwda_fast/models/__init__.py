@@ -87,7 +87,7 @@ def build_networks(model_cfg, init: InitWeights | None = None) -> tuple[nn.Modul
     g = build_generator(m)
     if init is not None:
         load_init_weights(g, init)
-    d = OutputDiscriminator(m.num_classes, m.disc_width)
+    d = OutputDiscriminator(m.num_classes, m.disc_width, m.disc_stride)
     d_aux = FeatureDiscriminator(g.feat_channels, m.aux_disc_width)
     return g, d, d_aux
 
