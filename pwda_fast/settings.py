@@ -45,6 +45,11 @@ class ModelConfig:
     used); "" = random."""
     disc_width: int = 64
     """Channels of the first output-space discriminator conv (64-128-256-512 in the paper)."""
+    disc_stride: int = 32
+    """Total stride of the output-space discriminator: 32 = the paper's D (five 4x4 stride-2 convs,
+    16x32 cells on a 512x1024 crop); 16, 8, 4, 2 or 1 keep that many halvings and make the remaining
+    convs 1x1, so each cell sees about 3 cells across as in the paper (the toy: 4, 16x32 cells on
+    64x128 crops)."""
     aux_disc_width: int = 256
     """Hidden channels of D_aux's first 1x1 conv (then /2, /4); not given in the paper. D_aux runs at
     image size (adapt.aux_at), so its cost grows with this squared: see docs/METHOD.md."""

@@ -71,6 +71,44 @@ def test_small_discriminators_shapes():
     assert d_aux(torch.randn(2, 32, 5, 7)).shape == (2, 1, 5, 7)
 
 
+def _field(stride: int) -> int:
+    """Receptive field (pixels) of one cell of OutputDiscriminator(stride=stride), from its layers."""
+    field, jump = 1, 1
+    for conv in OutputDiscriminator(num_classes=3, width=4, stride=stride).net[::2]:
+        field += (conv.kernel_size[0] - 1) * jump
+        jump *= conv.stride[0]
+    return field
+
+
+def test_disc_stride_cells_per_crop_and_paper_default():
+    # The paper's D is the default: 16x32 cells at 512x1024 (the 512x1024 shape and the 2,781,121
+    # parameters are pinned above), five 4x4 stride-2 convs, 94-pixel fields.
+    paper = OutputDiscriminator(num_classes=19, width=64)
+    assert paper.stride == 32 and _field(32) == 94
+    assert [(c.kernel_size, c.stride, c.padding) for c in paper.net[::2]] == [((4, 4), (2, 2), (1, 1))] * 5
+    assert n_params(paper) == 2_781_121
+    assert config.ModelConfig().disc_stride == 32
+    # The toy preset: stride 4 gives the paper's 16x32 cells on its 64x128 crops, ~3 cells per field.
+    toy = config.load("toy").model
+    assert toy.disc_stride == 4
+    _, d, _ = build_networks(toy)
+    assert d(torch.rand(2, 19, 64, 128)).shape == (2, 1, 16, 32)
+    assert _field(4) == 10
+    # Every stride: H/stride x W/stride cells, the same state_dict keys, 1x1 convs after the halvings.
+    x = torch.rand(1, 3, 64, 128)
+    keys = set(OutputDiscriminator(3, 4).state_dict())
+    for stride in (1, 2, 4, 8, 16, 32):
+        d = OutputDiscriminator(num_classes=3, width=4, stride=stride)
+        assert d(x).shape == (1, 1, 64 // stride, 128 // stride)
+        assert set(d.state_dict()) == keys
+        assert [c.stride[0] for c in d.net[::2]].count(2) == stride.bit_length() - 1
+        assert _field(stride) == 1 + 3 * (stride - 1)
+    with pytest.raises(ValueError, match="stride must be one of"):
+        OutputDiscriminator(stride=12)
+    with pytest.raises(config.ConfigError, match="disc_stride"):
+        config.load("toy", {"model.disc_stride": 3})
+
+
 def test_param_groups_give_heads_ten_times_the_rate():
     g = DeepLabV2(num_classes=3, depth=14, width=8, bn="train")
     groups = g.param_groups(0.1, 10.0)

@@ -32,6 +32,7 @@ GTA5 = {
     "model.init_weights": ("", "given by the user: README / train_ms.py RESTORE_FROM "
                                "DeepLab_resnet_pretrained_init (the engine downloads nothing)"),
     "model.disc_width": (64, "paper §5.2 D 64-128-256-512-1; AdaptSegNet model/discriminator.py ndf = 64"),
+    "model.disc_stride": (32, "paper §5.2 / AdaptSegNet model/discriminator.py: five 4x4 stride-2 convs"),
     "model.aux_disc_width": (256, "engine: the paper gives no D_aux widths; METHOD.md §2"),
     # --- data ---
     "data.source": ("gta5", "paper: GTA5 -> Cityscapes"),
@@ -136,7 +137,7 @@ TABLES = {"gta5_to_cityscapes": GTA5, "synthia_to_cityscapes": SYNTHIA}
 
 # Keys both preset files leave to the dataclass defaults; every other key is written in the file.
 DEFAULTED = {
-    "model.num_classes", "model.init_weights",
+    "model.num_classes", "model.init_weights", "model.disc_stride",
     "data.source_root", "data.target_root", "data.source_prepared", "data.target_prepared", "data.loader",
     "data.image_format", "data.skip_bad", "data.max_bad_fraction", "data.validate",
     "optim.impl",

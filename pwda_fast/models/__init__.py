@@ -98,7 +98,7 @@ def build_networks(model_cfg, init: InitWeights | None = None,
     if adversary not in ("pwda", "mrnet"):
         raise ValueError(f"adapt.adversary must be 'pwda' or 'mrnet'; got {adversary!r}")
     d = (MRNetDiscriminators(m.num_classes) if adversary == "mrnet"
-         else OutputDiscriminator(m.num_classes, m.disc_width))
+         else OutputDiscriminator(m.num_classes, m.disc_width, m.disc_stride))
     d_aux = FeatureDiscriminator(g.feat_channels, m.aux_disc_width)
     return g, d, d_aux
 

@@ -2,6 +2,8 @@
 
 OutputDiscriminator (D): AdaptSegNet's fully-convolutional discriminator on the softmax of the
 segmentation output: 4x4 stride-2 convs 64-128-256-512-1, LeakyReLU 0.2. At 512x1024 input -> 16x32.
+With a total stride below the paper's 32 (model.disc_stride, the toy), the first log2(stride) convs
+are the paper's and the rest are 1x1, so D keeps the paper's geometry at a smaller scale.
 FeatureDiscriminator (D_aux): three 1x1 convs and a 1x1 classifier with LeakyReLU on layer4 features,
 at the feature resolution (65x129 at 512x1024) or, as the paper states, on the features upsampled to
 the image size (computed exactly and cheaply: see FeatureDiscriminator.forward).
@@ -14,18 +16,33 @@ from torch import nn
 
 from pwda_fast import ops
 
+STRIDES = (1, 2, 4, 8, 16, 32)  # model.disc_stride's choices: 2 ** (stride-2 convs among the five)
+
 
 class OutputDiscriminator(nn.Module):
-    """(N, K, H, W) class probabilities -> (N, 1, H/32, W/32) domain logits."""
+    """(N, K, H, W) class probabilities -> (N, 1, H/stride, W/stride) domain logits.
 
-    def __init__(self, num_classes: int = 19, width: int = 64):
+    stride 32 (the default) is the paper's D exactly: five 4x4 stride-2 convs (padding 1). A smaller
+    stride keeps the five convs and their widths; the first log2(stride) stay 4x4 stride 2 and the
+    others become 1x1 (stride 1, no padding). Each cell then sees 1 + 3 * (stride - 1) input pixels,
+    about 3 cells across, as the paper's 94-pixel field on its 32-pixel cells does: D at stride 4 on
+    64x128 crops has the paper's 16x32 cells per crop and fields of 10 pixels (a 512x1024 crop
+    shrunk 8x turns the paper's 94 into 12). The layer indices, and so the state_dict keys, are
+    the same for every stride.
+    """
+
+    def __init__(self, num_classes: int = 19, width: int = 64, stride: int = 32):
         super().__init__()
-        chans = [num_classes, width, width * 2, width * 4, width * 8]
+        if stride not in STRIDES:
+            raise ValueError(f"OutputDiscriminator stride must be one of {STRIDES}; got {stride}")
+        down = stride.bit_length() - 1  # convs that halve the resolution
+        chans = [num_classes, width, width * 2, width * 4, width * 8, 1]
         layers = []
-        for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
-        layers.append(nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1))
+        for i, (cin, cout) in enumerate(zip(chans, chans[1:])):
+            conv = (nn.Conv2d(cin, cout, 4, stride=2, padding=1) if i < down else nn.Conv2d(cin, cout, 1))
+            layers += [conv, nn.LeakyReLU(0.2, inplace=True)] if i < 4 else [conv]
         self.net = nn.Sequential(*layers)
+        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
