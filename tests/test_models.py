@@ -29,7 +29,7 @@ def n_params(m):
 def test_paper_networks_shapes_at_512x1024_and_parameter_counts():
     g, d, d_aux = build_networks(config.load("toy", {"model.arch": "deeplabv2", "model.depth": 101,
                                                      "model.width": 64,
-                                                     "model.disc_width": 64,
+                                                     "model.disc_width": 64, "model.disc_stride": 32,
                                                      "model.aux_disc_width": 1024}).model)
     print(f"\nDeepLab-v2 R101 (19 classes, two heads): {n_params(g):,} parameters; "
           f"D: {n_params(d):,}; D_aux: {n_params(d_aux):,}")

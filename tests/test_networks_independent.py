@@ -227,7 +227,8 @@ def weighted_sum(outputs, gen):
 
 def model_config(**model):
     # stride_on given: "auto" is the package's to resolve, the twin takes the geometry it is told.
-    overrides = {"model.depth": 26, "model.width": 8, "model.head_width": 32, "model.stride_on": "1x1"}
+    overrides = {"model.depth": 26, "model.width": 8, "model.head_width": 32, "model.stride_on": "1x1",
+                 "model.disc_stride": 32}  # the paper's D (AdaptSegNet's), not the toy preset's
     overrides.update({f"model.{k}": v for k, v in model.items()})
     return config.load("toy", overrides).model
 

@@ -47,6 +47,10 @@ def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", 
     return config.load("toy", {
         "model.arch": arch, "model.head_width": 64, "adapt.aux_at": aux_at, **mrnet,
         "model.depth": 14, "model.width": 8, "model.bn": bn, "model.disc_width": 4,
+        # The paper's D (the toy preset's stride-4 D has its own tests in test_models.py): at stride 4
+        # its 16x32 cells of 1x1 LeakyReLU layers move G's first gradient by float32 round-off alone
+        # by ~5e-3 of its largest value, over this oracle's 1e-3.
+        "model.disc_stride": 32,
         # MRNet's backbone gradient at the first step is mostly D_aux's fool term; through 8-wide
         # LeakyReLU layers at image size, float32 round-off flips enough units across the kink to move
         # it by 1.3e-3 of its largest value (a float32 copy of this oracle differs from it as much as
