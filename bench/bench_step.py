@@ -169,8 +169,10 @@ def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16:
 
 def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: int) -> dict:
     """label -> seconds per iteration: `warmup` untimed iterations each, then per round each provider
-    runs one iteration per batch, each timed alone (an iteration is 10s-100s of ms, so per-call host
-    overhead is noise here); providers interleaved round by round (common.interleave)."""
+    runs one iteration per batch back to back, timed together up to one final device sync (one sample
+    per round): as the training loop runs them, where the host queues the next iteration while the
+    device finishes this one (Adapter.launch waits for nothing). Providers interleaved round by round
+    (common.interleave)."""
     def stepper(prov):
         count = itertools.count()  # the step index goes on rising, as in training
 
@@ -180,7 +182,7 @@ def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: i
         return step
 
     return common.interleave({name: stepper(prov) for name, prov in provs.items()}, device, rounds,
-                             warmup, samples_per_turn=len(batches))
+                             warmup, calls_per_sample=len(batches))
 
 
 def main(argv=None) -> int:
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
           f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "
           f"weighted-loss backend {ops.resolve_backend('auto', device)!r}, "
-          f"{args.rounds}x{args.iters} timed iterations each")
+          f"{args.rounds} samples of {args.iters} iterations back to back each")
     print(f"{'provider':<40} {'median ms':>10} {'p10-p90 ms':>16} {'images/s':>9} {'speedup':>8}")
     for r in rows:
         spread = f"{1e3 * r['p10_s']:.0f}-{1e3 * r['p90_s']:.0f}"

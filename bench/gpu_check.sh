@@ -85,7 +85,7 @@ if [[ $MODE == gpu ]]; then
   UPSAMPLE_ARGS=()
   REAL_SIZE_ARGS=(--iters 50 --workers 4 8)
   STEP_ARGS=(--preset paper)
-  TIMING_ARGS=(--iters 3 --rounds 2 --warmup 5)  # the CUDA-graph row: 3 eager steps, then the capture
+  TIMING_ARGS=(--iters 3 --rounds 3 --warmup 5)  # the CUDA-graph row: 3 eager steps, then the capture
   COMPILE_TIMING_ARGS=(--iters 3 --rounds 2 --warmup 3)
   # Compiled kernels kept in the (ignored) build folder: a rerun on the same machine starts warm.
   export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/build/inductor_cache}"

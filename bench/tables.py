@@ -149,9 +149,10 @@ def render(data: dict, source: str) -> str:
         b = first["batch"]
         lines.append(f"Preset {first['preset']} (depth {first['depth']}, width {first['width']}), "
                      f"batch {b}+{b} (source + target) at {first['crop'][0]}x{first['crop'][1]}, "
-                     f"weighted-loss backend {first['loss_backend']}. {rounds} timed iterations per "
-                     f"provider, {first['iterations_per_round']} per round with the providers interleaved "
-                     f"round by round, after {first['warmup']} untimed ones; images/s = {2 * b} / median.")
+                     f"weighted-loss backend {first['loss_backend']}. {rounds} samples per provider, each "
+                     f"{first['iterations_per_round']} iterations back to back up to one device sync (as "
+                     f"training queues them), the providers interleaved round by round, after "
+                     f"{first['warmup']} untimed iterations; images/s = {2 * b} / median per iteration.")
         table = step_table(benches)
     else:
         raise TablesError(f"{source}: unknown suite {suite!r} (known: loss, step)")

@@ -98,7 +98,7 @@ def test_step_table_images_per_second_and_ratio():
         "| engine bf16 channels_last | 100.0 | 95.00-110.0 | 80.00 | 1.50 |",
     ]
     assert "Preset toy (depth 14, width 16), batch 4+4 (source + target) at 96x192" in block
-    assert "20 timed iterations per provider, 4 per round" in block
+    assert "20 samples per provider, each 4 iterations back to back up to one device sync" in block
     assert "Not measured" not in block
 
 
