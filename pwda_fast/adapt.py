@@ -245,6 +245,8 @@ class Adapter:
         """
         if not self.scaler.is_enabled():
             return None
+        # The scaler's own device tensors (private, but the same in torch 2.11-2.14; get_scale() and
+        # state_dict() would read them back to the host).
         scale, tracker = self.scaler._scale, self.scaler._growth_tracker
         scale_before, tracker_before = scale.clone(), tracker.clone()
         self.scaler.update()  # also clears the per-optimizer unscale records the next step needs clear
