@@ -18,7 +18,8 @@ difference in mIoU with its 95% Student t interval over the seeds, the same for 
 class group (toy_partial: its aligned and its shifted classes; the toy: all its classes) and, without
 interval, per class. The Fig. 2 measurements of each run's last evaluation (pwda_fast.weight_stats: the
 fraction of target pixels with p* > T and the mean pixel weight per class group) are averaged over the
-seeds.
+seeds, beside D_aux's loss at the end of training for the rows with DisMap (at chance, 2 ln 2, DisMap
+is a constant).
 
 Writes per pair OUT/<pair>/ablation.md (the tables, with the command and date), OUT/<pair>/ablation.json
 (the same numbers and every seed's), OUT/<pair>/curves.png (per row over training: target mIoU and the
@@ -122,6 +123,22 @@ def fig2_at_end(series: dict[int, dict]) -> dict[str, float]:
     return {k: v for k, v in series[max(series)].items() if k.startswith(FIG2_PREFIXES)} if series else {}
 
 
+def d_aux_at_end(run_dir: Path, iters: int) -> dict[str, float]:
+    """{"d_aux_end": D_aux's logged loss averaged over the last eighth of training} for a run with the
+    paper's D_aux (weighting gen+dis, adversary pwda: BCE over source and target, 2 ln 2 = 1.386 at
+    chance); {} for other runs and runs without a config.json or logged d_aux. Shows whether DisMap
+    carried any information: with D_aux at chance, sigmoid(a) is a constant near 0.5."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return {}
+    adapt = json.loads(path.read_text())["adapt"]
+    if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adapt["adversary"] != "pwda":
+        return {}
+    lines, _ = curves.read_metrics(run_dir)
+    tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > iters * 7 / 8]
+    return {"d_aux_end": stats.mean(tail)} if tail else {}
+
+
 def plot_training(raw: dict[str, dict[int, dict]], out: Path, pair: str) -> Path:
     """out/curves.png: per row, target mIoU and the fraction of target-val pixels with p* > T at each
     evaluation, mean over seeds with the min-max band."""
@@ -221,6 +238,7 @@ def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> s
                   **{f"weight_{g}": f"mean w, {g}" for g in groups}}
     else:  # the one group covers every pixel
         titles = {"above_t": "p* > T", **{f"weight_{g}": "mean w" for g in groups}}
+    titles["d_aux_end"] = "D_aux loss, last 1/8 of steps"
     keys = [k for k in titles if any(k in r["fig2"] for r in summary.values())]
     if keys:
         lines += [""] + _table(["method"] + [titles[k] for k in keys],
@@ -256,7 +274,10 @@ def report(pair: str, summary: dict[str, dict], groups: dict[str, list[str]], se
             f"images (pwda_fast.weight_stats), mean over seeds: the fraction of pixels with p* > T (the "
             f"row's T; T = 1 floors none) and the mean pixel weight w{by_group} (eq. 6 "
             f"for GenMap + DisMap, eq. 4 otherwise; rows that do not weight show what their T would "
-            f"give). Third: mean Δ IoU per class. Last: mIoU per seed.\n\n"
+            f"give), and for the rows with DisMap D_aux's logged loss over the last eighth of the steps "
+            f"(BCE summed over source and target: 2 ln 2 = 1.386 is chance, where sigmoid(D_aux) is a "
+            f"constant 0.5 and DisMap carries nothing). Third: mean Δ IoU per class. Last: mIoU per "
+            f"seed.\n\n"
             f"{markdown_tables(summary, groups)}\n\nCommand: `{command}` ({date}).\n")
 
 
@@ -319,8 +340,8 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
                 return code, raw, first_runs, iters
             iters = config.load(*config.parse_args(argv_run)).train.iters
             curve = eval_series(run_dir)
-            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"],
-                                              "fig2": fig2_at_end(curve), "curve": curve}
+            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"], "curve": curve,
+                                              "fig2": {**fig2_at_end(curve), **d_aux_at_end(run_dir, iters)}}
             if seed == args.seed_list[0]:
                 first_runs[f"{name}: {final['miou']:.1f}"] = run_dir
     return 0, raw, first_runs, iters

@@ -27,6 +27,10 @@ SKIPPED = ["tests/test_skipped_step.py"]
 FINISHED = ["tests/test_finished_run.py"]
 RESUME = ["tests/test_train.py", "-k", "stop_and_resume"]
 ORACLE = ["tests/test_oracle.py", "-k", "mrnet"]
+# The choices the paper leaves open (issue-level switches): the oracle's iterations of each.
+SWITCHES = ["tests/test_oracle.py", "-k", "preheat or d-unweighted or d-normalized or flowing"]
+# MRNet's duplicated backbone listing and the toy D's stride.
+REPEATS = ["tests/test_models.py", "-k", "repeating_sgd or disc_stride"]
 # MRNet's own adversary (adapt.adversary = "mrnet"): the oracle's iterations and the twin of MsImageDis.
 MRNET_ADV = ["tests/test_oracle.py", "tests/test_mrnet_adversary.py", "-k", "mrnet-adversary or twin"]
 
@@ -130,6 +134,20 @@ MUTATIONS = [
      "norm = normalization.get(cfg.data.normalize)", 'norm = normalization.get("auto")', FINISHED),
     ("visualize feeds an outside image ImageNet-normalised", "pwda_fast/visualize.py",
      "size=size, train=False, normalize=cfg.data.normalize,", "size=size, train=False,", FINISHED),
+    ("w's gradient flowing mode detaches w after all", "pwda_fast/adapt.py",
+     "label=SOURCE, detach_weights=False,", "label=SOURCE, detach_weights=True,", SWITCHES),
+    ("D's target term weighted when asked unweighted", "pwda_fast/adapt.py",
+     'weighted = self.weighting_on(step) and self.a.d_target != "unweighted"',
+     "weighted = self.weighting_on(step)", SWITCHES),
+    ("D's target term normalised by sum(w) instead of mean(w)", "pwda_fast/adapt.py",
+     "return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).mean()",
+     "return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).sum()", SWITCHES),
+    ("CLAN's preheat lasts one step longer", "pwda_fast/adapt.py",
+     "step >= self.a.preheat_iters", "step > self.a.preheat_iters", SWITCHES),
+    ("backbone repeats keep the momentum of a tensor's first entry", "pwda_fast/engine.py",
+     '                            self.state[p].pop("momentum_buffer", None)\n', "", REPEATS),
+    ("D's stride-2 convs one fewer than disc_stride asks", "pwda_fast/models/discriminator.py",
+     "down = stride.bit_length() - 1", "down = stride.bit_length() - 2", REPEATS),
     ("MRNet's D: gradient penalty not differentiated into D", "pwda_fast/reference.py",
      "real_input, create_graph=True)", "real_input, retain_graph=True)", MRNET_ADV),
     ("MRNet's generator LSGAN term without its factor 2", "pwda_fast/reference.py",

@@ -118,11 +118,13 @@ def test_tables_show_intervals_groups_fig2_classes_and_seeds():
     raw = _fake({ablate.BASELINE: [40.0], "GenMap (T=1)": [39.5]}, seeds=(9,))
     for runs in raw.values():
         runs[9]["fig2"] = {"above_t": 0.5, "weight_all": 0.3}
+    raw["GenMap (T=1)"][9]["fig2"]["d_aux_end"] = 1.0
     one = ablate.analyse(raw, {"all": ALIGNED + SHIFTED})
     lines = ablate.markdown_tables(one, {"all": ALIGNED + SHIFTED}).splitlines()
     assert lines[0] == "| method | mIoU mean ± sd | Δ mIoU vs no weighting [95% CI] | sd of Δ |"
     assert lines[3] == "| GenMap (T=1) | 39.50 | -0.50 | – |"
-    assert "| method | p* > T | mean w |" in lines
+    assert "| method | p* > T | mean w | D_aux loss, last 1/8 of steps |" in lines
+    assert f"| {ablate.BASELINE} | 0.500 | 0.300 | – |" in lines and "| GenMap (T=1) | 0.500 | 0.300 | 1.000 |" in lines
     assert "| car | -0.50 |" in lines
 
 
@@ -228,6 +230,21 @@ def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
     assert ablate.eval_series(tmp_path / "missing") == {} and ablate.fig2_at_end({}) == {}
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    ({"adapt.weighting": "gen+dis"}, {"d_aux_end": 0.9}),  # steps 8 and 9 of 9 (the last eighth): 1.0, 0.8
+    ({"adapt.weighting": "gen"}, {}),  # no D_aux
+    ({"adapt.weighting": "none", "adapt.adversary": "mrnet"}, {}),  # its "d_aux" is D1's LSGAN loss
+    ({"adapt.mode": "source_only"}, {}),
+])
+def test_d_aux_at_end_averages_the_last_eighth_of_the_rows_with_dismap(tmp_path, overrides, expected):
+    (tmp_path / "config.json").write_text(config.load("toy", overrides).to_json())
+    lines = [{"step": s, "d_aux": d} for s, d in ((1, 1.4), (7, 1.2), (8, 1.0), (9, 0.8))]
+    lines.append({"step": 9, "eval": True, "miou": 20.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert ablate.d_aux_at_end(tmp_path, 9) == pytest.approx(expected)
+    assert ablate.d_aux_at_end(tmp_path / "missing", 9) == {}
+
+
 def test_t_interval_in_the_summary_is_the_stats_one():
     raw = _fake({ablate.BASELINE: [40.0, 41.0, 45.0, 39.0], "GenMap (T=1)": [41.5, 40.0, 47.0, 38.0]},
                 seeds=(1, 2, 3, 4))
@@ -262,6 +279,8 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
         fig2 = result["rows"][name]["fig2"]  # logged by the trainer at its last evaluation
         assert {"above_t", "above_t_aligned", "above_t_shifted", "weight_aligned", "weight_shifted"} \
             <= set(fig2)
+        assert ("d_aux_end" in fig2) == ("--adapt.weighting=gen+dis" in dict(
+            (slug, flags) for slug, _, flags in ablate.ROWS)[slug])
     assert "Command: `python -m pwda_fast.ablate --pair toy_partial --seeds 1" in text
     assert text.strip() in capsys.readouterr().out
     picture = np.asarray(Image.open(pair_dir / "ablation.png"))
