@@ -132,7 +132,8 @@ def d_aux_at_end(run_dir: Path, iters: int) -> dict[str, float]:
     if not path.is_file():
         return {}
     adapt = json.loads(path.read_text())["adapt"]
-    if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adapt["adversary"] != "pwda":
+    adversary = adapt.get("adversary", "pwda")  # runs from before MRNet's adversary existed lack the key
+    if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adversary != "pwda":
         return {}
     lines, _ = curves.read_metrics(run_dir)
     tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > iters * 7 / 8]
