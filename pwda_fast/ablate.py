@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from pwda_fast import checkpoint, config, curves, pictures, stats, train
+from pwda_fast import checkpoint, config, curves, pictures, stats, train, weight_stats
 from pwda_fast.data import build_val, class_groups
 from pwda_fast.data.labels import CLASSES, colorize
 
@@ -121,23 +121,6 @@ def eval_series(run_dir: Path) -> dict[int, dict]:
 def fig2_at_end(series: dict[int, dict]) -> dict[str, float]:
     """The Fig. 2 measurements of a run's last evaluation, from its eval_series ({} if it has none)."""
     return {k: v for k, v in series[max(series)].items() if k.startswith(FIG2_PREFIXES)} if series else {}
-
-
-def d_aux_at_end(run_dir: Path, iters: int) -> dict[str, float]:
-    """{"d_aux_end": D_aux's logged loss averaged over the last eighth of training} for a run with the
-    paper's D_aux (weighting gen+dis, adversary pwda: BCE over source and target, 2 ln 2 = 1.386 at
-    chance); {} for other runs and runs without a config.json or logged d_aux. Shows whether DisMap
-    carried any information: with D_aux at chance, sigmoid(a) is a constant near 0.5."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        return {}
-    adapt = json.loads(path.read_text())["adapt"]
-    adversary = adapt.get("adversary", "pwda")  # runs from before MRNet's adversary existed lack the key
-    if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adversary != "pwda":
-        return {}
-    lines, _ = curves.read_metrics(run_dir)
-    tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > iters * 7 / 8]
-    return {"d_aux_end": stats.mean(tail)} if tail else {}
 
 
 def plot_training(raw: dict[str, dict[int, dict]], out: Path, pair: str) -> Path:
@@ -341,8 +324,9 @@ def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int
                 return code, raw, first_runs, iters
             iters = config.load(*config.parse_args(argv_run)).train.iters
             curve = eval_series(run_dir)
-            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"], "curve": curve,
-                                              "fig2": {**fig2_at_end(curve), **d_aux_at_end(run_dir, iters)}}
+            fig2 = {**fig2_at_end(curve), **weight_stats.d_aux_at_end(run_dir)}
+            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"], "fig2": fig2,
+                                              "curve": curve}
             if seed == args.seed_list[0]:
                 first_runs[f"{name}: {final['miou']:.1f}"] = run_dir
     return 0, raw, first_runs, iters

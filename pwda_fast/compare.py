@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pwda_fast import train
+from pwda_fast import train, weight_stats
 from pwda_fast.data.labels import CLASSES
 
 RUNS = (("source-only", ["--adapt.mode=source_only"]),
@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'mIoU':<14}" + "".join(f"{r['miou']:>16.2f}" for r in results.values()))
     gain = results[names[1]]["miou"] - results[names[0]]["miou"]
     print(f"\nadaptation {'gains' if gain >= 0 else 'loses'} {abs(gain):.2f} mIoU over source-only")
+    d_aux = weight_stats.d_aux_at_end(run_dir).get("d_aux_end")  # run_dir: the PWDA run's
+    if d_aux is not None:
+        print(f"D_aux's loss over the last eighth of training: {d_aux:.3f} (2 ln 2 = "
+              f"{weight_stats.CHANCE:.3f} is chance, where DisMap would be a constant)")
     return 0
 
 

@@ -11,10 +11,16 @@ BatchNorm statistics, no dropout), so measuring changes nothing in the run.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from pwda_fast import pictures
+from pwda_fast import curves, pictures, stats
+
+CHANCE = 2 * math.log(2)  # D_aux's BCE summed over source and target when it cannot tell them apart
 
 # Target-val images, taken one at a time: at 1024x512, D_aux's first map at image size alone holds
 # 256 x 524,288 fp32 values (0.5 GB).
@@ -64,3 +70,21 @@ def measure(g, d_aux, val_dataset, adapt_cfg, groups: dict[str, tuple[int, ...]]
             out[f"above_t_{name}"] = n_above / n
             out[f"weight_{name}"] = w_sum / n
     return out
+
+
+def d_aux_at_end(run_dir: str | Path) -> dict[str, float]:
+    """{"d_aux_end": D_aux's logged loss averaged over the last eighth of training} for a run with the
+    paper's D_aux (weighting gen+dis, adversary pwda: BCE summed over source and target, CHANCE =
+    2 ln 2 when it cannot tell them apart, where sigmoid(a) is a constant 0.5 and DisMap carries no
+    information); {} for other runs and for runs without a config.json or a logged d_aux."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text())
+    adapt = cfg["adapt"]
+    adversary = adapt.get("adversary", "pwda")  # runs from before MRNet's adversary existed lack the key
+    if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adversary != "pwda":
+        return {}
+    lines, _ = curves.read_metrics(run_dir)
+    tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > cfg["train"]["iters"] * 7 / 8]
+    return {"d_aux_end": stats.mean(tail)} if tail else {}

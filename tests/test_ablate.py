@@ -231,21 +231,6 @@ def test_eval_series_keeps_the_latest_line_of_each_step(tmp_path):
     assert ablate.eval_series(tmp_path / "missing") == {} and ablate.fig2_at_end({}) == {}
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"adapt.weighting": "gen+dis"}, {"d_aux_end": 0.9}),  # steps 8 and 9 of 9 (the last eighth): 1.0, 0.8
-    ({"adapt.weighting": "gen"}, {}),  # no D_aux
-    ({"adapt.weighting": "none", "adapt.adversary": "mrnet"}, {}),  # its "d_aux" is D1's LSGAN loss
-    ({"adapt.mode": "source_only"}, {}),
-])
-def test_d_aux_at_end_averages_the_last_eighth_of_the_rows_with_dismap(tmp_path, overrides, expected):
-    (tmp_path / "config.json").write_text(config.load("toy", overrides).to_json())
-    lines = [{"step": s, "d_aux": d} for s, d in ((1, 1.4), (7, 1.2), (8, 1.0), (9, 0.8))]
-    lines.append({"step": 9, "eval": True, "miou": 20.0})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert ablate.d_aux_at_end(tmp_path, 9) == pytest.approx(expected)
-    assert ablate.d_aux_at_end(tmp_path / "missing", 9) == {}
-
-
 def test_t_interval_in_the_summary_is_the_stats_one():
     raw = _fake({ablate.BASELINE: [40.0, 41.0, 45.0, 39.0], "GenMap (T=1)": [41.5, 40.0, 47.0, 38.0]},
                 seeds=(1, 2, 3, 4))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
 
-from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, skips, train
+from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, skips, train, weight_stats
 from pwda_fast.data import build_datasets
 from pwda_fast.data.loader import train_loader
 
@@ -206,6 +206,8 @@ def test_compare_entry_runs_both_modes_and_prints_the_table(tmp_path, capsys):
     assert f"{finals['source_only']['miou']:>16.2f}{finals['adapt']['miou']:>16.2f}" in out
     gain = finals["adapt"]["miou"] - finals["source_only"]["miou"]
     assert f"adaptation {'gains' if gain >= 0 else 'loses'} {abs(gain):.2f} mIoU" in out
+    d_aux = weight_stats.d_aux_at_end(tmp_path / "toy-adapt-s5")["d_aux_end"]  # the step-2 log line
+    assert f"D_aux's loss over the last eighth of training: {d_aux:.3f} (2 ln 2 = 1.386 is chance" in out
 
 
 def test_evaluation_during_training_logs_miou_at_its_cadence(tmp_path, capsys):

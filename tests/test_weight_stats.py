@@ -80,3 +80,18 @@ def test_every_evaluation_logs_them(tmp_path):
     assert [e["step"] for e in evals] == [1, 2]
     for e in evals:  # the toy pair: one group of all its classes
         assert {"above_t", "above_t_all", "weight_all"} <= set(e) and 0 <= e["above_t"] <= 1
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"adapt.weighting": "gen+dis"}, {"d_aux_end": 0.9}),  # steps 8 and 9 of 9 (the last eighth): 1.0, 0.8
+    ({"adapt.weighting": "gen"}, {}),  # no D_aux
+    ({"adapt.weighting": "none", "adapt.adversary": "mrnet"}, {}),  # its "d_aux" is D1's LSGAN loss
+    ({"adapt.mode": "source_only"}, {}),
+])
+def test_d_aux_at_end_averages_the_last_eighth_of_the_rows_with_dismap(tmp_path, overrides, expected):
+    (tmp_path / "config.json").write_text(config.load("toy", {"train.iters": 9, **overrides}).to_json())
+    lines = [{"step": s, "d_aux": d} for s, d in ((1, 1.4), (7, 1.2), (8, 1.0), (9, 0.8))]
+    lines.append({"step": 9, "eval": True, "miou": 20.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert weight_stats.d_aux_at_end(tmp_path) == pytest.approx(expected)
+    assert weight_stats.d_aux_at_end(tmp_path / "missing") == {}
