@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="train.iters of both runs (default: toy's)")
     parser.add_argument("--runs", default="runs", help="parent folder of the run dirs (default runs)")
     args, extra = parser.parse_known_args(argv)
-    results = {}
+    results, run_dirs = {}, {}
     for name, flags in RUNS:
-        run_dir = Path(args.runs) / f"toy-{flags[0].split('=')[1]}-s{args.seed}"
+        run_dirs[name] = run_dir = Path(args.runs) / f"toy-{flags[0].split('=')[1]}-s{args.seed}"
         argv_run = ["--config", "toy", f"--train.seed={args.seed}", f"--train.run_dir={run_dir}", *flags]
         argv_run += [f"--train.iters={args.iters}"] if args.iters else []
         code, results[name] = train.run_for_result(argv_run + extra, name)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'mIoU':<14}" + "".join(f"{r['miou']:>16.2f}" for r in results.values()))
     gain = results[names[1]]["miou"] - results[names[0]]["miou"]
     print(f"\nadaptation {'gains' if gain >= 0 else 'loses'} {abs(gain):.2f} mIoU over source-only")
-    d_aux = weight_stats.d_aux_at_end(run_dir).get("d_aux_end")  # run_dir: the PWDA run's
+    d_aux = weight_stats.d_aux_at_end(run_dirs[names[1]]).get("d_aux_end")
     if d_aux is not None:
         print(f"D_aux's loss over the last eighth of training: {d_aux:.3f} (2 ln 2 = "
               f"{weight_stats.CHANCE:.3f} is chance, where DisMap would be a constant)")
