@@ -117,6 +117,15 @@ class Adapter:
                       if adapt_cfg.class_balance and adapt_cfg.often_balance else None)
         self.restored = self.buffers + ([self.often] if self.often is not None else [])
         self.snapshot = Snapshot(self.restored)
+        # Under DDP: this rank's stop request (SIGTERM), a device flag that rides in each step's
+        # all-reduce, so that every rank learns of it one step late without a read of its own.
+        self.stop_flag = torch.zeros((), device=device) if self.dist.enabled else None
+
+    def request_stop(self) -> None:
+        """Ask every rank to stop: carried by the next launched step's reduction (DDP); its StepReport
+        says `stop`. In one process the caller's own flag is the whole story, and this does nothing."""
+        if self.stop_flag is not None:
+            self.stop_flag.fill_(1.0)  # a kernel queued on the stream, not a copy that waits
 
     def state_dict(self) -> dict:
         """{"often": (K,) tensor or None, "scaler": the loss scaler's state ({} unless amp=fp16)}."""
@@ -204,7 +213,7 @@ class Adapter:
                 self.discriminator_stage(src, tgt, losses, step)
         for opt in self.opt:  # a no-op without fp16; inf and nan survive the division
             self.scaler.unscale_(opt)
-        means, finite = self._reduce(losses)
+        means, finite, stop = self._reduce(losses)
         stepping = list(self.opt) if self.adapt else [self.opt.g]
         if self.skips_on_device():
             found_inf = (~finite).float()
@@ -218,7 +227,7 @@ class Adapter:
                 if take:
                     opt.step()
         self.snapshot.restore_unless(finite)
-        return StepResult(tuple(losses), means, finite, lr, self._update_scale(finite))
+        return StepResult(tuple(losses), means, finite, lr, self._update_scale(finite), stop)
 
     def skips_on_device(self) -> bool:
         """Whether the optimizers can take the skip decision as a device flag (their `found_inf`):
@@ -394,16 +403,16 @@ class Adapter:
         losses["d"], losses["d_aux"] = loss_d.detach(), loss_d_aux.detach()
         self.scaler.scale(loss_d + loss_d_aux).backward()
 
-    def _reduce(self, losses: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ((K,) loss means over ranks, () every loss and gradient finite on every rank), both on
-        the device; one all-reduce."""
+    def _reduce(self, losses: dict):
+        """-> ((K,) loss means over ranks, () every loss and gradient finite on every rank, () some rank
+        asked to stop (None in one process)), all on the device; one all-reduce."""
         values = torch.stack([v.float() for v in losses.values()])
         total = values.sum()
         grads = [p.grad for opt in self.opt for group in opt.param_groups for p in group["params"]
                  if p.grad is not None]
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-        return distributed.step_summary(values, torch.isfinite(total), self.dist)
+        return distributed.step_summary(values, torch.isfinite(total), self.dist, self.stop_flag)
 
 
 class Snapshot:
@@ -450,15 +459,21 @@ class StepResult:
     """G's learning rate in this iteration (its first parameter group's)"""
     scaler: torch.Tensor | None = None
     """fp16 only: (2,) float, [skipped for an overflow that lowered the scale to >= 1, the scale after]"""
+    stop: torch.Tensor | None = None
+    """DDP only: () bool, some rank had asked to stop when it launched this step"""
 
     def read(self) -> StepReport:
         parts = [self.means.float(), self.finite.float().reshape(1)]
         if self.scaler is not None:
             parts.append(self.scaler)
+        if self.stop is not None:
+            parts.append(self.stop.float().reshape(1))
         values = torch.cat(parts).tolist()
         k = len(self.names)
-        calibrating, scale = (values[k + 1] == 1.0, values[k + 2]) if len(values) > k + 1 else (False, None)
-        return StepReport(dict(zip(self.names, values[:k])), values[k] == 1.0, calibrating, scale, self.lr)
+        calibrating, scale = (values[k + 1] == 1.0, values[k + 2]) if self.scaler is not None else (False, None)
+        stop = self.stop is not None and values[-1] == 1.0
+        return StepReport(dict(zip(self.names, values[:k])), values[k] == 1.0, calibrating, scale, self.lr,
+                          stop)
 
 
 @dataclass
@@ -472,3 +487,6 @@ class StepReport:
     scale: float | None
     """the fp16 loss scale after the step (None without fp16)"""
     lr: float
+    stop: bool = False
+    """DDP: some rank asked to stop (SIGTERM) by the time it launched this step; every rank reads the
+    same value, so all stop after the same step"""

@@ -82,27 +82,26 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-def any_true(flag: bool, device, info: Dist) -> bool:
-    """True if `flag` is true on any rank (e.g. SIGTERM reached one worker: all of them stop)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0.0
+def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist,
+                 stop: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(K,) local losses, () local "all finite" flag, () local "stop requested" (DDP only) ->
+    ((K,) mean over ranks, () finite on every rank, () stop requested on some rank or None), all left
+    on the device (nothing here waits for it).
 
-
-def step_summary(losses: torch.Tensor, finite: torch.Tensor, info: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K,) local losses, () local "all finite" flag -> ((K,) mean over ranks, () finite on every rank),
-    both left on the device (nothing here waits for it).
-
-    One all-reduce of K + 1 floats per step: the logged losses and the skip decision come from the
-    same reduction, so every rank logs the same numbers and skips the same steps.
+    One all-reduce of K + 2 floats per step: the logged losses, the skip decision and the stop request
+    come from the same reduction, so every rank logs the same numbers, skips the same steps and stops
+    after the same step, and the host reads all three one step late with the losses (a SIGTERM on one
+    worker costs no extra read per step).
     """
-    packed = torch.cat([losses.float().reshape(-1), (~finite).float().reshape(1)])
+    parts = [losses.float().reshape(-1), (~finite).float().reshape(1)]
+    if stop is not None:
+        parts.append(stop.float().reshape(1))
+    packed = torch.cat(parts)
+    k = losses.numel()
     if info.enabled:
         dist.all_reduce(packed)
-        packed[:-1] /= info.world
-    return packed[:-1], packed[-1] == 0.0
+        packed[:k] /= info.world
+    return packed[:k], packed[k] == 0.0, (packed[k + 1] > 0.0 if stop is not None else None)
 
 
 def barrier(info: Dist) -> None:

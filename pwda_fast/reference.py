@@ -101,7 +101,10 @@ def seg_ce(logits: torch.Tensor, labels: torch.Tensor,
     valid = labels != IGNORE_INDEX
     if class_weights is None:
         return loss / valid.sum().clamp_min(1)
-    return loss / class_weights[labels[valid]].sum().clamp_min(1e-12)
+    # The denominator by integer indexing with void pixels weighted 0: a boolean-mask index
+    # (class_weights[labels[valid]]) is a nonzero, which waits for the device (tests/test_host_syncs.py).
+    picked = class_weights[labels.clamp(0, class_weights.shape[0] - 1)]
+    return loss / torch.where(valid, picked, 0.0).sum().clamp_min(1e-12)
 
 
 def class_balance_weights(labels: torch.Tensor, num_classes: int, max_value: float,

@@ -63,7 +63,8 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, info, device
         self.init = init  # model.init_weights as main read it; handed to engine.build, then dropped
         self.run_dir = Path(cfg.train.run_dir)
-        self.stop_requested = False
+        self.stop_requested = False  # SIGTERM reached this process
+        self.stop_agreed = False  # under DDP: a step's reduction said some rank was asked to stop
         self.skips: SkipCounter | None = None
         self.pending: tuple[int, StepResult] | None = None  # the last step launched, its numbers not yet read
         self.bar: tqdm | None = None
@@ -160,6 +161,8 @@ class Trainer:
             while step < cfg.train.iters:
                 source, target = next(batches)
                 _fault_injection_hook(self.run_dir, step, self.dist.rank)
+                if self.stop_requested:
+                    adapter.request_stop()
                 result = adapter.launch(step, source, target)
                 self.flush()  # the previous step's numbers: waits for that step only, this one stays queued
                 step += 1
@@ -179,6 +182,7 @@ class Trainer:
             return
         (step, result), self.pending = self.pending, None
         report = result.read()
+        self.stop_agreed = self.stop_agreed or report.stop
         self.skips.record(step, report)
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in report.losses.items()}, refresh=False)
@@ -205,9 +209,10 @@ class Trainer:
     def checkpoint_or_stop(self, step: int) -> bool:
         """Checkpoint at the cadence, at the end and on preemption -> True when the run must stop now."""
         cfg = self.cfg
-        # Every rank stops after the same step, whichever of them got the signal.
-        self.stop_requested = distributed.any_true(self.stop_requested, self.device, self.dist)
-        preempted = self.stop_requested or step == cfg.train.stop_at
+        # Every rank stops after the same step, whichever of them got the signal: under DDP the request
+        # rides in the steps' own all-reduce and is read with their losses, one step late (no read here).
+        stop = self.stop_agreed if self.dist.enabled else self.stop_requested
+        preempted = stop or step == cfg.train.stop_at
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.iters or preempted:
             self.flush()
             positions = self.loader_positions()
@@ -217,7 +222,7 @@ class Trainer:
                 checkpoint.save(self.run_dir, step, state, cfg.train.keep_last)
             distributed.barrier(self.dist)
         if preempted:
-            why = "SIGTERM" if self.stop_requested else f"train.stop_at={step}"
+            why = "SIGTERM" if stop else f"train.stop_at={step}"
             self.log(f"stopped at step {step} ({why}); checkpoint written, rerun to resume")
         return preempted
 
