@@ -10,13 +10,17 @@ learning rates (Adapter.set_lr fills them). What the iteration decides in Python
 phase is captured anew: at most three captures in a run.
 
 Steps that decide on the host run eagerly: the first `warmup` (cuDNN and the allocator settle, and G's
-first optimizer step creates its momentum: Adapter.skips_on_device).
+first optimizer step creates its momentum: Adapter.skips_on_device), and the first step of every phase
+(its kernels compile, and Triton autotunes, outside a capture: autotuning times kernels with events
+and syncs, which a capture refuses). A capture that fails does not take the run down: the run goes on
+eagerly, with one warning that names the cause.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -31,7 +35,9 @@ def cuda_graph(iteration: Callable[[], StepResult]) -> Replay:
     and returns their results, copied out of the graph's static outputs (the next replay overwrites
     those while the caller may still be about to read these)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # captured on torch's own side stream
+    # thread_local: the loader's pin-memory thread may call cudaHostAlloc / cudaEventQuery while this
+    # thread captures; in the default "global" mode those calls invalidate the capture.
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # on torch's own side stream
         static = iteration()
 
     def replay() -> StepResult:
@@ -47,24 +53,34 @@ class GraphedAdapter:
     by running the iteration eagerly, to check everything around the capture on CPU).
     """
 
-    def __init__(self, adapter: Adapter, warmup: int = 3, capture: Callable = cuda_graph):
-        self.adapter, self.warmup, self.capture = adapter, warmup, capture
+    def __init__(self, adapter: Adapter, warmup: int = 3, capture: Callable = cuda_graph, log=warnings.warn):
+        self.adapter, self.warmup, self.capture, self.log = adapter, warmup, capture, log
         self.eager = 0
+        self.phases_run: set = set()  # phases that have run eagerly at least once
         self.captured: tuple | None = None  # (phase, static batches, replay)
+        self.failed: str | None = None  # why capturing was given up: the rest of the run is eager
 
     def __getattr__(self, name):
         return getattr(self.adapter, name)
 
     def launch(self, step: int, source: dict, target: dict | None) -> StepResult:
         a = self.adapter
-        if self.eager < self.warmup or not a.skips_on_device():
+        phase = a.phase(step)
+        if (self.failed or self.eager < self.warmup or phase not in self.phases_run
+                or not a.skips_on_device()):
             self.eager += 1
+            self.phases_run.add(phase)
             with _side_stream(a.device):  # as torch asks of the iterations before a capture
                 return a.launch(step, source, target)
-        phase = a.phase(step)
         if self.captured is None or self.captured[0] != phase:
             self.captured = None  # the previous phase's graph and its memory go first
-            self.captured = phase, *self._capture(step, source, target)
+            try:
+                self.captured = phase, *self._capture(step, source, target)
+            except Exception as e:  # a capture is recorded, not run: no state has changed yet
+                self.failed = f"{type(e).__name__}: {e}".strip()
+                self.log(f"train.cuda_graphs: capturing the step failed at step {step}, so the run goes "
+                         f"on without graphs (eager, same results). Cause: {self.failed}")
+                return self.launch(step, source, target)
         _, (static_source, static_target), replay = self.captured
         _copy_into(static_source, source)
         if target is not None:
@@ -81,6 +97,10 @@ class GraphedAdapter:
             for group in opt.param_groups:
                 if not torch.is_tensor(group["lr"]):
                     group["lr"] = torch.tensor(group["lr"], dtype=dtype, device=a.device)
+                if isinstance(opt, torch.optim.Adam):
+                    # Adam refuses a capture unless capturable (its step count then stays on the
+                    # device); the fused kernel computes the same either way.
+                    group["capturable"] = True
         static = tuple(_static(batch, a.device) if batch is not None else None for batch in (source, target))
         lr = a.set_lr(step)
         return static, self.capture(lambda: a.iteration(step, *static, lr))
