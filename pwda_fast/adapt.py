@@ -470,7 +470,9 @@ class StepResult:
             parts.append(self.stop.float().reshape(1))
         values = torch.cat(parts).tolist()
         k = len(self.names)
-        calibrating, scale = (values[k + 1] == 1.0, values[k + 2]) if self.scaler is not None else (False, None)
+        calibrating, scale = False, None
+        if self.scaler is not None:
+            calibrating, scale = values[k + 1] == 1.0, values[k + 2]
         stop = self.stop is not None and values[-1] == 1.0
         return StepReport(dict(zip(self.names, values[:k])), values[k] == 1.0, calibrating, scale, self.lr,
                           stop)

@@ -127,56 +127,54 @@ def _loop_overrides(run_dir) -> dict:
                                                          "kernels.backend": "torch"})
 
 
-def _record_loop(trainer: train.Trainer, monkeypatch, stop_on_rank_at: tuple[int, int] | None = None) -> HostSyncs:
+def _record_loop(trainer: train.Trainer, monkeypatch, stop_on_rank_at=None) -> HostSyncs:
     """trainer.run() recorded from its second launch to its last: the set-up, the loader, the one-step-
-    late read, the first launch and the checkpoint at the end may wait (by design, or not per step)."""
+    late read, the first launch and the checkpoint at the end may wait (by design, or not per step).
+    stop_on_rank_at (rank, step): that rank alone is asked to stop before that step, as by SIGTERM."""
     syncs = HostSyncs()
-    by_design = {"setup": "built once", "evaluate": "not per step", "finish": "the end",
-                 "loader_positions": "checkpoint cadence"}
-    for name, why in by_design.items():
-        method = getattr(trainer, name)
-        monkeypatch.setattr(trainer, name, lambda *a, _m=method, _why=why, **k: _allowed(syncs, _why, _m, *a, **k))
+
+    def let_through(owner, name: str, why: str) -> None:
+        method = getattr(owner, name)
+
+        def allowed(*args, **kwargs):
+            with syncs.allowed(why):
+                return method(*args, **kwargs)
+        monkeypatch.setattr(owner, name, allowed)
+
+    for name in ("evaluate", "finish", "loader_positions"):
+        let_through(trainer, name, "not per step")
     for name in ("training_state", "save"):
-        monkeypatch.setattr(checkpoint, name, lambda *a, _m=getattr(checkpoint, name), **k:
-                            _allowed(syncs, "checkpoint cadence", _m, *a, **k))
-    read = train.StepResult.read
-    monkeypatch.setattr(train.StepResult, "read", lambda self: _allowed(syncs, "read one step late", read, self))
-    batches = trainer.batches
+        let_through(checkpoint, name, "checkpoint cadence")
+    let_through(train.StepResult, "read", "the losses are read one step late")
+    batches, setup = trainer.batches, trainer.setup
 
     def loader(start):
         it = batches(start)
         for step in range(start, 10**9):
             with syncs.allowed("the loader's work is host-side"):
                 pair = next(it)
-            if stop_on_rank_at is not None and (trainer.dist.rank, step) == stop_on_rank_at:
-                trainer.stop_requested = True  # as SIGTERM on this rank alone
+            if stop_on_rank_at == (trainer.dist.rank, step):
+                trainer.stop_requested = True
             yield pair
-    monkeypatch.setattr(trainer, "batches", loader)
-    first = {}
 
-    def launch(adapter_launch, step, *args):
-        if not first:
-            first[step] = True
-            with syncs.allowed("the first step decides on the host (G's momentum is created)"):
-                return adapter_launch(step, *args)
-        return adapter_launch(step, *args)
+    def setup_then_let_the_first_launch_through():
+        with syncs.allowed("built once"):
+            start = setup()
+        launch, first = trainer.engine.adapter.launch, [True]
 
-    original_setup = trainer.setup
-
-    def setup():
-        start = original_setup()
-        adapter_launch = trainer.engine.adapter.launch
-        monkeypatch.setattr(trainer.engine.adapter, "launch", lambda *a: launch(adapter_launch, *a))
+        def launch_once_allowed(step, *batch):
+            if first.pop() if first else False:
+                with syncs.allowed("the first step decides on the host (G's momentum is created)"):
+                    return launch(step, *batch)
+            return launch(step, *batch)
+        monkeypatch.setattr(trainer.engine.adapter, "launch", launch_once_allowed)
         return start
-    monkeypatch.setattr(trainer, "setup", lambda: _allowed(syncs, "built once", setup))
+
+    monkeypatch.setattr(trainer, "batches", loader)
+    monkeypatch.setattr(trainer, "setup", setup_then_let_the_first_launch_through)
     with syncs:
         assert trainer.run() == 0
     return syncs
-
-
-def _allowed(syncs: HostSyncs, why: str, fn, *args, **kwargs):
-    with syncs.allowed(why):
-        return fn(*args, **kwargs)
 
 
 def test_the_training_loop_is_sync_free_in_one_process(tmp_path, monkeypatch):
