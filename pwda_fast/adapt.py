@@ -92,7 +92,8 @@ class Adapter:
                  num_classes: int = 19):
         self.nets, self.opt, self.a, self.schedule = nets, optimizers, adapt_cfg, schedule
         device = device or torch.device("cpu")
-        self.backend, self.device, self.dist = backend, device, dist or distributed.Dist()
+        self.device, self.dist = device, dist or distributed.Dist()
+        self.loss_backend = ops.FirstCall(backend, "the fused weighted adversarial loss")
         self.adapt = adapt_cfg.mode == "adapt"
         self.use_aux = self.adapt and adapt_cfg.weighting == "gen+dis"
         # MRNet's own adversary in nets.d (models.MRNetDiscriminators) instead of the paper's D.
@@ -180,8 +181,8 @@ class Adapter:
         """
         if not weighted:
             return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
-        loss = ops.weighted_adv_loss(seg_logits, disc_logits, aux_logits, label=label,
-                                     backend=self.backend, **self.weight_kw)
+        loss = self.loss_backend(lambda backend: ops.weighted_adv_loss(
+            seg_logits, disc_logits, aux_logits, label=label, backend=backend, **self.weight_kw))
         if not normalized:
             return loss
         return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).mean()

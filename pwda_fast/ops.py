@@ -7,16 +7,20 @@
     ops.backend_problem(backend, device_type)                                       -> str | None
     ops.upsample_leaky_relu(x, size, *, slope=0.2, backend="auto")                   -> (N, C, *size)
     ops.resolve_upsample_backend(backend, device)                                   -> "torch" | "triton"
+    ops.FirstCall(backend, what)(lambda backend: ...)                               -> a fused op, or torch
 
 Backends: "torch" (reference.py), "ext" (torch.ops.pwda_fast from csrc/), "triton" (kernels/, on
 CPU only with TRITON_INTERPRET=1), "auto" (fastest available). An explicit backend that cannot run
 raises with the reason; only "auto" falls back. upsample_leaky_relu has "torch" and "triton" only;
-its "auto" is "triton" on CUDA where Triton runs, else "torch".
+its "auto" is "triton" on CUDA where Triton runs, else "torch". Training calls the fused ops through
+FirstCall: a kernel that fails to compile or launch on its first call falls back to "torch" with a
+warning instead of ending the run.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -217,6 +221,33 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     if backend == "ext":
         return torch.ops.pwda_fast.weighted_adv_loss(*args)
     return _weighted_adv_loss_triton(*args)[0]
+
+
+class FirstCall:
+    """A resolved backend as training uses it: `guard(lambda backend: op(..., backend=backend))`.
+
+    The first call with a fused backend is tried; if it raises (a Triton compile error, a CUDA "no
+    kernel image is available" for this GPU, a missing kernel), the op is called again with "torch",
+    one warning names the op and the error, and every later call uses "torch": a kernel that has never
+    run on this machine costs a warning, not the run. Later failures are real errors and propagate.
+    """
+
+    def __init__(self, backend: str, what: str, warn=warnings.warn):
+        self.backend, self.what, self.warn = backend, what, warn
+        self.proven = backend == "torch"
+
+    def __call__(self, call):
+        if self.proven:
+            return call(self.backend)
+        try:
+            out = call(self.backend)
+        except Exception as e:  # compilers and drivers raise many types
+            self.warn(f"{self.what}: backend {self.backend!r} failed on its first call "
+                      f"({type(e).__name__}: {str(e).strip()[:500]}); going on with backend 'torch'")
+            self.backend, self.proven = "torch", True
+            return call("torch")
+        self.proven = True
+        return out
 
 
 def _upsample_problem(backend: str, device_type: str) -> str | None:

@@ -73,6 +73,15 @@ class FeatureDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == tuple(x.shape[2:]):
             return self.net(x)
-        first = ops.upsample_leaky_relu(self.net[0](x), size, slope=self.net[1].negative_slope,
-                                        backend=self.upsample_backend)
+        low = self.net[0](x)
+        first = self._upsample(lambda backend: ops.upsample_leaky_relu(
+            low, size, slope=self.net[1].negative_slope, backend=backend))
         return self.net[2:](first)
+
+    @property
+    def upsample_backend(self) -> str:
+        return self._upsample.backend
+
+    @upsample_backend.setter
+    def upsample_backend(self, backend: str) -> None:
+        self._upsample = ops.FirstCall(backend, "D_aux's fused upsample + leaky ReLU")

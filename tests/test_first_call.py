@@ -1,0 +1,66 @@
+"""A fused kernel that fails on its first call (a Triton compile error, a CUDA build without a kernel
+image for this GPU) costs the run a warning, not the run: training falls back to the torch path."""
+
+import warnings
+
+import pytest
+import torch
+
+from pwda_fast import config, engine, ops
+
+BATCH_CROP = (32, 64)
+TINY = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.disc_width": 8,
+        "model.aux_disc_width": 8, "data.crop": [32, 64], "adapt.aux_at": "image"}
+
+
+def test_first_call_falls_back_once_and_later_errors_propagate():
+    warnings, calls = [], []
+
+    def op(backend):
+        calls.append(backend)
+        if backend == "ext":
+            raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+        return backend
+
+    guard = ops.FirstCall("ext", "the op", warn=warnings.append)
+    assert [guard(op), guard(op)] == ["torch", "torch"] and calls == ["ext", "torch", "torch"]
+    assert warnings == ["the op: backend 'ext' failed on its first call (RuntimeError: CUDA error: no "
+                        "kernel image is available for execution on the device); going on with backend "
+                        "'torch'"]
+    proven = ops.FirstCall("ext", "the op", warn=warnings.append)
+    assert proven(lambda backend: backend) == "ext"
+    with pytest.raises(RuntimeError, match="later"):  # once it has run, a failure is a real error
+        proven(lambda backend: (_ for _ in ()).throw(RuntimeError("later")))
+
+
+def test_training_goes_on_with_torch_when_the_fused_ops_fail(batches, monkeypatch, one_thread):
+    """The weighted loss (ext) and D_aux's upsample (triton) both fail on their first call: one warning
+    each, and the steps equal a run that asked for torch."""
+    real_loss, real_upsample = ops.weighted_adv_loss, ops.upsample_leaky_relu
+
+    def broken(real):
+        def call(*args, backend, **kwargs):
+            if backend != "torch":
+                raise RuntimeError(f"{backend} kernel failed to compile")
+            return real(*args, backend=backend, **kwargs)
+        return call
+
+    runs, caught = {}, {}
+    for name in ("fallback", "torch"):
+        cfg = config.load("toy", {**TINY, "kernels.backend": "torch"})
+        eng = engine.build(cfg, torch.device("cpu"))
+        if name == "fallback":
+            eng.adapter.loss_backend = ops.FirstCall("ext", "the loss")
+            eng.nets.d_aux.upsample_backend = "triton"
+            monkeypatch.setattr(ops, "weighted_adv_loss", broken(real_loss))
+            monkeypatch.setattr(ops, "upsample_leaky_relu", broken(real_upsample))
+        with warnings.catch_warnings(record=True) as caught[name]:
+            warnings.simplefilter("always")
+            torch.manual_seed(0)
+            runs[name] = [eng.adapter.step(i, *batches[i % 2])[0] for i in range(3)]
+        monkeypatch.undo()
+    messages = sorted(str(w.message) for w in caught["fallback"])
+    assert len(messages) == 2 and not caught["torch"], messages
+    assert "D_aux's fused upsample + leaky ReLU: backend 'triton' failed" in messages[0]
+    assert "the loss: backend 'ext' failed on its first call (RuntimeError: ext kernel" in messages[1]
+    assert runs["fallback"] == runs["torch"]
