@@ -167,7 +167,8 @@ def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16:
     return base, ctors
 
 
-def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: int) -> dict:
+def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: int,
+                      errors: dict | None = None, on_round=None) -> dict:
     """label -> seconds per iteration: `warmup` untimed iterations each, then per round each provider
     runs one iteration per batch back to back, timed together up to one final device sync (one sample
     per round): as the training loop runs them, where the host queues the next iteration while the
@@ -182,7 +183,31 @@ def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: i
         return step
 
     return common.interleave({name: stepper(prov) for name, prov in provs.items()}, device, rounds,
-                             warmup, calls_per_sample=len(batches))
+                             warmup, calls_per_sample=len(batches), errors=errors, on_round=on_round)
+
+
+GRAPHS_AGREE_REL = 2e-2  # graph replay vs eager, first steps' losses (bf16; atomics in some backward kernels)
+
+
+def graphs_agreement(provs: dict, batches: list, steps: int = 6) -> dict | None:
+    """The CUDA-graphs row against its eager twin (same preset, precision and initial weights): their
+    first `steps` losses side by side, run before the timing (whose warm-up they also are). The graphed
+    engine captures at step 3, so steps 4-5 are replays. None when there is no graphs row."""
+    graphed = next((name for name in provs if name.endswith("+ CUDA graphs")), None)
+    if graphed is None:
+        return None
+    eager = graphed.removesuffix(" + CUDA graphs")
+    out = {"eager": eager, "graphed": graphed, "steps": steps, "tolerance_rel": GRAPHS_AGREE_REL}
+    try:
+        losses = {name: [provs[name].adapter.launch(i, *batches[i % len(batches)]).read().losses
+                         for i in range(steps)] for name in (eager, graphed)}
+    except Exception as e:
+        return {**out, "error": common.error_text(e)}
+    worst = max(abs(g[k] - e[k]) / max(abs(e[k]), 1e-6)
+                for e, g in zip(losses[eager], losses[graphed]) for k in e)
+    captured = getattr(provs[graphed].adapter, "captured", None) is not None
+    return {**out, "max_rel_diff": worst, "agree": worst <= GRAPHS_AGREE_REL, "captured": captured,
+            "capture_failed": getattr(provs[graphed].adapter, "failed", None)}
 
 
 def main(argv=None) -> int:
@@ -197,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--compile", action="store_true", help="also time the engine with torch.compile(G)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine rows")
+    p.add_argument("--fail", default=None, metavar="PROVIDER",
+                   help="make this provider raise on its first step (the dry run of gpu_check shows that "
+                        "a failing provider leaves the other rows)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -209,35 +237,72 @@ def main(argv=None) -> int:
 
     base, ctors = providers(args.preset, device, batch=args.batch, crop=args.crop, bf16=not args.no_bf16,
                             compile_g=args.compile)
-    provs = {name: ctor() for name, ctor in ctors.items()}
+    b, (h, w), machine = base.data.batch_size, base.data.crop, common.machine(device)
+    head = {"date": datetime.date.today().isoformat(), "machine": machine, "device": device.type,
+            "torch": torch.__version__, "preset": args.preset, "batch": b, "crop": [h, w],
+            "threads": torch.get_num_threads()}
+    errors, provs = {}, {}
+    for name, ctor in ctors.items():  # every provider is built, each failure kept as its row
+        try:
+            provs[name] = ctor()
+            if name == args.fail:
+                provs[name].step = _injected_failure
+        except Exception as e:
+            errors[name] = common.error_text(e)
     batches = make_batches(base, args.iters, device)
-    times = interleaved_steps(provs, batches, device, args.rounds, args.warmup)
+    agreement = graphs_agreement(provs, batches)
 
-    b = base.data.batch_size
-    eager = statistics.median(next(iter(times.values())))
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows.append({"provider": name, "median_s": med, "p10_s": common.quantile(ts, 0.1),
-                     "p90_s": common.quantile(ts, 0.9), "images_per_s": 2 * b / med,
-                     "speedup": eager / med})
-    machine = common.machine(device)
-    h, w = base.data.crop
+    def write(times: dict) -> list[dict]:
+        """The rows measured so far, in provider order, written to --json at once (a crash keeps them)."""
+        rows = step_rows(list(ctors), times, errors, b)
+        if args.json:
+            args.json.write_text(json.dumps({**head, "rows": rows, "graphs_agreement": agreement}, indent=2))
+        return rows
+
+    times = interleaved_steps(provs, batches, device, args.rounds, args.warmup, errors, write)
+    rows = write(times)
     print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
           f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "
           f"weighted-loss backend {ops.resolve_backend('auto', device)!r}, "
           f"{args.rounds} samples of {args.iters} iterations back to back each")
     print(f"{'provider':<40} {'median ms':>10} {'p10-p90 ms':>16} {'images/s':>9} {'speedup':>8}")
     for r in rows:
+        if "median_s" not in r:
+            print(f"{r['provider']:<40} FAILED: {r['error']}")
+            continue
         spread = f"{1e3 * r['p10_s']:.0f}-{1e3 * r['p90_s']:.0f}"
+        speedup = f"{r['speedup']:>7.2f}x" if r.get("speedup") else "      -"
         print(f"{r['provider']:<40} {1e3 * r['median_s']:>10.1f} {spread:>16} {r['images_per_s']:>9.2f} "
-              f"{r['speedup']:>7.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "date": datetime.date.today().isoformat(), "machine": machine, "device": device.type,
-            "torch": torch.__version__, "preset": args.preset, "batch": b, "crop": [h, w],
-            "threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    return 0
+              f"{speedup}" + (f"  (then failed: {r['error']})" if r.get("error") else ""))
+    if agreement:
+        print(f"graphs vs eager, first {agreement['steps']} steps: " + (
+            f"FAILED: {agreement['error']}" if "error" in agreement else
+            f"max relative loss difference {agreement['max_rel_diff']:.2e} (tolerance {GRAPHS_AGREE_REL}), "
+            f"captured {agreement['captured']}, capture failure {agreement['capture_failed']}"))
+    return 1 if set(errors) - {args.fail} else 0  # the injected failure is the dry run's point
+
+
+def _injected_failure(*args):
+    raise RuntimeError("injected failure (--fail): this provider raises on its first step")
+
+
+def step_rows(order: list[str], times: dict, errors: dict, batch: int) -> list[dict]:
+    """One row per provider in `order`: its timing (median, p10, p90, images/s, speedup over the eager
+    loop when that was measured) where it has samples, its error text where it failed, or both."""
+    medians = {name: statistics.median(ts) for name, ts in times.items() if ts}
+    eager = medians.get(order[0])
+    rows = []
+    for name in order:
+        row = {"provider": name}
+        if name in medians:
+            ts, med = times[name], medians[name]
+            row.update(median_s=med, p10_s=common.quantile(ts, 0.1), p90_s=common.quantile(ts, 0.9),
+                       images_per_s=2 * batch / med, speedup=eager / med if eager else None)
+        if name in errors:
+            row["error"] = errors[name]
+        if len(row) > 1:
+            rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -71,24 +71,53 @@ def device_time(fn: Callable[[], object], device: torch.device | str,
     return busy_us / 1e6 / calls, len(events) / calls
 
 
+def error_text(e: BaseException) -> str:
+    """One line for a table: the exception's type and the first 300 characters of its message."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
 def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int, calls_per_sample: int = 1,
-               samples_per_turn: int = 1) -> dict:
+               samples_per_turn: int = 1, errors: dict | None = None, on_round=None) -> dict:
     """Seconds per call of each of `calls` (key -> zero-argument function), the providers interleaved.
 
     Each function is first called `warmup` times untimed (compilation, caches, allocator); then every
     round gives each key its turn in order: `samples_per_turn` samples, each `calls_per_sample`
     back-to-back calls timed together (time_calls). A machine that gets busier or quieter during the
     run slows every provider of the round alike, not whichever happened to run at that moment.
+    errors: given, a key whose call raises gets errors[key] = its error text and leaves the rounds
+    while the others go on (a crash loses no one else's numbers). on_round(times): called after the
+    warm-up and after each round, so that a caller can write what is measured so far.
     -> {key: [rounds * samples_per_turn seconds]}
     """
-    for call in calls.values():
+    calls = dict(calls)
+
+    def turn(key, run):
+        if errors is None:
+            return run()
+        try:
+            return run()
+        except Exception as e:  # a provider's failure is a result to report, not the end of the run
+            errors[key] = error_text(e)
+            calls.pop(key)
+            return []
+
+    def warm(call):
         for _ in range(warmup):
             call()
-    sync(device)
+        sync(device)
+        return []
+
+    for key, call in list(calls.items()):
+        turn(key, lambda call=call: warm(call))
     times = {key: [] for key in calls}
+    if on_round:
+        on_round(times)
     for _ in range(rounds):
-        for key, call in calls.items():
-            times[key].extend(time_calls(call, device, calls_per_sample) for _ in range(samples_per_turn))
+        for key, call in list(calls.items()):
+            times[key].extend(turn(key, lambda call=call: [time_calls(call, device, calls_per_sample)
+                                                           for _ in range(samples_per_turn)]))
+        if on_round:
+            on_round(times)
     return times
 
 

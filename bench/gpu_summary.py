@@ -181,7 +181,7 @@ def loss_rows(bench: dict, gpu: bool) -> list[tuple[str, str, str]]:
 
 
 def _step_ratio_row(label: str, bench: dict, gpu: bool, compiled: bool) -> tuple[str, str, str]:
-    rows = bench.get("rows", [])
+    rows = [r for r in bench.get("rows", []) if "images_per_s" in r]  # failed providers: step_failure_rows
     eager = next((r for r in rows if r["provider"].startswith("eager")), None)
     engines = [r for r in rows
                if r["provider"].startswith("engine") and ("compile" in r["provider"]) == compiled]
@@ -194,6 +194,26 @@ def _step_ratio_row(label: str, bench: dict, gpu: bool, compiled: bool) -> tuple
     if not gpu:
         return label, NO_GPU, f"cpu toy dry run (not the target measurement): {nums}"
     return label, "MET" if ratio >= STEP_TARGET else "NOT MET", nums
+
+
+def step_failure_rows(bench: dict, gpu: bool) -> list[tuple[str, str, str]]:
+    """A row per train-step provider that failed (its error text), and the graphs-vs-eager agreement."""
+    rows = [(f"train step provider: {r['provider']}", "FAILED",
+             r["error"] + (" (after some timed samples)" if "median_s" in r else ""))
+            for r in bench.get("rows", []) if "error" in r]
+    agree = bench.get("graphs_agreement")
+    if agree:
+        label = (f"CUDA graphs vs eager: first {agree['steps']} steps' losses within "
+                 f"{agree['tolerance_rel']:.0%}")
+        if "error" in agree:
+            rows.append((label, "FAILED", agree["error"]))
+        else:
+            text = f"max relative difference {agree['max_rel_diff']:.2e}; captured: {agree['captured']}"
+            if agree["capture_failed"]:
+                text += f"; capture failed, ran eagerly: {agree['capture_failed']}"
+            ok = agree["agree"] and agree["captured"]
+            rows.append((label, ("MET" if ok else "NOT MET") if gpu else NO_GPU, text))
+    return rows
 
 
 def real_size_row(result: dict | None, gpu: bool, status: str | None) -> tuple[str, str, str]:
@@ -232,7 +252,8 @@ def profile_rows(profile: dict | None, steps_json: list[dict], gpu: bool,
     timed = {}
     for bench in steps_json:
         for r in bench.get("rows", []):
-            timed.setdefault(r["provider"], r["median_s"])
+            if "median_s" in r:
+                timed.setdefault(r["provider"], r["median_s"])
     if flops and peak:
         mfu = "; ".join(f"{name} {flops / s / peak:.1%}" for name, s in timed.items())
         mfu += f" (model FLOPs {flops / 1e9:.0f} GFLOP/iter vs {profile.get('peak_note')})"
@@ -290,16 +311,23 @@ def _build_row(b: dict | None, steps: dict, gpu: bool) -> tuple[str, str, str]:
             + ("loads" if ext_cpu is None else str(ext_cpu)))
 
 
+GPU_TEST_STEPS = {"gpu_tests_kernels": "GPU tests: loss and upsample kernels (pytest -m gpu)",
+                  "gpu_tests": "GPU tests: step, skips, fp16 (pytest -m gpu)",
+                  "gpu_tests_graphs": "GPU tests: CUDA graphs (pytest -m gpu, own process)"}
+
+
 def _test_rows(pytest_counts: dict, steps: dict, gpu: bool) -> list[tuple[str, str, str]]:
-    counts = pytest_counts.get("gpu_tests", {})
-    count_txt = ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"
-    st = step_status(steps, "gpu_tests")
-    bad = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
-    if gpu:
-        result = st or ("FAIL" if bad else "pass" if counts.get("passed") else "none ran")
-    else:
-        result = "FAIL" if bad else (st or NO_GPU)
-    rows = [("GPU tests (pytest -m gpu)", result, count_txt + "; log: run.log")]
+    rows = []
+    for name, label in GPU_TEST_STEPS.items():
+        counts = pytest_counts.get(name, {})
+        count_txt = ", ".join(f"{n} {w}" for w, n in counts.items()) or "no pytest summary line"
+        st = step_status(steps, name)
+        bad = counts.get("failed", 0) + counts.get("error", 0) + counts.get("errors", 0)
+        if gpu:
+            result = st or ("FAIL" if bad else "pass" if counts.get("passed") else "none ran")
+        else:
+            result = "FAIL" if bad else (st or NO_GPU)
+        rows.append((label, result, count_txt + f"; log: run.log (@@step {name})"))
     if not gpu:
         counts = pytest_counts.get("triton_interpret", {})
         st = step_status(steps, "triton_interpret")
@@ -345,6 +373,7 @@ def _train_step_rows(out: Path, log: dict, gpu: bool) -> list[tuple[str, str, st
             continue
         step_jsons.append(data)
         rows.append(_step_ratio_row(label, data, gpu, compiled))
+        rows.extend(step_failure_rows(data, gpu))
     rows.extend(profile_rows(_read_json(out / "step_profile.json"), step_jsons, gpu,
                              step_status(steps, "step_profile")))
     rows.append(real_size_row(log["real_size"], gpu, step_status(steps, "real_size")))

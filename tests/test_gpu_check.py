@@ -16,7 +16,8 @@ _spec = importlib.util.spec_from_file_location("gpu_summary", BENCH / "gpu_summa
 gpu_summary = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_summary)
 
-GPU_ROWS = ("build extension in place", "production call", "GPU tests", "device copy bandwidth",
+GPU_ROWS = ("build extension in place", "production call", "GPU tests: loss", "GPU tests: step",
+            "GPU tests: CUDA graphs", "device copy bandwidth",
             "fused loss >= 62% of copy bandwidth", "fused loss faster than torch.compile",
             "train step engine/eager", "train step engine+compile/eager", "train step peak memory",
             "train step MFU", "real-size pipeline")
@@ -60,13 +61,16 @@ def write_results(out: Path, build_rc=0, pytest_line="12 passed, 170 deselected 
         f"@@step build rc={build_rc} seconds=80 limit=150",
         '@@backends {"ext": {"cpu": null, "cuda": null}, "triton": {"cpu": "needs interpret", "cuda": null}}',
         "@@step backends rc=0 seconds=3 limit=60",
-        "@@step gpu_tests start limit=75",
+        "@@step gpu_tests_kernels start limit=60",
         "........", pytest_line,
-        f"@@step gpu_tests rc={0 if 'failed' not in pytest_line else 1} seconds=20 limit=75",
+        f"@@step gpu_tests_kernels rc={0 if 'failed' not in pytest_line else 1} seconds=20 limit=60",
         "@@step bench_loss_production rc=0 seconds=40 limit=75",
         "@@step bench_loss rc=0 seconds=50 limit=90",
         "@@step bench_step rc=0 seconds=40 limit=90",
         "@@step step_profile rc=0 seconds=20 limit=60",
+        "@@step gpu_tests start limit=40", "6 passed in 20.1s", "@@step gpu_tests rc=0 seconds=21 limit=40",
+        "@@step gpu_tests_graphs start limit=45", "4 passed in 30.5s",
+        "@@step gpu_tests_graphs rc=0 seconds=31 limit=45",
         "@@step real_size start limit=130",
         '@@real_size {"iters": 50, "runs": [{"workers": 4, "rc": 0, "seconds": 40.0, "images_per_s": 15.0, '
         '"of_bench_step": 0.6}, {"workers": 8, "rc": 0, "seconds": 38.0, "images_per_s": 24.0, '
@@ -107,7 +111,9 @@ def test_gpu_table_reports_targets_and_failures(tmp_path):
     rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
     assert row(rows, "environment")[1].startswith("python 3.12.3, torch 2.11.0+cu130")
     assert row(rows, "build extension")[0] == "FAIL (exit 1)"
-    assert row(rows, "GPU tests")[0] == "FAIL (exit 1)" and "1 failed, 11 passed" in row(rows, "GPU tests")[1]
+    assert row(rows, "GPU tests: loss")[0] == "FAIL (exit 1)"
+    assert "1 failed, 11 passed" in row(rows, "GPU tests: loss")[1]
+    assert row(rows, "GPU tests: CUDA graphs") == ("pass", "4 passed; log: run.log (@@step gpu_tests_graphs)")
     assert row(rows, "device copy bandwidth") == ("measured", "4000 GB/s (1 GiB fp32 copy, read + write)")
     result, numbers = row(rows, "fused loss >= 62%")
     assert result == "MET" and numbers.startswith("best triton 0.190 ms: 85.0% of copy")
@@ -144,7 +150,8 @@ def test_gpu_table_passes_and_misses(tmp_path):
     (tmp_path / "bench_loss.json").write_text(json.dumps(data))
     rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
     assert row(rows, "build extension")[0] == "pass"
-    assert row(rows, "GPU tests") == ("pass", "12 passed, 170 deselected; log: run.log")
+    assert row(rows, "GPU tests: loss") == ("pass", "12 passed, 170 deselected; log: run.log "
+                                                    "(@@step gpu_tests_kernels)")
     assert row(rows, "fused loss >= 62%")[0] == "NOT MET"
     assert row(rows, "fused loss faster than torch.compile")[0] == "NOT MET"
 
@@ -164,6 +171,29 @@ def test_gpu_table_judges_by_device_time_and_reports_host_bound_calls(tmp_path):
     assert row(rows, "fused loss wall <= 1.5x") == ("NOT MET", "ext: wall 0.675 ms = 4.79x device")
     result, numbers = row(rows, "fused loss faster than torch.compile")
     assert result == "MET" and numbers.endswith("(3.90x by device time)")
+
+
+def test_a_failed_provider_keeps_the_others_and_shows_its_error(tmp_path):
+    """bench_step.json as a crash in the CUDA-graphs provider leaves it: the other providers' rows make
+    the ratio and the MFU, the failure is a row of its own with its error text, and the graphs-vs-eager
+    agreement row says what happened."""
+    write_results(tmp_path)
+    data = json.loads((tmp_path / "bench_step.json").read_text())
+    graphs = "engine bf16 channels_last + CUDA graphs"
+    data["rows"].append({"provider": graphs, "error": "RuntimeError: CUDA error: operation not permitted "
+                                                       "when stream is capturing"})
+    data["graphs_agreement"] = {"eager": "engine bf16 channels_last", "graphed": graphs, "steps": 6,
+                                "tolerance_rel": 0.02, "max_rel_diff": 1e-3, "agree": True,
+                                "captured": False, "capture_failed": "RuntimeError: boom"}
+    (tmp_path / "bench_step.json").write_text(json.dumps(data))
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
+    assert row(rows, "train step engine/eager")[1].endswith("best/eager 2.50x")
+    assert row(rows, f"train step provider: {graphs}") == (
+        "FAILED", "RuntimeError: CUDA error: operation not permitted when stream is capturing")
+    assert row(rows, "CUDA graphs vs eager") == (
+        "NOT MET", "max relative difference 1.00e-03; captured: False; capture failed, ran eagerly: "
+                   "RuntimeError: boom")
+    assert "engine bf16 channels_last 1.0%" in row(rows, "train step MFU")[1]  # 2 TFLOP in 0.2 s
 
 
 def test_cpu_dry_run_table_never_passes_a_gpu_row(tmp_path):
@@ -208,6 +238,11 @@ def test_cpu_dry_run_end_to_end(tmp_path):
         assert row(rows, prefix)[0] == "skipped (no GPU)", (prefix, summary)
     assert row(rows, "triton kernel under TRITON_INTERPRET=1")[0] == "pass (cpu interpreter)"
     assert row(rows, "fused loss fwd+bwd 1x19x16x32 bf16")[0] == "ran (cpu, tiny)"
+    # One provider fails on purpose (bench_step --fail): its row says so, the others are measured.
+    assert row(rows, "train step provider: engine bf16 channels_last") == (
+        "FAILED", "RuntimeError: injected failure (--fail): this provider raises on its first step")
+    numbers = row(rows, "train step engine/eager")[1]
+    assert "eager fp32 NCHW (AdaptSegNet loop)" in numbers and "engine fp32 channels_last" in numbers
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() and p.stat().st_size < 16 * 2**20 for p in out.iterdir())
     assert {"summary.md", "run.log", "bench_loss_production.json", "bench_loss.json", "bench_step.json",
