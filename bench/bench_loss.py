@@ -122,7 +122,7 @@ def make_inputs(case: Case, dtype, device: str):
 
 
 def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int,
-              keys=None) -> dict:
+              keys=None, errors: dict | None = None) -> dict:
     """-> ({(provider, mode): wall seconds per call, one sample per round}, {(provider, mode): the
     zero-argument call timed}), every (provider, mode) of `keys` (default: all of fns x MODES)
     interleaved in each round (common.interleave)."""
@@ -137,7 +137,8 @@ def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, w
 
     keys = keys or [(name, mode) for name in fns for mode in MODES]
     calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fns[name]) for name, mode in keys}
-    return common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls), calls_of
+    times = common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls, errors=errors)
+    return times, calls_of
 
 
 def case_id(case: Case) -> str:
@@ -156,20 +157,28 @@ def label_of(case: Case) -> str:
     return text
 
 
-def make_row(case: Case, dtype_name: str, name: str, mode: str, samples, eager_samples, dev, device: str,
-             copy_gbs: float) -> dict:
-    """One JSON row: wall spread from the samples, device time and operations when measured (`dev`:
-    common.device_time's pair or None), bandwidth from the device time (else the wall median)."""
-    st = common.spread(samples)
-    dev_s, dev_ops = dev if dev else (None, None)
-    gbs = minimal_bytes(case, DTYPES[dtype_name], mode) / (dev_s or st["median"]) / 1e9
+def case_fields(case: Case, dtype_name: str, name: str, mode: str, device: str) -> dict:
+    """What names a row: the case, dtype, mode and provider."""
     return dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
                 aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
                 production=case == PRODUCTION, host=case == HOST, dtype=dtype_name, mode=mode, provider=name,
-                device=device, median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
+                device=device)
+
+
+def make_row(case: Case, dtype_name: str, name: str, mode: str, samples, eager_samples, dev, device: str,
+             copy_gbs: float, graph=(None, None)) -> dict:
+    """One JSON row: wall spread from the samples, device time and operations when measured (`dev`:
+    common.device_time's pair or None), the graph-replay device time (`graph`: common.graph_time's
+    pair), bandwidth from the device time (else the wall median)."""
+    st = common.spread(samples)
+    dev_s, dev_ops = dev if dev else (None, None)
+    gbs = minimal_bytes(case, DTYPES[dtype_name], mode) / (dev_s or st["median"]) / 1e9
+    eager = common.spread(eager_samples)["median"] if eager_samples else None
+    return dict(case_fields(case, dtype_name, name, mode, device),
+                median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
                 device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops, gb_per_s=gbs,
-                speedup_vs_eager=common.spread(eager_samples)["median"] / st["median"],
-                fraction_of_copy=gbs / copy_gbs)
+                graph_ms=None if graph[0] is None else graph[0] * 1e3, graph_error=graph[1],
+                speedup_vs_eager=eager / st["median"] if eager else None, fraction_of_copy=gbs / copy_gbs)
 
 
 def main() -> None:
@@ -212,16 +221,26 @@ def main() -> None:
                 case_fns["ext+up"] = lambda s, d, a: ops.weighted_adv_loss(
                     s, reference.upsample_to(d, s.shape[2:]), reference.upsample_to(a, s.shape[2:]),
                     label=1.0, backend="ext")
-            times, calls_of = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2)
+            errors = {}
+            times, calls_of = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2,
+                                        errors=errors)
             for (name, mode), ts in times.items():
+                if not ts:
+                    continue
                 dev = common.device_time(calls_of[(name, mode)], device, calls)
-                row = make_row(case, dtype_name, name, mode, ts, times[("eager", mode)], dev, device,
-                               copy_gbs)
+                graph = common.graph_time(calls_of[(name, mode)], device, calls)
+                row = make_row(case, dtype_name, name, mode, ts, times.get(("eager", mode)), dev, device,
+                               copy_gbs, graph)
                 result["rows"].append(row)
                 dev_text = f"{row['device_ms']:>8.3f} {dev[1]:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
+                graph_text = f" graph {row['graph_ms']:.3f} ms" if row["graph_ms"] else ""
                 print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>9.3f} "
                       f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {dev_text} {row['gb_per_s']:>7.2f} "
-                      f"{row['speedup_vs_eager']:>8.2f} {row['fraction_of_copy']:>8.1%}", flush=True)
+                      f"{row['speedup_vs_eager'] or 0:>8.2f} {row['fraction_of_copy']:>8.1%}{graph_text}"
+                      + (f" (graph capture failed: {graph[1]})" if graph[1] else ""), flush=True)
+            for (name, mode), error in errors.items():
+                result["rows"].append(dict(case_fields(case, dtype_name, name, mode, device), error=error))
+                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} FAILED: {error}", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(result, f, indent=1)

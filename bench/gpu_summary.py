@@ -92,8 +92,26 @@ def _ms(row: dict) -> str:
     """e.g. "ext 0.675 ms (device 0.141 ms, 9 ops)"; rows from before device time: wall only."""
     text = f"{row['provider']} {row['median_ms']:.3f} ms"
     if row.get("device_ms") is not None:
-        text += f" (device {row['device_ms']:.3f} ms, {row['device_ops_per_call']:.0f} ops)"
+        graph = f", graph replay {row['graph_ms']:.3f} ms" if row.get("graph_ms") is not None else ""
+        text += f" (device {row['device_ms']:.3f} ms, {row['device_ops_per_call']:.0f} ops{graph})"
     return text
+
+
+def loss_failure_rows(bench: dict | None) -> list[tuple[str, str, str]]:
+    """A row per fused-loss provider, mode and case that raised (its error text), or whose graph
+    capture failed (the device time by graph replay is then missing)."""
+    rows = []
+    for r in (bench or {}).get("rows", []):
+        where = f"{r['provider']} {_mode(r)} {_case_label(r)}"
+        if "error" in r:
+            rows.append((f"fused loss provider {where}", "FAILED", r["error"]))
+        elif r.get("graph_error"):
+            rows.append((f"fused loss graph replay {where}", "FAILED", r["graph_error"]))
+    return rows
+
+
+def _timed(bench: dict | None) -> list[dict]:
+    return [r for r in (bench or {}).get("rows", []) if "error" not in r]
 
 
 def _dev_ms(row: dict) -> float:
@@ -117,7 +135,7 @@ def _case_label(r: dict) -> str:
 
 def production_rows(bench: dict | None, gpu: bool, status: str | None) -> list[tuple[str, str, str]]:
     """The training loop's own call, fwd and fwd+bwd: fused vs eager and torch.compile."""
-    rows = [r for r in (bench or {}).get("rows", []) if r.get("production")]
+    rows = [r for r in _timed(bench) if r.get("production")]
     if not gpu:
         return [(PRODUCTION_CALL, NO_GPU, "cpu dry run times a tiny stand-in; see the per-case rows")]
     if not rows:
@@ -141,7 +159,7 @@ def production_rows(bench: dict | None, gpu: bool, status: str | None) -> list[t
 def loss_rows(bench: dict, gpu: bool) -> list[tuple[str, str, str]]:
     """Table rows from the loss benchmark: the targets at the bandwidth shape (GPU), then each case."""
     rows, by_case = [], {}
-    for r in bench.get("rows", []):
+    for r in _timed(bench):
         if not r.get("production"):
             by_case.setdefault((_mode(r), _case_label(r)), {})[r["provider"]] = r
     copy = bench.get("copy_gb_per_s")
@@ -340,8 +358,9 @@ def _test_rows(pytest_counts: dict, steps: dict, gpu: bool) -> list[tuple[str, s
 
 def _kernel_bench_rows(out: Path, steps: dict, gpu: bool) -> list[tuple[str, str, str]]:
     """The training loop's call first, then bandwidth and the fused loss per case, then the upsample."""
-    rows = production_rows(_read_json(out / "bench_loss_production.json"), gpu,
-                           step_status(steps, "bench_loss_production"))
+    production = _read_json(out / "bench_loss_production.json")
+    rows = production_rows(production, gpu, step_status(steps, "bench_loss_production"))
+    rows.extend(loss_failure_rows(production))
     bench = _read_json(out / "bench_loss.json")
     st = step_status(steps, "bench_loss")
     if gpu and bench is None:
@@ -352,6 +371,7 @@ def _kernel_bench_rows(out: Path, steps: dict, gpu: bool) -> list[tuple[str, str
         rows.append(("fused loss faster than torch.compile(reference)", NO_GPU, ""))
     if bench is not None:
         rows.extend(loss_rows(bench, gpu))
+        rows.extend(loss_failure_rows(bench))
     elif not gpu:
         rows.append(("fused loss benchmark (cpu, tiny)", st or "missing", "no bench_loss.json"))
     st = step_status(steps, "bench_upsample")

@@ -196,6 +196,25 @@ def test_a_failed_provider_keeps_the_others_and_shows_its_error(tmp_path):
     assert "engine bf16 channels_last 1.0%" in row(rows, "train step MFU")[1]  # 2 TFLOP in 0.2 s
 
 
+def test_a_failed_loss_provider_and_a_failed_graph_capture_are_rows(tmp_path):
+    write_results(tmp_path)
+    data = json.loads((tmp_path / "bench_loss.json").read_text())
+    prod = [4, 19, 512, 1024]
+    data["rows"][2].update(device_ms=0.05, device_ops_per_call=2, graph_ms=0.04, graph_error=None)
+    data["rows"][3].update(device_ms=0.06, device_ops_per_call=3, graph_ms=None,
+                           graph_error="RuntimeError: capture failed")
+    data["rows"].append({"shape": prod, "dtype": "bf16", "provider": "ext_v2", "mode": "fwd+bwd",
+                         "error": "RuntimeError: CUDA error: misaligned address"})
+    (tmp_path / "bench_loss.json").write_text(json.dumps(data))
+    rows = table_rows(gpu_summary.render(gpu_summary.build_table(tmp_path, "gpu"), "gpu"))
+    assert row(rows, "fused loss provider ext_v2 fwd+bwd 4x19x512x1024 bf16") == (
+        "FAILED", "RuntimeError: CUDA error: misaligned address")
+    assert row(rows, "fused loss graph replay triton fwd+bwd 4x19x512x1024 bf16") == (
+        "FAILED", "RuntimeError: capture failed")
+    assert "ext 0.200 ms (device 0.050 ms, 2 ops, graph replay 0.040 ms)" in row(
+        rows, "fused loss fwd+bwd 4x19x512x1024 bf16")[1]
+
+
 def test_cpu_dry_run_table_never_passes_a_gpu_row(tmp_path):
     write_results(tmp_path)  # even with numbers that would meet every target
     (tmp_path / "bench_step.json").write_text(json.dumps(step_json(**{
