@@ -80,7 +80,7 @@ def minimal_bytes(case: Case, dtype, mode: str) -> int:
     return (n * c * h * w + disc + aux + (disc if mode == "fwd+bwd" else 0)) * size
 
 
-PROVIDERS = ("eager", "compile", "ext", "triton")
+PROVIDERS = ("eager", "compile", "ext", "ext_v2", "triton")
 
 
 def provider_problem(name: str, device: str) -> str | None:

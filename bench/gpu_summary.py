@@ -25,7 +25,7 @@ BUSY_TARGET = 0.95  # train step: device-busy time over wall time
 STEP_TARGET = 3.0  # engine images/s over the eager fp32 loop's (the product's target)
 PRODUCTION_SHAPE = [4, 19, 512, 1024]  # the bandwidth target's shape (full-size maps, bf16)
 PRODUCTION_CALL = "production call (2x19x512x1024 fp32 channels_last, D 16x32, D_aux at image size)"
-FUSED = ("ext", "triton")
+FUSED = ("ext", "ext_v2", "triton")
 NO_GPU = "skipped (no GPU)"
 BANDWIDTH_ROW = f"fused loss >= {COPY_TARGET:.0%} of copy bandwidth by device time (4x19x512x1024 bf16)"
 

@@ -89,7 +89,8 @@ def bench_step_images_per_s(path: Path | None) -> float | None:
     if path is None or not path.exists():
         return None
     rows = json.loads(path.read_text()).get("rows", [])
-    engine = [r for r in rows if r["provider"].startswith("engine bf16") and "compile" not in r["provider"]]
+    engine = [r for r in rows if r["provider"].startswith("engine bf16") and "compile" not in r["provider"]
+              and "images_per_s" in r]  # a provider that failed has an error and no timing
     return engine[0]["images_per_s"] if engine else None
 
 

@@ -9,12 +9,13 @@
     ops.resolve_upsample_backend(backend, device)                                   -> "torch" | "triton"
     ops.FirstCall(backend, what)(lambda backend: ...)                               -> a fused op, or torch
 
-Backends: "torch" (reference.py), "ext" (torch.ops.pwda_fast from csrc/), "triton" (kernels/, on
-CPU only with TRITON_INTERPRET=1), "auto" (fastest available). An explicit backend that cannot run
-raises with the reason; only "auto" falls back. upsample_leaky_relu has "torch" and "triton" only;
-its "auto" is "triton" on CUDA where Triton runs, else "torch". Training calls the fused ops through
-FirstCall: a kernel that fails to compile or launch on its first call falls back to "torch" with a
-warning instead of ending the run.
+Backends: "torch" (reference.py), "ext" (torch.ops.pwda_fast from csrc/), "ext_v2" (the second CUDA
+kernel, csrc/cuda/weighted_adv_loss_v2.cu: CUDA only, opt-in until a GPU run has shown it correct and
+faster), "triton" (kernels/, on CPU only with TRITON_INTERPRET=1), "auto" (fastest available). An
+explicit backend that cannot run raises with the reason; only "auto" falls back. upsample_leaky_relu
+has "torch" and "triton" only; its "auto" is "triton" on CUDA where Triton runs, else "torch".
+Training calls the fused ops through FirstCall: a kernel that fails to compile or launch on its first
+call falls back to "torch" with a warning instead of ending the run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from pwda_fast import reference
 
-BACKENDS = ("torch", "ext", "triton")
+BACKENDS = ("torch", "ext", "ext_v2", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -82,6 +83,18 @@ def _ext_problem(device_type: str) -> str | None:
     return None
 
 
+def _ext_v2_problem(device_type: str) -> str | None:
+    """Why backend "ext_v2" cannot run on `device_type`, or None when it can: CUDA tensors only."""
+    if device_type != "cuda":
+        return f"backend 'ext_v2' is a CUDA kernel only; got {device_type} tensors (use 'ext' there)"
+    problem = _ext_problem(device_type)
+    if problem is None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "pwda_fast::weighted_adv_loss_v2_fwd", "CUDA"):
+        problem = ("backend 'ext_v2' has no CUDA kernel in this build of pwda_fast._C: reinstall with "
+                   "nvcc on PATH (or CUDA_HOME set) and a CUDA build of torch")
+    return problem and problem.replace("backend 'ext'", "backend 'ext_v2'")
+
+
 def _triton_problem(device_type: str) -> str | None:
     """Why backend "triton" cannot run on `device_type`, or None when it can."""
     # The kernel module itself, not just triton: a tree where pwda_fast.kernels cannot be found, or a
@@ -100,13 +113,13 @@ def _triton_problem(device_type: str) -> str | None:
 
 
 def backend_problem(backend: str, device_type: str) -> str | None:
-    """Why `backend` ("torch", "ext", "triton") cannot run on `device_type` ("cpu", "cuda") tensors,
-    or None when it can. The message says what to do."""
+    """Why `backend` (BACKENDS) cannot run on `device_type` ("cpu", "cuda") tensors, or None when it
+    can. The message says what to do."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "torch":
         return None
-    return _ext_problem(device_type) if backend == "ext" else _triton_problem(device_type)
+    return {"ext": _ext_problem, "ext_v2": _ext_v2_problem, "triton": _triton_problem}[backend](device_type)
 
 
 def available_backends() -> list[str]:
@@ -186,6 +199,11 @@ _weighted_adv_loss_triton.register_autograd(_backward, setup_context=_setup_cont
 if _ext_problem("cpu") is None:  # so the C++ ops can be traced by torch.compile
     torch.library.register_fake("pwda_fast::weighted_adv_loss_fwd", _fused_fwd_fake)
     torch.library.register_fake("pwda_fast::weighted_adv_loss", _loss_fake)
+    torch.library.register_fake("pwda_fast::weighted_adv_loss_v2_fwd", _fused_fwd_fake)
+    torch.library.register_fake("pwda_fast::weighted_adv_loss_v2", _loss_fake)
+    torch.library.register_fake("pwda_fast::weighted_adv_loss_v2_bwd",
+                                lambda grad_disc, grad_loss, dtype: grad_disc.new_empty(grad_disc.shape,
+                                                                                         dtype=dtype))
 
 
 def pixel_weights(seg_logits: torch.Tensor, aux_logits: torch.Tensor | None = None, *,
@@ -220,6 +238,8 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
     args = (seg_logits, disc_logits, aux_logits, float(label), float(threshold), float(floor), float(mu))
     if backend == "ext":
         return torch.ops.pwda_fast.weighted_adv_loss(*args)
+    if backend == "ext_v2":
+        return torch.ops.pwda_fast.weighted_adv_loss_v2(*args)
     return _weighted_adv_loss_triton(*args)[0]
 
 

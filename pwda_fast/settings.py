@@ -257,8 +257,9 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: Literal["auto", "torch", "ext", "triton"] = "auto"
-    """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA) or "triton"."""
+    backend: Literal["auto", "torch", "ext", "ext_v2", "triton"] = "auto"
+    """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA), "ext_v2" (the second CUDA kernel: 16-byte
+    loads, one launch per forward; opt-in until a GPU run has validated it) or "triton"."""
     upsample: Literal["auto", "torch", "triton"] = "auto"
     """D_aux's leaky_relu(upsample(.)) at image size: "auto" (Triton on CUDA, else torch), "torch" or
     "triton"."""

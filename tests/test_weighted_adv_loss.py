@@ -21,8 +21,9 @@ EXT_CPU = EXT_PROBLEM is None or EXPECT_EXT
 # Triton on CPU only runs under TRITON_INTERPRET=1: test_weighted_adv_loss_triton.py reruns this file so.
 CPU_FAST = ([pytest.param("ext", marks=pytest.mark.skipif(not EXT_CPU, reason=str(EXT_PROBLEM)))]
             + (["triton"] if ops.backend_problem("triton", "cpu") is None else []))
-CUDA_FAST = [b for b in ("ext", "triton")
-             if ops.backend_problem(b, "cuda") is None or (b == "ext" and EXPECT_EXT)]
+# ext_v2 (the second CUDA kernel) runs the same CUDA suite as ext: its verdict before it may be the default.
+CUDA_FAST = [b for b in ("ext", "ext_v2", "triton")
+             if ops.backend_problem(b, "cuda") is None or (b in ("ext", "ext_v2") and EXPECT_EXT)]
 KW = dict(threshold=0.9, floor=0.01, mu=0.1)
 
 
@@ -33,7 +34,7 @@ def test_ext_is_built_when_expected():
 
 def test_backend_problem_is_public_and_names_the_fix():
     assert ops.backend_problem("torch", "cpu") is None
-    for backend in ("ext", "triton"):
+    for backend in ("ext", "ext_v2", "triton"):
         problem = ops.backend_problem(backend, "cpu")
         assert problem is None or f"backend '{backend}'" in problem
     assert "TRITON_INTERPRET=1" in (ops.backend_problem("triton", "mps") or "TRITON_INTERPRET=1")
