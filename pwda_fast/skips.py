@@ -65,6 +65,9 @@ def likely_causes(cfg: config.Config, term: str | None) -> list[str]:
         values = [getattr(a, name) for name in names]
         causes.append(f"the adversarial terms diverged first: lower adapt.{names[0]} / adapt.{names[1]} "
                       f"(now {values[0]:g} / {values[1]:g}) or optim.lr_d (now {cfg.optim.lr_d:g})")
+    elif term == "mem":
+        causes.append(f"MRNet's memory term diverged first: lower adapt.lambda_mem "
+                      f"(now {cfg.adapt.lambda_mem:g}) or optim.lr (now {cfg.optim.lr:g})")
     else:
         causes.append(f"the segmenter diverged first: lower optim.lr (now {cfg.optim.lr:g})")
     if not cfg.model.init_weights:

@@ -1,7 +1,7 @@
 """Hand-written mutations of the method's core, each applied alone to the working tree, then the tests
 that should kill it. A quick, deterministic complement to mutmut (`make mutants` runs both):
 
-    .venv/bin/python tests/mutation_table.py [--tests tests/test_oracle.py ...]
+    .venv/bin/python tests/mutation_table.py [--tests tests/test_oracle.py ...] [--only TEXT ...]
 
 Prints one line per mutation, KILLED or SURVIVED, and exits 1 if any survived. The file is restored
 after each run, also on Ctrl-C. Not collected by pytest (no test_ prefix).
@@ -33,6 +33,12 @@ SWITCHES = ["tests/test_oracle.py", "-k", "preheat or d-unweighted or d-normaliz
 REPEATS = ["tests/test_models.py", "-k", "repeating_sgd or disc_stride"]
 # MRNet's own adversary (adapt.adversary = "mrnet"): the oracle's iterations and the twin of MsImageDis.
 MRNET_ADV = ["tests/test_oracle.py", "tests/test_mrnet_adversary.py", "-k", "mrnet-adversary or twin"]
+# The edges a long run meets (issue 36): skip streaks and the fp16 calibration boundary, a skipped step
+# after a resume, every ranged key's edges, the diagnosis of each loss term.
+STREAKS = ["tests/test_skip_streaks.py"]
+RESUME_SKIP = ["tests/test_resume_skip.py"]
+EDGES = ["tests/test_config_edges.py"]
+CAUSES = ["tests/test_likely_causes.py"]
 
 # (what it breaks, file, exact text, replacement[, the tests to run instead of --tests])
 MUTATIONS = [
@@ -163,6 +169,49 @@ MUTATIONS = [
      "count_include_pad=False", "count_include_pad=True", MRNET_ADV),
     ("MRNet's D residual blocks without the skip", "pwda_fast/models/ms_discriminator.py",
      "return x + self.body(x)", "return self.body(x)", MRNET_ADV),
+    ("train.max_skips counts every skip of the run, not those in a row", "pwda_fast/skips.py",
+     "        if report.stepped:\n            self.consecutive = 0\n            return\n",
+     "        if report.stepped:\n            return\n", STREAKS),
+    ("train.max_skips stops one skip late", "pwda_fast/skips.py",
+     "if self.consecutive >= self.cfg.train.max_skips:", "if self.consecutive > self.cfg.train.max_skips:",
+     STREAKS),
+    ("a streak is named by its latest step, not its first", "pwda_fast/skips.py",
+     "if self.consecutive == 1:", "if self.consecutive >= 1:", STREAKS),
+    ("fp16 calibration skips count towards train.max_skips", "pwda_fast/skips.py",
+     "        if report.calibrating:\n", "        if False:\n", STREAKS),
+    ("the first non-finite loss read from the last one computed", "pwda_fast/skips.py",
+     "next((k for k, v in losses.items() if not", "next((k for k, v in reversed(losses.items()) if not",
+     STREAKS),
+    ("fp16: the overflow that lands the scale exactly on 1 counts as a divergence", "pwda_fast/adapt.py",
+     "(scale >= 1.0)", "(scale > 1.0)", STREAKS),
+    ("the skip counter hears each step under the number before it", "pwda_fast/train.py",
+     "self.skips.record(step, report)", "self.skips.record(step - 1, report)", STREAKS),
+    ("a resume replaces the running class weight instead of copying into it", "pwda_fast/adapt.py",
+     'self.often.copy_(state["often"])', 'self.often = state["often"]', RESUME_SKIP),
+    ("a resume replaces the networks' tensors (load_state_dict assign=True)", "pwda_fast/models/__init__.py",
+     "net.load_state_dict(state[name])", "net.load_state_dict(state[name], assign=True)", RESUME_SKIP),
+    ("a weight that may be 0 refused at 0 (adapt.lambda_adv)", "pwda_fast/config.py",
+     '"adapt.lambda_adv": _non_negative,', '"adapt.lambda_adv": _positive,', EDGES),
+    ("[0, 1) ranges accept 1", "pwda_fast/config.py",
+     "_fraction = (lambda v: 0 <= v < 1,", "_fraction = (lambda v: 0 <= v <= 1,", EDGES),
+    ("data.max_bad_fraction refuses 1", "pwda_fast/config.py",
+     '"data.max_bad_fraction": (lambda v: 0 <= v <= 1,', '"data.max_bad_fraction": (lambda v: 0 <= v < 1,',
+     EDGES),
+    ("data.workers accepts -2", "pwda_fast/config.py", "(lambda v: v >= -1, ", "(lambda v: v >= -2, ", EDGES),
+    ("model.aux_disc_width refuses its lowest width, 4", "pwda_fast/config.py",
+     "(lambda v: v >= 4, ", "(lambda v: v > 4, ", EDGES),
+    ("adapt.hard_pixels accepts 100", "pwda_fast/config.py",
+     "(lambda v: 0 <= v < 100,", "(lambda v: 0 <= v <= 100,", EDGES),
+    ("data.scale accepts a lower bound of 0", "pwda_fast/config.py", "0 < v[0] <= v[1]", "0 <= v[0] <= v[1]",
+     EDGES),
+    ("adv_aux and d_aux blamed on the segmenter's learning rate", "pwda_fast/skips.py",
+     'if term in ("adv", "adv_aux", "d", "d_aux"):', 'if term in ("adv", "d"):', CAUSES),
+    ("the adversarial terms name optim.lr where D's rate is optim.lr_d", "pwda_fast/skips.py",
+     "or optim.lr_d (now {cfg.optim.lr_d:g})", "or optim.lr (now {cfg.optim.lr:g})", CAUSES),
+    ("MRNet's lambdas shown with the paper's lambdas' values", "pwda_fast/skips.py",
+     "values = [getattr(a, name) for name in names]", "values = [a.lambda_adv, a.lambda_aux]", CAUSES),
+    ("MRNet's adversary diagnosed with the paper's lambdas", "pwda_fast/skips.py",
+     'mrnet = a.adversary == "mrnet"', 'mrnet = a.adversary == "pwda"', CAUSES),
 ]
 
 
@@ -171,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", nargs="+", default=FAST,
                         help="test files to run against each mutation that names none of its own")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only the mutations whose description, file or own tests contain one of "
+                             "these (e.g. --only test_skip_streaks skips.py)")
     args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or any(t in " ".join(map(str, m)) for t in args.only)]
     survived, t0 = 0, time.monotonic()
-    for what, file, old, new, *own in MUTATIONS:
+    for what, file, old, new, *own in chosen:
         path = ROOT / file
         source = path.read_text()
         if source.count(old) != 1:
@@ -190,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         survived += not killed
         last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
         print(f"{'KILLED' if killed else 'SURVIVED':9} {what} ({file}): {last}", flush=True)
-    print(f"{len(MUTATIONS) - survived} of {len(MUTATIONS)} killed in {time.monotonic() - t0:.0f} s")
+    print(f"{len(chosen) - survived} of {len(chosen)} killed in {time.monotonic() - t0:.0f} s")
     return 1 if survived else 0
 
 
