@@ -33,7 +33,7 @@ import common
 import torch
 
 from pwda_fast import config, engine, ops, reference
-from pwda_fast.adapt import SOURCE, TARGET, set_requires_grad
+from pwda_fast.adversaries.base import SOURCE, TARGET, set_requires_grad
 from pwda_fast.models import build_networks
 from pwda_fast.reference import upsample_to
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pwda_fast.run_folder import RunFolder
+
 GTA5_HW = (1052, 1914)
 CITYSCAPES_HW = (1024, 2048)
 # Cityscapes label ids of a few classes (road, sidewalk, building, vegetation, sky, car, person).
@@ -71,10 +73,9 @@ def make_trees(root: Path, n: int, n_val: int) -> tuple[Path, Path]:
     return gta5, city
 
 
-def images_per_s(metrics: Path, batch: int, skip: int = 20) -> float | None:
+def images_per_s(lines: list[dict], batch: int, skip: int = 20) -> float | None:
     """Training images/s between step `skip` (or the first logged step) and the last, from the
     cumulative iterations/s (it_s) that every training line of metrics.jsonl carries."""
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = [(r["step"], r["step"] / r["it_s"]) for r in lines if r.get("it_s")]
     if len(steps) < 2:
         return None
@@ -129,10 +130,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         rc = subprocess.run(cmd).returncode
         run = {"workers": workers, "rc": rc, "seconds": round(time.perf_counter() - t, 1)}
-        metrics = run_dir / "metrics.jsonl"
-        if rc == 0 and metrics.exists():
-            run["images_per_s"] = images_per_s(metrics, batch)
-            run["best_written"] = (run_dir / "best.pt").exists()
+        folder = RunFolder(run_dir)
+        if rc == 0 and folder.metrics.exists():
+            run["images_per_s"] = images_per_s(folder.read_metrics()[0], batch)
+            run["best_written"] = folder.best.exists()
             if bench and run["images_per_s"]:
                 run["of_bench_step"] = run["images_per_s"] / bench
         result["runs"].append(run)

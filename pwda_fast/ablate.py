@@ -44,6 +44,7 @@ import torch
 from pwda_fast import checkpoint, config, curves, pictures, stats, train, weight_stats
 from pwda_fast.data import build_val, class_groups
 from pwda_fast.data.labels import CLASSES, colorize
+from pwda_fast.run_folder import RunFolder
 
 # (slug, row name, train overrides)
 # The rows of the paper's Table 3, all on the preset's generator (MRNet's in the paper presets and the
@@ -112,9 +113,10 @@ def eval_series(run_dir: Path) -> dict[int, dict]:
     """{step: the evaluation line of that step} from a run's metrics.jsonl ({} without one). A
     re-evaluated finished run logs its last step again: the latest line of a step counts (a run trained
     before the Fig. 2 measurements existed gains them that way)."""
-    if not (run_dir / "metrics.jsonl").is_file():
+    folder = RunFolder(run_dir)
+    if not folder.metrics.is_file():
         return {}
-    _, evals = curves.read_metrics(run_dir)  # sorted by step, stable: a step's lines keep their order
+    _, evals = folder.read_metrics()  # sorted by step, stable: a step's lines keep their order
     return {r["step"]: r for r in evals}
 
 

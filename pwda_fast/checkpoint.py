@@ -1,25 +1,23 @@
 """Checkpoints that survive crashes: temp file + fsync + atomic rename, a "latest" pointer, keep-last-K.
 
-Files in run_dir: ckpt_<step:08d>.pt, latest (a text file naming one of them), best.pt and best.json
-(the networks of the evaluation with the highest target mIoU so far, and its scores), and .tmp-*
-leftovers of an interrupted write, cleaned at start. keep_last counts ckpt_* files only. Everything
-loads with weights_only=True: a pickle that would run code is refused before any of it runs.
+Files in run_dir (named in run_folder.py): ckpt_<step:08d>.pt, latest (a text file naming one of them),
+best.pt and best.json (the networks of the evaluation with the highest target mIoU so far, and its
+scores), and .tmp-* leftovers of an interrupted write, cleaned at start. keep_last counts ckpt_* files
+only. Everything loads with weights_only=True: a pickle that would run code is refused before any of it
+runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from pwda_fast import config, metrics, tensorfile
+from pwda_fast import adversaries, config, metrics, tensorfile
 from pwda_fast.models import Nets, build_networks
-
-_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
-BEST, BEST_JSON = "best.pt", "best.json"
+from pwda_fast.run_folder import RunFolder
 
 
 class CheckpointError(RuntimeError):
@@ -54,12 +52,12 @@ def clean_stale(run_dir: Path) -> list[Path]:
 
 def save(run_dir: str | Path, step: int, state: dict, keep_last: int = 3) -> Path:
     """Write ckpt_<step>.pt atomically, point `latest` at it, then drop all but the newest keep_last."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / f"ckpt_{step:08d}.pt"
+    folder = RunFolder(run_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    path = folder.checkpoint(step)
     _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(run_dir / "latest", lambda f: f.write(path.name.encode()))
-    ckpts = sorted(p for p in run_dir.iterdir() if _NAME.match(p.name))
+    _atomic_write(folder.latest, lambda f: f.write(path.name.encode()))
+    ckpts = folder.checkpoints()
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -67,11 +65,11 @@ def save(run_dir: str | Path, step: int, state: dict, keep_last: int = 3) -> Pat
 
 def latest(run_dir: str | Path) -> Path | None:
     """The checkpoint `latest` names, or the newest ckpt_*.pt; never a path outside run_dir."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
+    folder = RunFolder(run_dir)
+    run_dir, pointer = folder.path, folder.latest
     if pointer.is_file():
         name = pointer.read_text().strip()
-        if not _NAME.match(name):  # a bare file name only: no "../", no absolute path
+        if not folder.is_checkpoint(name):  # a bare file name only: no "../", no absolute path
             raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint of this folder "
                                   "(expected ckpt_<8 digits>.pt); fix or delete the file")
         target = run_dir / name
@@ -80,7 +78,7 @@ def latest(run_dir: str | Path) -> Path | None:
                                   "checkpoints must be files of the run folder itself")
         if target.is_file():
             return target
-    ckpts = sorted(p for p in run_dir.glob("ckpt_*.pt") if _NAME.match(p.name)) if run_dir.is_dir() else []
+    ckpts = folder.checkpoints()
     return ckpts[-1] if ckpts else None
 
 
@@ -117,7 +115,7 @@ def training_state(engine, step: int, cfg, world_size: int, skipped: int,
 def best_score(run_dir: str | Path) -> dict | None:
     """run_dir's best.json ({"step", "miou"[, "miou16", "miou13"], "checkpoint"}); None when there is
     none. One that cannot be read raises CheckpointError (a run must not replace a best it cannot rank)."""
-    path = Path(run_dir) / BEST_JSON
+    path = RunFolder(run_dir).best_record
     if not path.is_file():
         return None
     try:
@@ -127,8 +125,8 @@ def best_score(run_dir: str | Path) -> dict | None:
     if not (isinstance(best, dict) and isinstance(best.get("step"), int)
             and isinstance(best.get("miou"), int | float)):
         raise CheckpointError(f"{path} is {best!r:.200}, not the best evaluation's "
-                              f"{{\"step\", \"miou\", ...}}; delete it and {BEST} to rank this run's "
-                              "evaluations afresh")
+                              f"{{\"step\", \"miou\", ...}}; delete it and {RunFolder.BEST} to rank "
+                              "this run's evaluations afresh")
     return best
 
 
@@ -136,14 +134,14 @@ def save_best(run_dir: str | Path, step: int, result: dict, state: dict) -> bool
     """Keep best.pt (`state`, e.g. networks_state) and best.json when result["miou"] beats the mIoU
     in best.json (strictly; none yet: any) -> True when written. best.pt is written before best.json,
     each atomically, so best.json never names weights that are not on disk."""
-    run_dir = Path(run_dir)
-    best = best_score(run_dir)
+    folder = RunFolder(run_dir)
+    best = best_score(folder.path)
     if best is not None and result["miou"] <= best["miou"]:
         return False
     scores = {k: result[k] for k in metrics.SCORES if k in result}
-    _atomic_write(run_dir / BEST, lambda f: torch.save({**state, "best": scores}, f))
-    record = {"step": step, **scores, "checkpoint": BEST}
-    _atomic_write(run_dir / BEST_JSON, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    _atomic_write(folder.best, lambda f: torch.save({**state, "best": scores}, f))
+    record = {"step": step, **scores, "checkpoint": RunFolder.BEST}
+    _atomic_write(folder.best_record, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     return True
 
 
@@ -153,7 +151,7 @@ def _newest_loadable(run_dir: Path, main: bool, log) -> tuple[Path, dict] | None
     first = latest(run_dir)
     if first is None:
         return None
-    older = sorted((p for p in run_dir.glob("ckpt_*.pt") if _NAME.match(p.name) and p != first), reverse=True)
+    older = sorted((p for p in RunFolder(run_dir).checkpoints() if p != first), reverse=True)
     failed = []
     for path in [first, *older]:
         try:
@@ -246,7 +244,8 @@ def networks_from_state(state: dict, device: torch.device):
     version cannot read, KeyError without G, RuntimeError (naming the network) for weights that do not fit."""
     cfg = config.from_dict(state["config"])
     cfg.model.init_weights = ""  # the checkpoint holds every weight; the init file need not exist here
-    nets = Nets(*build_networks(cfg.model, adversary=cfg.adapt.adversary))
+    discriminators = adversaries.get(cfg.adapt.adversary).discriminators
+    nets = Nets(*build_networks(cfg.model, discriminators=discriminators))
     nets.load_state_dict(state, required=("g",))
     for net in nets:
         net.to(device).eval()

@@ -124,10 +124,10 @@ def validate(cfg: Config) -> None:
             w, h = size
             problems.append(f"data.crop (height, width) {d.crop} must fit inside {size_key} (width, height) "
                             f"{[w, h]}")
-    a = cfg.adapt
-    if a.adversary == "mrnet" and a.mode == "adapt" and a.weighting != "none":
-        problems.append(f"adapt.adversary 'mrnet' runs MRNet's own discriminators, which weight no pixel; "
-                        f"set adapt.weighting = 'none' (got {a.weighting!r})")
+    # Each adversary's own rule on the other adapt.* keys. Imported here, not at the top: the
+    # adversaries sit above the config (they build networks), and only their rules are needed.
+    from pwda_fast import adversaries
+    problems += adversaries.get(cfg.adapt.adversary).check(cfg.adapt)
     if {d.source, d.target} == {"toy", "toy_partial"}:  # halves of two different built-in pairs
         problems.append(f"data.source {d.source!r} and data.target {d.target!r} are halves of two "
                         "different built-in pairs; set both to toy or both to toy_partial")

@@ -1,6 +1,7 @@
 """Training curves as matplotlib charts (the `plots` extra: pip install 'pwda_fast[plots]').
 
-plot_curves: one chart per loss and one of the target mIoU of a run, from its metrics.jsonl.
+plot_curves: one chart per loss and one of the target mIoU of a run, from its metrics.jsonl (as
+run_folder.RunFolder reads it: this module only draws).
 plot_rows: rows of a study over training, each row's mean over seeds over its min-max band.
 
 Drawn on matplotlib's Agg canvas (no screen, and pyplot's global state is left alone); each figure is
@@ -9,10 +10,11 @@ built by a *_figure function that returns it unsaved, so what it plots can be in
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+
+from pwda_fast.run_folder import RunFolder
 
 LOSS_KEYS = ("seg", "adv", "adv_aux", "d", "d_aux", "mem")
 PLOTS_INSTALL = "pip install 'pwda_fast[plots]'"
@@ -49,17 +51,6 @@ def require_matplotlib() -> None:
     _matplotlib()
 
 
-def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl -> (training lines, eval lines), each sorted by step."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; --curves needs the run_dir of a pwda_fast.train run")
-    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    train = sorted((r for r in lines if not r.get("eval")), key=lambda r: r["step"])
-    evals = sorted((r for r in lines if r.get("eval")), key=lambda r: r["step"])
-    return train, evals
-
-
 def _figure(width: int, height: int, title: str):
     """An empty Agg-backed figure of width x height pixels with constrained layout and a title."""
     mpl = _matplotlib()
@@ -90,7 +81,7 @@ def _save(fig, out: Path) -> Path:
 def curve_charts(run_dir: str | Path) -> list[tuple[str, str, list[int], list[float]]]:
     """(title, y label, steps, values) per chart of plot_curves: each logged loss, then target mIoU.
     Non-finite values (a skipped step's NaN loss) are left out."""
-    train, evals = read_metrics(run_dir)
+    train, evals = RunFolder(run_dir).read_metrics()
     series = [(f"loss {k}", "loss", train, k) for k in LOSS_KEYS if any(k in r for r in train)]
     series.append(("target mIoU (%)", "mIoU (%)", evals, "miou"))
     charts = []

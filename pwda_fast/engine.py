@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pwda_fast import config, distributed, graphs, models, ops
+from pwda_fast import adversaries, config, distributed, graphs, models, ops
 from pwda_fast.adapt import Adapter, Nets, Schedule
 
 
@@ -72,7 +72,7 @@ class RepeatingSGD(torch.optim.SGD):
 def build_optimizers(optim_cfg: config.OptimConfig, nets: Nets) -> Optimizers:
     """SGD for G (heads at head_lr_mult), Adam for D and D_aux; torch's fused implementations (CUDA
     and CPU) by default: one kernel per step, and they skip a non-finite step on the device flag the
-    Adapter hands them, so the step never waits for the device (Adapter.skips_on_device)."""
+    guard hands them, so the step never waits for the device (guard.StepGuard.skips_on_device)."""
     o = optim_cfg
     groups = nets.g.param_groups(o.lr, o.head_lr_mult, repeats=o.backbone_repeats)
     sgd = {"lr": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "nesterov": o.nesterov}
@@ -174,7 +174,8 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
-    nets = Nets(*models.build_networks(cfg.model, init, cfg.adapt.adversary))
+    discriminators = adversaries.get(cfg.adapt.adversary).discriminators
+    nets = Nets(*models.build_networks(cfg.model, init, discriminators))
     nets.d_aux.upsample_backend = ops.resolve_upsample_backend(cfg.kernels.upsample, device)
     if init is not None and init.layout == "pwda":
         log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "

@@ -10,7 +10,7 @@ learning rates (Adapter.set_lr fills them). What the iteration decides in Python
 phase is captured anew: at most three captures in a run.
 
 Steps that decide on the host run eagerly: the first `warmup` (cuDNN and the allocator settle, and G's
-first optimizer step creates its momentum: Adapter.skips_on_device), and the first step of every phase
+first optimizer step creates its momentum: guard.StepGuard.skips_on_device), and the first step of every phase
 (its kernels compile, and Triton autotunes, outside a capture: autotuning times kernels with events
 and syncs, which a capture refuses). A capture that fails does not take the run down: the run goes on
 eagerly, with one warning that names the cause.
@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from pwda_fast.adapt import Adapter, StepResult
+from pwda_fast.adapt import Adapter
+from pwda_fast.guard import StepResult
 
 Replay = Callable[[], StepResult]
 
@@ -67,7 +68,7 @@ class GraphedAdapter:
         a = self.adapter
         phase = a.phase(step)
         if (self.failed or self.eager < self.warmup or phase not in self.phases_run
-                or not a.skips_on_device()):
+                or not a.guard.skips_on_device()):
             self.eager += 1
             self.phases_run.add(phase)
             with _side_stream(a.device):  # as torch asks of the iterations before a capture

@@ -7,11 +7,12 @@ TensorBoard events go to run_dir/tensorboard (`tensorboard --logdir RUN_DIR/tens
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
+
+from pwda_fast.run_folder import RunFolder
 
 
 class LoggerError(RuntimeError):
@@ -36,24 +37,21 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, purge_step: int | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.folder = RunFolder(run_dir)
         self.enabled, self.writer = enabled, None
-        if enabled and purge_step is not None and self.path.is_file():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln and json.loads(ln)["step"] <= purge_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if enabled and purge_step is not None:
+            self.folder.drop_metrics_after(purge_step)
         if tensorboard:
             writer_class = _summary_writer_class()
             if enabled:
-                self.writer = writer_class(log_dir=str(Path(run_dir) / "tensorboard"),
+                self.writer = writer_class(log_dir=str(self.folder.tensorboard),
                                            purge_step=purge_step or None)
 
     def write(self, record: dict) -> None:
         """record: {"step": int, name: number, ...}; "eval": true marks an evaluation (tags eval/...)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.folder.append_metrics(record)
         if self.writer is None:
             return
         group = "eval" if record.get("eval") else "train"

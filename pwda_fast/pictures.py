@@ -1,8 +1,9 @@
 """Pictures of predictions and of the paper's weighting maps, drawn with PIL alone (no matplotlib).
 
-compose() lays out Panels (an RGB array, a title, a colour bar for floats); weighting_maps() computes
-the maps of the paper's Fig. 2 exactly as training does; render_image() draws one target image's
-prediction row (Fig. 4) and maps row; training_figures() gives TensorBoard its pictures.
+compose() lays out Panels (an RGB array, a title, a colour bar for floats); weighting_maps() runs G and
+D_aux on target images and takes the maps of the paper's Fig. 2 from weighting.py, as training computes
+them; render_image() draws one target image's prediction row (Fig. 4) and maps row; training_figures()
+gives TensorBoard its pictures.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pwda_fast import inference, ops, reference
-from pwda_fast.adapt import d_aux_logits
+from pwda_fast import inference, weighting
+from pwda_fast.adversaries.pwda import d_aux_logits
 from pwda_fast.data import normalization
 from pwda_fast.data.labels import IGNORE, colorize
 
@@ -99,36 +100,23 @@ def label_at(label: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.Tensor]:
-    """The maps of the paper's Fig. 2 for a batch of target images, as training computes them.
-
-    image (N, 3, H, W) -> {"logits": (N, C, H, W) main-head logits upsampled to the image,
-    "aux": (N, 1, H, W) D_aux logits at image size, as adapt.aux_at has training compute them,
-    "gen": (N, H, W) d of eq. 3, "dis": (N, H, W) sigmoid(aux), "weight": (N, H, W) w of eq. 6}.
-    The weight uses sigmoid(aux) only when the run trained with it (adapt.weighting = "gen+dis"),
-    so it is exactly the map that weighted this run's adversarial loss.
-    """
+    """The maps of the paper's Fig. 2 for a batch of target images: image (N, 3, H, W) -> weighting.maps
+    of G's main head and of D_aux where adapt.aux_at has training run it ("logits", "aux", "gen", "dis",
+    "weight" at image size)."""
     size = tuple(image.shape[2:])
     _, main, feat = g(image)
-    logits = reference.upsample_to(main.float(), size)
-    aux = d_aux_logits(d_aux, feat, size, adapt_cfg.aux_at)
-    aux = reference.upsample_to(aux.float(), size)
-    t, floor, mu = adapt_cfg.threshold, adapt_cfg.floor, adapt_cfg.mu
-    weight = ops.pixel_weights(logits, aux if adapt_cfg.weighting == "gen+dis" else None,
-                               threshold=t, floor=floor, mu=mu)
-    return {"logits": logits, "aux": aux,
-            "gen": reference.generation_confidence(logits, threshold=t, floor=floor),
-            "dis": torch.sigmoid(aux[:, 0]), "weight": weight}
+    return weighting.maps(main, d_aux_logits(d_aux, feat, size, adapt_cfg.aux_at), size, adapt_cfg)
 
 
 def map_panels(maps: dict[str, torch.Tensor], adapt_cfg, index: int = 0) -> list[Panel]:
     """Fig. 2's three panels for image `index` of `maps` (from weighting_maps)."""
     a = adapt_cfg
     gen, dis, weight = (maps[k][index].cpu().numpy() for k in ("gen", "dis", "weight"))
-    if a.weighting == "gen+dis":
+    if weighting.uses_dis(a):
         w_title = f"w = (d + {a.mu:g}) * sigmoid(a)"
     else:
         w_title = f"w = d + {a.mu:g} ({'unused: ' if a.weighting == 'none' else ''}weighting={a.weighting})"
-    dis_title = "sigmoid(D_aux)" + ("" if a.weighting == "gen+dis" else f" (untrained: {a.weighting})")
+    dis_title = "sigmoid(D_aux)" + ("" if weighting.uses_dis(a) else f" (untrained: {a.weighting})")
     return [Panel(f"d, eq. 3 (T={a.threshold:g})", colormap(gen, 0.0, 1.0), (0.0, 1.0)),
             Panel(dis_title, colormap(dis, 0.0, 1.0), (0.0, 1.0)),
             Panel(w_title, colormap(weight, 0.0, 1.0 + a.mu), (0.0, 1.0 + a.mu))]

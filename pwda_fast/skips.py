@@ -1,7 +1,7 @@
 """Skipped steps: counted, explained, and a run stopped when too many come in a row.
 
 A step is skipped (no optimizer steps, the networks' statistics put back) when a loss or gradient is
-non-finite on any rank (adapt.Adapter). One skip is ordinary; train.max_skips of them in a row mean
+non-finite on any rank (guard.StepGuard). One skip is ordinary; train.max_skips of them in a row mean
 the run has diverged, and the error says which loss went first and what most likely caused it.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from pwda_fast import config
-from pwda_fast.adapt import StepReport
+from pwda_fast import adversaries, config
+from pwda_fast.guard import StepReport
 
 
 class NonFiniteError(RuntimeError):
@@ -57,14 +57,10 @@ class SkipCounter:
 
 def likely_causes(cfg: config.Config, term: str | None) -> list[str]:
     """What most likely made a run diverge, from its config and the first loss that went non-finite."""
+    adversarial = adversaries.get(cfg.adapt.adversary).governs(cfg, term) if term else None
     causes = []
-    if term in ("adv", "adv_aux", "d", "d_aux"):
-        a = cfg.adapt
-        mrnet = a.adversary == "mrnet"
-        names = ("lambda_mrnet_main", "lambda_mrnet_aux") if mrnet else ("lambda_adv", "lambda_aux")
-        values = [getattr(a, name) for name in names]
-        causes.append(f"the adversarial terms diverged first: lower adapt.{names[0]} / adapt.{names[1]} "
-                      f"(now {values[0]:g} / {values[1]:g}) or optim.lr_d (now {cfg.optim.lr_d:g})")
+    if adversarial:
+        causes.append(adversarial)
     elif term == "mem":
         causes.append(f"MRNet's memory term diverged first: lower adapt.lambda_mem "
                       f"(now {cfg.adapt.lambda_mem:g}) or optim.lr (now {cfg.optim.lr:g})")

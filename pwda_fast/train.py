@@ -12,7 +12,6 @@ Exit codes: 0 done (or stopped cleanly by SIGTERM / train.stop_at), 2 bad config
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -34,10 +33,11 @@ from pwda_fast import (
     pictures,
     weight_stats,
 )
-from pwda_fast.adapt import StepResult
 from pwda_fast.data import build_datasets, class_groups, train_batches
 from pwda_fast.data.loader import DataError, data_error_message
+from pwda_fast.guard import StepResult
 from pwda_fast.logger import LoggerError, MetricsLogger
+from pwda_fast.run_folder import RunFolder
 from pwda_fast.skips import NonFiniteError, SkipCounter
 
 EXIT_CONFIG, EXIT_NONFINITE = 2, 3
@@ -106,7 +106,7 @@ class Trainer:
         best = checkpoint.best_score(self.run_dir)  # read now: an unreadable best.json stops the run here
         if best is not None:
             self.log(f"best so far: target mIoU {best['miou']:.2f} at step {best['step']} "
-                     f"({checkpoint.BEST})")
+                     f"({RunFolder.BEST})")
         try:  # layout, validation and decoding problems: messages that name the files, no traceback
             self.datasets = build_datasets(cfg.data, cfg.train.run_dir, self.log, self.device)
         except (ValueError, OSError) as e:
@@ -116,7 +116,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if info.main:
             checkpoint.clean_stale(self.run_dir)
-            (self.run_dir / "config.json").write_text(cfg.to_json())
+            RunFolder(self.run_dir).write_config(cfg)
         self.logger = MetricsLogger(self.run_dir, info.main, cfg.log.tensorboard, purge_step=start)
         return start
 
@@ -248,14 +248,14 @@ class Trainer:
             state = checkpoint.networks_state(self.engine, step, self.cfg)
             best = checkpoint.save_best(self.run_dir, step, result, state)
             self.log(f"step {step}: target mIoU {result['miou']:.2f}"
-                     + (f" (best so far: wrote {checkpoint.BEST})" if best else ""))
+                     + (f" (best so far: wrote {RunFolder.BEST})" if best else ""))
         distributed.barrier(self.dist)
         return result
 
     def finish(self, step: int) -> None:
         result = self.evaluate(step)
         if self.dist.main:
-            (self.run_dir / "final.json").write_text(json.dumps(result, indent=2))
+            RunFolder(self.run_dir).write_final(result)
             a = self.cfg.adapt
             self.log(metrics.format_result(
                 result, f"target val after {step} iterations ({a.mode}, weighting {a.weighting})"))
@@ -271,7 +271,7 @@ def run_for_result(argv: list[str], title: str) -> tuple[int, dict | None]:
     if code != 0:
         return code, None
     run_dir = config.load(*config.parse_args(argv)).train.run_dir
-    return 0, json.loads((Path(run_dir) / "final.json").read_text())
+    return 0, RunFolder(run_dir).read_final()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,21 +4,22 @@ The target training images carry no labels (adaptation never sees them), so the 
 on the first IMAGES target-val images, the same ones at every evaluation, with their ground truth:
 how many pixels are confident enough (p* > T) to get the floor weight, and the mean weight w of
 eq. (6) on the pixels of each class group (`data.class_groups`: toy_partial's aligned and shifted
-classes, one group "all" elsewhere). The maps are those of the Fig. 2 pictures
-(`pictures.weighting_maps`, the formulas training uses), with the networks in eval mode (running
-BatchNorm statistics, no dropout), so measuring changes nothing in the run.
+classes, one group "all" elsewhere). The maps are weighting.maps, those of the Fig. 2 pictures and of
+training, with the networks in eval mode (running BatchNorm statistics, no dropout), so measuring
+changes nothing in the run.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pwda_fast import curves, pictures, stats
+from pwda_fast import stats, weighting
+from pwda_fast.adversaries.pwda import d_aux_logits
+from pwda_fast.run_folder import RunFolder
 
 CHANCE = 2 * math.log(2)  # D_aux's BCE summed over source and target when it cannot tell them apart
 
@@ -49,7 +50,9 @@ def measure(g, d_aux, val_dataset, adapt_cfg, groups: dict[str, tuple[int, ...]]
         for i in range(min(images, len(val_dataset))):
             item = val_dataset[i]
             image = item["image"][None].to(device)  # (1, 3, H, W)
-            maps = pictures.weighting_maps(g, d_aux, image, adapt_cfg)
+            size = tuple(image.shape[2:])
+            _, main, feat = g(image)
+            maps = weighting.maps(main, d_aux_logits(d_aux, feat, size, adapt_cfg.aux_at), size, adapt_cfg)
             confident = (maps["logits"].softmax(1).amax(1) > adapt_cfg.threshold)[0]  # (H, W)
             weight = maps["weight"][0]  # (H, W)
             label = F.interpolate(item["label"][None, None].float(), size=confident.shape,
@@ -77,14 +80,14 @@ def d_aux_at_end(run_dir: str | Path) -> dict[str, float]:
     paper's D_aux (weighting gen+dis, adversary pwda: BCE summed over source and target, CHANCE =
     2 ln 2 when it cannot tell them apart, where sigmoid(a) is a constant 0.5 and DisMap carries no
     information); {} for other runs and for runs without a config.json or a logged d_aux."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    folder = RunFolder(run_dir)
+    cfg = folder.read_config()
+    if cfg is None:
         return {}
-    cfg = json.loads(path.read_text())
     adapt = cfg["adapt"]
     adversary = adapt.get("adversary", "pwda")  # runs from before MRNet's adversary existed lack the key
     if adapt["mode"] != "adapt" or adapt["weighting"] != "gen+dis" or adversary != "pwda":
         return {}
-    lines, _ = curves.read_metrics(run_dir)
+    lines, _ = folder.read_metrics()
     tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > cfg["train"]["iters"] * 7 / 8]
     return {"d_aux_end": stats.mean(tail)} if tail else {}

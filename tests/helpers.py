@@ -20,6 +20,12 @@ def tiny_overrides(run_dir, **extra) -> dict:
     return overrides
 
 
+def run_step(adapter, step: int, source: dict, target: dict | None) -> tuple[dict, bool]:
+    """One iteration launched and read at once -> ({loss name: float}, stepped)."""
+    report = adapter.launch(step, source, target).read()
+    return report.losses, report.stepped
+
+
 def as_argv(overrides: dict) -> list[str]:
     return ["--config", "toy"] + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
 

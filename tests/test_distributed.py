@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import run_step
 
 from pwda_fast import config, distributed, engine
 from pwda_fast.data import build_datasets
@@ -52,7 +53,7 @@ def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] |
         if nan_at == (rank, step):
             s["image"][0, :, :4, :4] = float("nan")
         out["indices"].append(sorted(s["index"].tolist() + [1000 + i for i in t["index"].tolist()]))
-        losses, stepped = adapter.step(step, s, t)
+        losses, stepped = run_step(adapter, step, s, t)
         out["losses"].append(losses)
         out["stepped"].append(stepped)
         out["bn_finite"].append(all(bool(b.isfinite().all()) for b in g.buffers() if b.is_floating_point()))

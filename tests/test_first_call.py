@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import run_step
 
 from pwda_fast import config, engine, ops
 
@@ -50,14 +51,14 @@ def test_training_goes_on_with_torch_when_the_fused_ops_fail(batches, monkeypatc
         cfg = config.load("toy", {**TINY, "kernels.backend": "torch"})
         eng = engine.build(cfg, torch.device("cpu"))
         if name == "fallback":
-            eng.adapter.loss_backend = ops.FirstCall("ext", "the loss")
+            eng.adapter.adversary.loss_backend = ops.FirstCall("ext", "the loss")
             eng.nets.d_aux.upsample_backend = "triton"
             monkeypatch.setattr(ops, "weighted_adv_loss", broken(real_loss))
             monkeypatch.setattr(ops, "upsample_leaky_relu", broken(real_upsample))
         with warnings.catch_warnings(record=True) as caught[name]:
             warnings.simplefilter("always")
             torch.manual_seed(0)
-            runs[name] = [eng.adapter.step(i, *batches[i % 2])[0] for i in range(3)]
+            runs[name] = [run_step(eng.adapter, i, *batches[i % 2])[0] for i in range(3)]
         monkeypatch.undo()
     messages = sorted(str(w.message) for w in caught["fallback"])
     assert len(messages) == 2 and not caught["torch"], messages

@@ -13,6 +13,7 @@ from helpers import (
     as_argv,
     assert_same_networks,
     assert_same_optimizers,
+    run_step,
     tiny_overrides,
     training_lines,
 )
@@ -91,32 +92,32 @@ def test_fp16_resume_matches_uninterrupted_run_and_calibration_skips_do_not_stop
 
 def test_scaler_state_is_part_of_the_adapter_state(batches):
     trained = fp16_engine().adapter
-    trained.step(0, *batches[0])
+    run_step(trained, 0, *batches[0])
     state = trained.state_dict()["scaler"]
     assert state["scale"] == 65536.0 and state["_growth_tracker"] == 1  # one step without overflow
     fresh = fp16_engine().adapter
     fresh.load_state_dict({"often": None, "scaler": {**state, "scale": 512.0}})
     assert fresh.state_dict()["scaler"] == {**state, "scale": 512.0}
-    fresh.step(0, *batches[0])  # the loaded scale is the one the next step uses and updates
+    run_step(fresh, 0, *batches[0])  # the loaded scale is the one the next step uses and updates
     assert fresh.state_dict()["scaler"]["scale"] == 512.0
     assert fresh.state_dict()["scaler"]["_growth_tracker"] == 2
     assert fp16_engine(**{"train.amp": "bf16"}).adapter.state_dict()["scaler"] == {}
     # A checkpoint written without fp16 (resumed with --train.resume=force) leaves the scaler fresh.
     fresh = fp16_engine().adapter
     fresh.load_state_dict({"often": None, "scaler": {}})
-    assert fresh.scaler.get_scale() == 65536.0
+    assert fresh.guard.scaler.get_scale() == 65536.0
 
 
 def test_gradient_overflow_skips_all_three_optimizers_and_halves_the_scale(batches, monkeypatch):
     eng = fp16_engine()
-    eng.adapter.step(0, *batches[0])
+    run_step(eng.adapter, 0, *batches[0])
     before = [tensors(net.state_dict()) for net in eng.nets]
     opt_before = [optimizer_tensors(opt) for opt in eng.optimizers]
     inf_gradient_on_call(monkeypatch, 2)  # stage 3's D loss: only D's gradients overflow
-    losses, stepped = eng.adapter.step(1, *batches[1])
-    assert not stepped and eng.adapter.calibrating
-    assert all(math.isfinite(v) for v in losses.values())  # an overflow, not a non-finite loss
-    assert eng.adapter.scaler.get_scale() == 32768.0
+    report = eng.adapter.launch(1, *batches[1]).read()
+    assert not report.stepped and report.calibrating
+    assert all(math.isfinite(v) for v in report.losses.values())  # an overflow, not a non-finite loss
+    assert eng.adapter.guard.scaler.get_scale() == 32768.0
     for name, net, want in zip(("g", "d", "d_aux"), eng.nets, before):
         got = tensors(net.state_dict())  # weights and (restored) BatchNorm statistics and counts untouched
         assert all(torch.equal(got[k], v) for k, v in want.items()), name
@@ -141,7 +142,7 @@ def test_injected_gradient_inf_counts_once_and_does_not_stop_the_run(tmp_path, m
 def test_overflow_below_scale_one_counts_towards_max_skips(batches, monkeypatch):
     cfg = config.load("toy", {**TINY, "train.max_skips": 1})
     adapter = engine.build(cfg, CPU, backend="torch").adapter
-    adapter.load_state_dict({"scaler": {**adapter.scaler.state_dict(), "scale": 1.0}})
+    adapter.load_state_dict({"scaler": {**adapter.guard.scaler.state_dict(), "scale": 1.0}})
     inf_gradient_on_call(monkeypatch, 1)
     report = adapter.launch(0, *batches[0]).read()
     assert not report.stepped and not report.calibrating and report.scale == 0.5

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from helpers import run_step
 
 from pwda_fast import config, engine, skips
 
@@ -74,7 +75,7 @@ def test_the_table_has_a_row_for_every_loss_a_step_logs(adversary, batches, one_
     cfg = run_config(adversary, **{"model.width": 8, "model.head_width": 16, "model.disc_width": 8,
                                    "model.aux_disc_width": 8, "data.crop": list(BATCH_CROP),
                                    "kernels.backend": "torch"})
-    losses, stepped = engine.build(cfg, torch.device("cpu")).adapter.step(0, *batches[0])
+    losses, stepped = run_step(engine.build(cfg, torch.device("cpu")).adapter, 0, *batches[0])
     assert stepped and all(math.isfinite(v) for v in losses.values())
     assert set(losses) == {t for a, t in GOVERNS if a == adversary}
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_step
 
 from pwda_fast import config, engine
 
@@ -367,7 +368,7 @@ def run_engine(cfg, batches):
     snapshots, history = [tuple(copy.deepcopy(m) for m in nets)], []
     for step, (src, tgt) in zip(STEPS, batches):
         torch.manual_seed(step)  # the oracle draws MRNet's dropout masks from the same stream
-        losses, stepped = adapter.step(step, src, tgt if cfg.adapt.mode == "adapt" else None)
+        losses, stepped = run_step(adapter, step, src, tgt if cfg.adapt.mode == "adapt" else None)
         assert stepped
         grads = {name: [p.grad.clone() for p in net.parameters() if p.requires_grad and p.grad is not None]
                  for name, net in zip(("g", "d", "d_aux"), nets)}
@@ -497,7 +498,7 @@ def test_non_finite_gradient_with_finite_losses_skips_every_optimizer():
     g, d, d_aux = adapter.nets
     before = [p.detach().clone() for m in (g, d, d_aux) for p in m.parameters()]
     g.main_head.conv2d_list[0].weight.register_hook(lambda grad: grad * math.nan)
-    losses, stepped = adapter.step(STEPS[0], *batches[0])
+    losses, stepped = run_step(adapter, STEPS[0], *batches[0])
     assert all(math.isfinite(v) for v in losses.values())
     assert not stepped
     after = [p.detach() for m in (g, d, d_aux) for p in m.parameters()]

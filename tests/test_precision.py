@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from helpers import as_argv, tiny_overrides
+from helpers import as_argv, run_step, tiny_overrides
 
 from pwda_fast import config, engine, train
 from pwda_fast.models import Nets, build_networks
@@ -22,7 +22,7 @@ def _losses(batches, **overrides) -> list[dict]:
     eng = engine.build(cfg, CPU)
     out = []
     for step, (s, t) in enumerate(batches):
-        losses, stepped = eng.adapter.step(step, s, t)
+        losses, stepped = run_step(eng.adapter, step, s, t)
         assert stepped
         out.append(losses)
     assert all(p.dtype == torch.float32 for p in eng.nets.g.parameters())  # fp32 master weights
@@ -109,7 +109,7 @@ def test_weight_casts_kept_for_the_whole_iteration(batches, monkeypatch, weighti
             monkeypatch.setattr(eng.adapter, "cast_cache", contextlib.nullcontext)
         weights = [p for p in eng.nets.g.parameters() if p.dim() > 1]  # conv weights
         with _CastCounter(weights) as counter:
-            losses = [eng.adapter.step(i, s, t)[0] for i, (s, t) in enumerate(batches)]
+            losses = [run_step(eng.adapter, i, s, t)[0] for i, (s, t) in enumerate(batches)]
         steps[keep] = (counter.casts, losses, {(i, k): v.clone() for i, net in enumerate(eng.nets)
                                                for k, v in net.state_dict().items()})
     kept, uncached = steps[True][0], steps[False][0]

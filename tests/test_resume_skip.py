@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from helpers import run_step
 from test_skipped_step import changed, changed_kinds, state_of
 
 from pwda_fast import checkpoint, config, distributed, engine
@@ -37,7 +38,7 @@ def continue_with_a_skip(eng, batches, step: int) -> list[tuple[list, dict]]:
     out = []
     for i, bad in ((step, True), (step + 1, False)):
         source, target = batches[i % len(batches)]
-        losses, stepped = eng.adapter.step(i, nan_source(source) if bad else source, target)
+        losses, stepped = run_step(eng.adapter, i, nan_source(source) if bad else source, target)
         assert stepped is not bad
         out.append(([f"{k}={v!r}" for k, v in losses.items()], state_of(eng)))
     return out
@@ -56,7 +57,7 @@ def test_a_skipped_step_after_a_resume_equals_the_uninterrupted_run(batches, tmp
 
     whole = engine.build(run_config(), CPU)
     for i in range(2):
-        assert whole.adapter.step(i, *batches[i])[1]
+        assert run_step(whole.adapter, i, *batches[i])[1]
     before = state_of(whole)
     checkpoint.save(tmp_path, 2, checkpoint.training_state(whole, 2, run_config(), 1, 0))
     uninterrupted = continue_with_a_skip(whole, batches, 2)

@@ -16,7 +16,7 @@ import torch
 from helpers import InfGrad, as_argv, tiny_overrides, training_lines
 
 from pwda_fast import config, engine, reference, train
-from pwda_fast.adapt import StepReport
+from pwda_fast.guard import StepReport
 from pwda_fast.skips import NonFiniteError, SkipCounter
 
 CPU = torch.device("cpu")
@@ -131,7 +131,7 @@ def take_steps(eng, batches, monkeypatch, pattern: str, skips: SkipCounter,
         with monkeypatch.context() as m:
             if kind == "I":
                 m.setattr(reference, "seg_ce", lambda logits, *a: real(InfGrad.apply(logits), *a))
-            on_device = eng.adapter.skips_on_device()
+            on_device = eng.adapter.guard.skips_on_device()
             report = eng.adapter.launch(i, nan_source(source) if kind == "S" else source, target).read()
         out.append((on_device, report))
         skips.record(i + 1, report)
@@ -163,7 +163,7 @@ def test_fp16_overflows_calibrate_down_to_scale_one_and_the_next_one_counts(batc
     halving lands on 1 and is calibration, the 17th lands on 0.5 and stops a run with
     train.max_skips = 1."""
     eng = engine.build(config.load("toy", {**TOY, "optim.impl": impl, "train.amp": "fp16"}), CPU)
-    scaler = eng.adapter.scaler
+    scaler = eng.adapter.guard.scaler
     eng.adapter.load_state_dict({"scaler": {**scaler.state_dict(), "scale": 65536.0 / 2**start}})
     skips, _ = counter(1)
     steps = take_steps(eng, batches, monkeypatch, "G" + "I" * (16 - start), skips)

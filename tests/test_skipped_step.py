@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from helpers import InfGrad
+from helpers import InfGrad, run_step
 
 from pwda_fast import config, engine, reference
 
@@ -87,15 +87,15 @@ def make_stage3_bad(monkeypatch, kind: str) -> None:
 def assert_skip_restores_everything(eng, batches, monkeypatch, kind: str) -> list[str]:
     """Step 0 normally (momentum, Adam moments and `often` exist), step 1 made bad -> skipped with
     every state as before; then step 1 again, unskipped -> the names of the states it changes."""
-    assert eng.adapter.step(0, *batches[0])[1]
+    assert run_step(eng.adapter, 0, *batches[0])[1]
     before = state_of(eng)
     with monkeypatch.context() as m:
         make_stage3_bad(m, kind)
-        losses, stepped = eng.adapter.step(1, *batches[1])
+        losses, stepped = run_step(eng.adapter, 1, *batches[1])
     assert not stepped
     assert all(math.isfinite(v) for v in losses.values()) is (kind == "gradient")
     assert changed(before, state_of(eng)) == [], "the skipped step left these changed"
-    assert eng.adapter.step(1, *batches[1])[1]
+    assert run_step(eng.adapter, 1, *batches[1])[1]
     return changed(before, state_of(eng))
 
 
@@ -142,7 +142,7 @@ def run_steps(eng, batches, monkeypatch, bad: set[int], steps: int = 4) -> list[
         with monkeypatch.context() as m:
             if i in bad:
                 m.setattr(reference, "seg_ce", lambda *a: real(*a) * math.nan)
-            out.append(eng.adapter.step(i, *batches[i % len(batches)]))
+            out.append(run_step(eng.adapter, i, *batches[i % len(batches)]))
     return out
 
 
@@ -174,12 +174,12 @@ def test_skip_decided_on_the_device_equals_the_host_decision_bit_for_bit(batches
 def forced_skip_path(adapter, on_device: bool) -> list[bool]:
     """Make `adapter` skip on the device where it can (on_device) or always on the host -> the list
     its own choice is recorded into, one entry per step."""
-    real, decided = adapter.skips_on_device, []
+    real, decided = adapter.guard.skips_on_device, []
 
     def decide() -> bool:
         decided.append(real())
         return on_device and decided[-1]
-    adapter.skips_on_device = decide
+    adapter.guard.skips_on_device = decide
     return decided
 
 
@@ -188,16 +188,16 @@ def test_a_skipped_first_step_leaves_no_momentum_and_the_next_is_a_first_step(ba
     the host, creates no optimizer state, and the next one starts as a first step does."""
     eng = build(**{"optim.backbone_repeats": True})
     before = state_of(eng)
-    assert not eng.adapter.skips_on_device()
+    assert not eng.adapter.guard.skips_on_device()
     run_steps(eng, batches, monkeypatch, bad={0}, steps=1)
     assert changed(before, state_of(eng)) == [] and not eng.optimizers.g.state
     fresh = build(**{"optim.backbone_repeats": True})
     results = []
     for e in (eng, fresh):
         torch.manual_seed(1)  # the heads' dropout draws the same masks in both
-        results.append(e.adapter.step(0, *batches[1]))
+        results.append(run_step(e.adapter, 0, *batches[1]))
     assert results[0] == results[1]
-    assert changed(state_of(fresh), state_of(eng)) == [] and eng.adapter.skips_on_device()
+    assert changed(state_of(fresh), state_of(eng)) == [] and eng.adapter.guard.skips_on_device()
 
 
 @pytest.mark.gpu

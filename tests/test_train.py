@@ -5,7 +5,14 @@ import math
 
 import pytest
 import torch
-from helpers import as_argv, assert_same_networks, assert_same_optimizers, tiny_overrides, training_lines
+from helpers import (
+    as_argv,
+    assert_same_networks,
+    assert_same_optimizers,
+    run_step,
+    tiny_overrides,
+    training_lines,
+)
 
 from pwda_fast import adapt, checkpoint, config, engine, evaluate, ops, reference, skips, train, weight_stats
 from pwda_fast.data import build_datasets
@@ -77,7 +84,7 @@ def test_weighting_map_carries_no_gradient(monkeypatch):
 
     monkeypatch.setattr(ops, "weighted_adv_loss", spy)
     adapter, src, tgt = _adapter("gen+dis")
-    adapter.step(0, src, tgt)
+    run_step(adapter, 0, src, tgt)
     assert calls == [(False, False, True), (False, False, True)]  # generator stage, then D stage
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import as_argv, tiny_overrides
 
-from pwda_fast import config, models, pictures, train, weight_stats
+from pwda_fast import config, models, train, weight_stats, weighting
 
 GROUPS = {"aligned": (0, 2), "shifted": (1, 9)}  # road, building | sidewalk, terrain
 SURE, UNSURE = (10.0, 0.0), (0.0, 0.0)  # two-class logits: p* = 0.99995 and 0.5
@@ -15,6 +15,19 @@ SURE, UNSURE = (10.0, 0.0), (0.0, 0.0)  # two-class logits: p* = 0.99995 and 0.5
 def _maps(confident_logits, weight):
     logits = torch.tensor(confident_logits).permute(2, 0, 1)[None]  # (1, 2, H, W)
     return {"logits": logits, "weight": torch.tensor(weight)[None]}
+
+
+class _EvalOnly(torch.nn.Module):
+    """A stand-in for G (image -> (aux, main, feat), each the image) and for D_aux at image size
+    ((feat, size) -> feat's first channel) that refuses to run in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # measure() reads the device from a parameter
+
+    def forward(self, x, size=None):
+        assert not self.training  # measured in eval mode
+        return (x, x, x) if size is None else x[:, :1]
 
 
 def test_fractions_and_group_means_by_hand(monkeypatch):
@@ -32,15 +45,14 @@ def test_fractions_and_group_means_by_hand(monkeypatch):
     """
     maps = [_maps([[SURE, UNSURE, SURE], [UNSURE, SURE, UNSURE]], [[0.1, 0.5, 0.2], [0.9, 0.3, 0.7]]),
             _maps([[UNSURE] * 3] * 2, [[1.0] * 3] * 2)]
-    g, d_aux = torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(1, 1, 1)
+    g, d_aux = _EvalOnly(), _EvalOnly()
     calls = []
 
-    def fake_maps(g_, d_aux_, image, adapt_cfg):
-        assert not g_.training and not d_aux_.training  # measured in eval mode
-        calls.append(image.shape)
-        return maps[int(image[0, 0, 0, 0])]  # each image holds its own index
+    def fake_maps(main, aux, size, adapt_cfg):
+        calls.append(main.shape)
+        return maps[int(main[0, 0, 0, 0])]  # each image holds its own index, which g passes on
 
-    monkeypatch.setattr(pictures, "weighting_maps", fake_maps)
+    monkeypatch.setattr(weighting, "maps", fake_maps)
     val = [{"image": torch.zeros(3, 2, 3), "label": torch.tensor([[0, 0, 2], [1, 255, 9]])},
            {"image": torch.ones(3, 2, 3), "label": torch.zeros(4, 6, dtype=torch.int64)}]
     adapt = config.AdaptConfig(threshold=0.9)

@@ -27,7 +27,7 @@ from pwda_fast.models.mrnet import MRNet
 from pwda_fast.models.ms_discriminator import MRNetDiscriminators, MultiScaleDiscriminator
 
 __all__ = ["DeepLabV2", "MRNet", "OutputDiscriminator", "FeatureDiscriminator", "MRNetDiscriminators",
-           "MultiScaleDiscriminator", "build_networks",
+           "MultiScaleDiscriminator", "build_networks", "paper_discriminators",
            "build_generator", "resolve_model", "weights_layout", "read_init_weights", "load_init_weights",
            "InitWeights", "EXPORT_FORMAT", "EXPORT_VERSION", "trained_record", "trained_words"]
 
@@ -81,10 +81,18 @@ def _read(model_cfg, init: InitWeights | None) -> InitWeights | None:
     return init
 
 
+def paper_discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
+    """The paper's D (AdaptSegNet's fully convolutional BCE D, model.disc_stride) and D_aux on the
+    generator's `feat_channels` features, fresh."""
+    return (OutputDiscriminator(model_cfg.num_classes, model_cfg.disc_width, model_cfg.disc_stride),
+            FeatureDiscriminator(feat_channels, model_cfg.aux_disc_width))
+
+
 def build_networks(model_cfg, init: InitWeights | None = None,
-                   adversary: str = "pwda") -> tuple[nn.Module, nn.Module, nn.Module]:
-    """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux); D is MRNet's
-    D1 + D2 (MRNetDiscriminators) with adversary "mrnet" (adapt.adversary), else the paper's D.
+                   discriminators=paper_discriminators) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux); D and D_aux from
+    `discriminators(model_cfg, feat_channels)`: the paper's by default, an adversary's own
+    (adversaries.get(adapt.adversary).discriminators) in training.
 
     `init`: model.init_weights as the caller read it (read here when not given). stride_on "auto" is
     resolved here from it (resolve_model); a caller that saves the config should resolve it first,
@@ -95,12 +103,7 @@ def build_networks(model_cfg, init: InitWeights | None = None,
     g = build_generator(m)
     if init is not None:
         load_init_weights(g, init)
-    if adversary not in ("pwda", "mrnet"):
-        raise ValueError(f"adapt.adversary must be 'pwda' or 'mrnet'; got {adversary!r}")
-    d = (MRNetDiscriminators(m.num_classes) if adversary == "mrnet"
-         else OutputDiscriminator(m.num_classes, m.disc_width, m.disc_stride))
-    d_aux = FeatureDiscriminator(g.feat_channels, m.aux_disc_width)
-    return g, d, d_aux
+    return (g, *discriminators(m, g.feat_channels))
 
 
 def build_generator(model) -> DilatedResNet:

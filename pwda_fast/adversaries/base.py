@@ -1,0 +1,96 @@
+"""What an adversary is to the Adapter (adversaries/__init__.py lists them)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pwda_fast.models import Nets
+
+SOURCE, TARGET = 0.0, 1.0  # domain labels of every discriminator
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """A DDP-wrapped module's own module: called unwrapped, it does not make DDP wait for gradients
+    that a stage does not give it."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def adversarial_cause(cfg, term: str, lambdas: tuple[str, str]) -> str | None:
+    """The diagnosis of a non-finite adversarial term (adv, adv_aux, d, d_aux): the generator stage's
+    two weights `lambdas` (adapt.*) and the discriminators' rate, with their values; None otherwise."""
+    if term not in ("adv", "adv_aux", "d", "d_aux"):
+        return None
+    values = [getattr(cfg.adapt, name) for name in lambdas]
+    return (f"the adversarial terms diverged first: lower adapt.{lambdas[0]} / adapt.{lambdas[1]} "
+            f"(now {values[0]:g} / {values[1]:g}) or optim.lr_d (now {cfg.optim.lr_d:g})")
+
+
+class Adversary:
+    """The adversarial half of one iteration, over the networks as training wraps them.
+
+    The outputs it receives are dicts of image-size logits: "main" and "aux" (N, C, H, W) float32 and
+    "feat" (N, F, h, w), the generator's features; in stage 2 attached to G's graph, in stage 3
+    detached, with whatever `generator_loss` returned for stage 3 merged into the target's dict.
+    """
+
+    name = ""
+    trains: tuple[str, ...] = ()
+    """The networks among ("d", "d_aux") that this adversary trains (the others only load and save)."""
+
+    def __init__(self, nets: Nets, adapt_cfg, *, autocast: Callable, memory_format, loss_backend):
+        self.nets, self.cfg, self.autocast = nets, adapt_cfg, autocast
+        self.memory_format, self.loss_backend = memory_format, loss_backend
+
+    # -- what a subclass defines ----------------------------------------------------------------------
+
+    @staticmethod
+    def discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
+        """-> (d, d_aux) with fresh weights: the checkpoint's "d" and "d_aux"."""
+        raise NotImplementedError
+
+    @staticmethod
+    def check(adapt_cfg) -> list[str]:
+        """The config problems this adversary has with the other adapt.* keys (ConfigError text)."""
+        return []
+
+    @staticmethod
+    def governs(cfg, term: str) -> str | None:
+        """For a loss term that went non-finite first (adv, adv_aux, d, d_aux), what most likely caused
+        it and which setting to lower, with its value; None for a term that is not its own."""
+        return None
+
+    def phase(self, step: int):
+        """What this adversary decides in Python from the step number (a CUDA graph captures it)."""
+        return None
+
+    def generator_loss(self, tgt: dict, losses: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """Stage 2, the discriminators frozen: the generator's adversarial loss on the target (logged
+        into `losses`) -> (loss, what stage 3 needs from this stage)."""
+        raise NotImplementedError
+
+    def discriminator_loss(self, src: dict, tgt: dict, losses: dict, step: int) -> torch.Tensor:
+        """Stage 3, on detached outputs: the discriminators' loss (logged into `losses`)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Stage 2: the discriminators take no gradient (and are called unwrapped)."""
+        nets = [unwrap(getattr(self.nets, name)) for name in self.trains]
+        for net in nets:
+            set_requires_grad(net, False)
+        try:
+            yield
+        finally:
+            for net in nets:
+                set_requires_grad(net, True)
