@@ -59,9 +59,15 @@ def build(cfg, device, channels_last: bool):
 
 
 class EagerLoop:
-    """AdaptSegNet's train_gta2cityscapes_multi.py loop on our networks, with the paper's weighting."""
+    """AdaptSegNet's train_gta2cityscapes_multi.py loop on our networks, with the paper's weighting
+    (GenMap + DisMap: adapt.weighting = "gen+dis", the presets'). It is AdaptSegNet's recipe: no class
+    balance, no hard pixels and no memory term, which the paper presets' engine rows do run (more work
+    for the engine, not less). tests/test_bench_step_twin.py ties its gradients to the Adapter's."""
 
     def __init__(self, cfg, device):
+        if cfg.adapt.weighting != "gen+dis" or cfg.adapt.adversary != "pwda":
+            raise ValueError("the eager loop is written for the paper's adversary with adapt.weighting = "
+                             f"gen+dis; got {cfg.adapt.adversary!r}, {cfg.adapt.weighting!r}")
         self.cfg, self.a = cfg, cfg.adapt
         self.g, self.d, self.d_aux = build(cfg, device, channels_last=False)
         o = cfg.optim
