@@ -9,6 +9,7 @@ runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -243,7 +244,8 @@ def networks_from_state(state: dict, device: torch.device):
     """A loaded checkpoint -> (Nets in eval mode on `device`, its config); ConfigError for a config this
     version cannot read, KeyError without G, RuntimeError (naming the network) for weights that do not fit."""
     cfg = config.from_dict(state["config"])
-    cfg.model.init_weights = ""  # the checkpoint holds every weight; the init file need not exist here
+    # The checkpoint holds every weight; the init file need not exist here (a copy, not a write-back).
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_weights=""))
     discriminators = adversaries.get(cfg.adapt.adversary).discriminators
     nets = Nets(*build_networks(cfg.model, discriminators=discriminators))
     nets.load_state_dict(state, required=("g",))

@@ -1,6 +1,7 @@
 """The objects of one training run, built one way for the entry point, the benchmarks and the tests.
 
-    config -> seed -> networks (device, memory format) -> optimizers -> DDP / compile -> Adapter
+    config -> finalize (model.init_weights read once, what it decides resolved: a new, final config)
+           -> seed -> networks (device, memory format) -> optimizers -> DDP / compile -> Adapter
 
 `build` returns an Engine: the bare networks (what checkpoints hold), their optimizers, the resolved
 weighted-loss backend and the Adapter that runs one iteration on the (possibly wrapped) networks.
@@ -8,6 +9,8 @@ weighted-loss backend and the Adapter that runs one iteration on the (possibly w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +109,8 @@ class Engine:
     """Runs one iteration on the networks as training wraps them (DDP, torch.compile)."""
     backend: str
     """The weighted-loss backend `kernels.backend` resolved to on this device."""
+    cfg: config.Config
+    """The final config the engine was built from (engine.finalize)."""
 
 
 def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distributed.Dist, log) -> Nets:
@@ -123,33 +128,43 @@ def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distribute
     return nets
 
 
-def read_init(cfg: config.Config) -> models.InitWeights | None:
-    """model.init_weights read (once per build: the file can be a ~170 MB checkpoint), or None."""
-    return models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
+@dataclass(frozen=True)
+class Final:
+    """A run's config made final (finalize): what the init weights decide is resolved in `cfg`, and the
+    weights are read, once, into `init`. Nothing writes into it afterwards."""
+    cfg: config.Config
+    init: models.InitWeights | None
 
 
-def resolve(cfg: config.Config, init: models.InitWeights | None = None) -> config.Config:
-    """Make the settings that follow model.init_weights concrete (in place; returns cfg): the bottleneck
+def finalize(cfg: config.Config) -> Final:
+    """The one place where a config becomes final: model.init_weights read (the file can be a ~170 MB
+    checkpoint: once per start), then `resolve`. The argument is not modified."""
+    init = models.read_init_weights(cfg.model.init_weights) if cfg.model.init_weights else None
+    return Final(resolve(cfg, init), init)
+
+
+def resolve(cfg: config.Config, init: models.InitWeights | None) -> config.Config:
+    """A copy of `cfg` with the settings that follow model.init_weights made concrete: the bottleneck
     stride placement and the input normalisation of the weights' layout ("caffe" for DeepLab-v2 /
     AdaptSegNet / MRNet weights, "imagenet" for torchvision's or without weights).
 
     A warm start (a pwda_fast checkpoint or exported generator) takes both from the run that trained
     it; a generator key or an explicit data.normalize that disagrees with that run is a ConfigError.
-    `init`: the weights as read_init read them (read here when not given).
+    `init`: the weights as finalize read them (None without model.init_weights).
     """
-    init = init or read_init(cfg)
     try:
-        cfg.model = models.resolve_model(cfg.model, init)
+        model = models.resolve_model(cfg.model, init)
     except ValueError as e:
         raise config.ConfigError(str(e)) from None
-    if init is not None and init.layout == "pwda" and cfg.data.normalize not in ("auto", init.normalize):
+    normalize = cfg.data.normalize
+    if init is not None and init.layout == "pwda" and normalize not in ("auto", init.normalize):
         raise config.ConfigError(
             f"model.init_weights {init.path} was trained on data.normalize = {init.normalize!r} inputs, "
-            f"but the config sets {cfg.data.normalize!r}; pass --data.normalize={init.normalize} "
-            "(or auto)")
-    if cfg.data.normalize == "auto":
-        cfg.data.normalize = init.normalize if init is not None else "imagenet"
-    return cfg
+            f"but the config sets {normalize!r}; pass --data.normalize={init.normalize} (or auto)")
+    if normalize == "auto":
+        normalize = init.normalize if init is not None else "imagenet"
+    return dataclasses.replace(copy.deepcopy(cfg), model=model,
+                               data=dataclasses.replace(copy.deepcopy(cfg.data), normalize=normalize))
 
 
 def check_trainable(cfg: config.Config) -> None:
@@ -165,12 +180,13 @@ def check_trainable(cfg: config.Config) -> None:
             "--model.bn=train")
 
 
-def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | None = None, *,
-          backend: str | None = None, log=lambda msg: None, init: models.InitWeights | None = None) -> Engine:
+def build(run: config.Config | Final, device: torch.device, dist: distributed.Dist | None = None, *,
+          backend: str | None = None, log=lambda msg: None) -> Engine:
     """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend.
-    init: model.init_weights as the caller read it (read_init); read here when not given."""
-    init = init or read_init(cfg)
-    resolve(cfg, init)
+    run: a Final (training: finalized once by its entry point), or a Config, finalized here. The
+    Engine's `cfg` is the final config."""
+    final = run if isinstance(run, Final) else finalize(run)
+    cfg, init = final.cfg, final.init
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
     backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
@@ -191,7 +207,7 @@ def build(cfg: config.Config, device: torch.device, dist: distributed.Dist | Non
     if cfg.train.cuda_graphs:
         check_graphable(cfg, device, dist)
         adapter = graphs.GraphedAdapter(adapter)
-    return Engine(nets, optimizers, adapter, backend)
+    return Engine(nets, optimizers, adapter, backend, cfg)
 
 
 def check_graphable(cfg: config.Config, device: torch.device, dist: distributed.Dist) -> None:

@@ -28,6 +28,7 @@ black) counts as wrong, as the official evaluation counts it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -84,8 +85,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def _score_checkpoint(args: argparse.Namespace, device, writer) -> tuple[dict, str, str]:
     """--checkpoint -> (iou table, source domain, title)."""
     nets, cfg = checkpoint.load_networks(args.checkpoint, device)
-    if args.dataset:
-        cfg.data.target, cfg.data.target_root, cfg.data.target_prepared = args.dataset, args.root, ""
+    if args.dataset:  # another val set: a copy of the checkpoint's data section says which
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, target=args.dataset, target_root=args.root, target_prepared=""))
     protocol, amp = args.protocol or cfg.train.eval_protocol, args.amp or cfg.train.amp
     result = inference.evaluate_model(nets.g, build_val(cfg.data), device, amp, progress=True,
                                       protocol=protocol, writer=writer)

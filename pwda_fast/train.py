@@ -12,6 +12,7 @@ Exit codes: 0 done (or stopped cleanly by SIGTERM / train.stop_at), 2 bad config
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
@@ -29,7 +30,6 @@ from pwda_fast import (
     engine,
     inference,
     metrics,
-    models,
     pictures,
     weight_stats,
 )
@@ -58,11 +58,14 @@ def _fault_injection_hook(run_dir: Path, step: int, rank: int) -> None:
 class Trainer:
     """One run: `setup` builds (or resumes) everything, `run` loops, evaluates and checkpoints."""
 
-    def __init__(self, cfg: config.Config, info: distributed.Dist, device: torch.device,
-                 init: models.InitWeights | None = None):
-        self.cfg, self.dist, self.device = cfg, info, device
-        self.init = init  # model.init_weights as main read it; handed to engine.build, then dropped
-        self.run_dir = Path(cfg.train.run_dir)
+    def __init__(self, run: config.Config | engine.Final, info: distributed.Dist, device: torch.device,
+                 workers: int | None = None):
+        """run: the final config (engine.finalize; a Config is finalized here); workers: the loader
+        workers this process runs (main's CPU budget; data.workers when not given)."""
+        self.final = run if isinstance(run, engine.Final) else engine.finalize(run)
+        self.cfg, self.dist, self.device = self.final.cfg, info, device
+        self.workers = self.cfg.data.workers if workers is None else workers
+        self.run_dir = Path(self.cfg.train.run_dir)
         self.stop_requested = False  # SIGTERM reached this process
         self.stop_agreed = False  # under DDP: a step's reduction said some rank was asked to stop
         self.skips: SkipCounter | None = None
@@ -86,8 +89,8 @@ class Trainer:
         datasets, then the run folder and logger -> the step to start from. Nothing in run_dir is
         written before the config, checkpoint and data checks have passed."""
         cfg, info = self.cfg, self.dist
-        self.engine = engine.build(cfg, self.device, info, log=self.log, init=self.init)
-        self.init = None
+        self.engine = engine.build(self.final, self.device, info, log=self.log)
+        self.final = engine.Final(cfg, None)  # the weights are in the generator now: drop the file's copy
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and not distributed.cpu_has_bf16():
             self.log("warning: train.amp=bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is "
                      "emulated: the toy step measured 7.7x slower than fp32; use train.amp=none here")
@@ -99,7 +102,7 @@ class Trainer:
                  f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), D_aux upsampling "
                  f"{self.engine.nets.d_aux.upsample_backend!r}, amp {cfg.train.amp}, "
                  f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
-                 f"{cfg.data.workers} loader worker(s)")
+                 f"{self.workers} loader worker(s)")
         start, skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,
                                            loaders=self.saved_positions)
         self.skips = SkipCounter(cfg, self.log, skipped)
@@ -127,7 +130,8 @@ class Trainer:
         for role in ("source", "target") if cfg.adapt.mode == "adapt" else ("source",):
             saved = self.saved_positions.get(role)  # positions of another number of ranks do not fit
             position = saved[info.rank] if saved and len(saved) == info.world else None
-            self.loaders[role] = train_batches(cfg.data, self.datasets[role], seeds[role], info.rank,
+            data_cfg = dataclasses.replace(cfg.data, workers=self.workers)  # a copy: the config stays final
+            self.loaders[role] = train_batches(data_cfg, self.datasets[role], seeds[role], info.rank,
                                                info.world, start, self.device, position, self.log)
         src, tgt = self.loaders["source"], self.loaders.get("target")
         while True:
@@ -281,24 +285,22 @@ def main(argv: list[str] | None = None) -> int:
         if output and output[0] == "help":
             print(config.help_text("pwda-train", output[1]), end="")
             return 0
-        cfg = config.load(*config.parse_args(argv))
-        init = engine.read_init(cfg)
-        engine.resolve(cfg, init)
-        if output:  # --print-config
-            print(config.to_toml(cfg), end="")
+        final = engine.finalize(config.load(*config.parse_args(argv)))
+        if output:  # --print-config: the config as the run would use it
+            print(config.to_toml(final.cfg), end="")
             return 0
-        engine.check_trainable(cfg)
-        device = distributed.choose_device(cfg.train.device)
+        engine.check_trainable(final.cfg)
+        device = distributed.choose_device(final.cfg.train.device)
     except (config.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    threads, cfg.data.workers = distributed.cpu_budget(cfg.train.threads, cfg.data.workers)
+    threads, workers = distributed.cpu_budget(final.cfg.train.threads, final.cfg.data.workers)
     torch.set_num_threads(threads)
     info = distributed.setup(device.type)
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    trainer = Trainer(cfg, info, device, init)
-    del init  # the Trainer drops it once the generator has it
+    trainer = Trainer(final, info, device, workers)
+    del final  # the Trainer drops its init weights once the generator has them
     try:
         return trainer.run()
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, LoggerError) as e:

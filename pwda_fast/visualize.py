@@ -15,6 +15,7 @@ shown without it. The pictures are drawn with PIL alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {plot_curves(args.curves, out)}")
         if args.checkpoint:
             nets, cfg = checkpoint.load_networks(args.checkpoint, device)
-            if args.target_root:
-                cfg.data.target_root, cfg.data.target_prepared = args.target_root, ""
+            if args.target_root:  # the val images elsewhere: a copy of the data section says where
+                cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                    cfg.data, target_root=args.target_root, target_prepared=""))
             source = checkpoint.load_networks(args.source_only, device)[0].g if args.source_only else None
             for name, item in target_images(cfg, args.images):
                 pred_fig, maps_fig, _, _ = render_image(nets.g, nets.d_aux, cfg.adapt, item, source,

@@ -188,26 +188,35 @@ def test_warm_start_builds_the_saved_generator_with_its_stride_and_normalisation
     loads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
-    cfg = _warm_cfg(tmp_path, init)
-    weights = engine.read_init(cfg)
-    engine.resolve(cfg, weights)
+    final = engine.finalize(_warm_cfg(tmp_path, init))
+    cfg = final.cfg
     logs = []
-    built = engine.build(cfg, CPU, log=logs.append, init=weights)
+    built = engine.build(final, CPU, log=logs.append)
     assert loads == [init]  # read once at start-up: resolve and build share it
+    assert built.cfg is cfg
     saved = checkpoint.load(source_only)["g"]
     assert _same(built.nets.g.state_dict(), saved)
     assert (cfg.data.normalize, cfg.model.stride_on) == ("caffe", "3x3")  # the defaults: imagenet, 1x1
     assert built.optimizers.g.state_dict()["state"] == {}
     assert logs[0] == (f"warm start from {init} (trained 2 steps, source_only, toy -> toy): its "
                        "generator weights; D, D_aux, the optimizers and the step start fresh")
-    fresh = engine.build(engine.resolve(_warm_cfg(tmp_path, "", **{"model.stride_on": "3x3"})), CPU)
+    fresh = engine.build(_warm_cfg(tmp_path, "", **{"model.stride_on": "3x3"}), CPU)
     assert not _same(fresh.nets.g.state_dict(), saved)  # the equality above is the warm start's doing
 
 
-def test_adapt_run_from_a_source_only_checkpoint_starts_at_step_1(source_only, tmp_path, capsys):
+def test_adapt_run_from_a_source_only_checkpoint_starts_at_step_1(source_only, tmp_path, capsys, monkeypatch):
+    """Also: one start reads the weight file once and makes its config final once (engine.finalize),
+    and the config it saves is that final one."""
+    reads, resolves = [], []
+    real_read, real_resolve = models.read_init_weights, engine.resolve
+    monkeypatch.setattr(models, "read_init_weights", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(engine, "resolve", lambda *a: resolves.append(a[0]) or real_resolve(*a))
     overrides = tiny_overrides(tmp_path, **TINY_MODEL, **{"model.init_weights": str(source_only),
                                                           "train.iters": 1, "train.eval_images": 1})
     assert train.main(as_argv(overrides)) == 0
+    assert reads == [str(source_only)] and len(resolves) == 1
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["data"]["normalize"], saved["model"]["stride_on"]) == ("caffe", "3x3")
     assert f"warm start from {source_only} (trained 2 steps" in capsys.readouterr().out
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if "seg" in ln] == [1] and "adv" in lines[0]

@@ -16,6 +16,7 @@ from pwda_fast.models import (
     OutputDiscriminator,
     build_networks,
     load_init_weights,
+    read_init_weights,
     resolve_model,
     weights_layout,
 )
@@ -302,8 +303,9 @@ def test_scale_layout_resolves_to_1x1_and_loads(tmp_path):
     torch.save(scale, tmp_path / "deeplab.pth")
     cfg = _tiny_cfg(tmp_path / "deeplab.pth")
     assert weights_layout(cfg.init_weights) == "caffe"
-    assert resolve_model(cfg).stride_on == "1x1" and cfg.stride_on == "auto"  # a copy is resolved
-    g, _, d_aux = build_networks(cfg)
+    init = read_init_weights(cfg.init_weights)  # read once by the caller (engine.finalize in a run)
+    assert resolve_model(cfg, init).stride_on == "1x1" and cfg.stride_on == "auto"  # a copy is resolved
+    g, _, d_aux = build_networks(cfg, init)
     assert isinstance(g, MRNet) and g.stride_on == "1x1" and g.layer2[0].conv1.stride == (2, 2)
     torch.testing.assert_close(g.layer3[0].conv2.weight, scale["Scale.layer3.0.conv2.weight"])
     torch.testing.assert_close(g.bn1.running_var, scale["Scale.bn1.running_var"])
@@ -315,8 +317,9 @@ def test_torchvision_layout_resolves_to_3x3_and_loads(tmp_path):
     torch.save(tv, tmp_path / "resnet.pth")
     cfg = _tiny_cfg(tmp_path / "resnet.pth")
     assert weights_layout(cfg.init_weights) == "torchvision"
-    assert resolve_model(cfg).stride_on == "3x3"
-    g, _, _ = build_networks(cfg)
+    init = read_init_weights(cfg.init_weights)
+    assert resolve_model(cfg, init).stride_on == "3x3"
+    g, _, _ = build_networks(cfg, init)
     assert g.stride_on == "3x3" and g.layer2[0].conv2.stride == (2, 2)
     torch.testing.assert_close(g.layer4[0].conv3.weight, tv["layer4.0.conv3.weight"])
 
@@ -329,7 +332,7 @@ def test_no_weights_resolve_to_1x1_and_unknown_layouts_are_refused(tmp_path):
             if not k.startswith("fc.")}
     torch.save(bare, tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="cannot tell its layout.*model.stride_on.*data.normalize"):
-        resolve_model(_tiny_cfg(tmp_path / "bare.pth"))
+        resolve_model(_tiny_cfg(tmp_path / "bare.pth"), read_init_weights(tmp_path / "bare.pth"))
 
 
 def test_explicit_stride_on_that_disagrees_with_the_file_is_refused(tmp_path):
@@ -339,10 +342,12 @@ def test_explicit_stride_on_that_disagrees_with_the_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"resnet.pth is in torchvision's layout .*3x3.*"
                                          r"config sets model.stride_on = \"1x1\"; "
                                          r"set model.stride_on = \"3x3\""):
-        build_networks(_tiny_cfg(tmp_path / "resnet.pth", stride_on="1x1"))
+        build_networks(_tiny_cfg(tmp_path / "resnet.pth", stride_on="1x1"),
+                       read_init_weights(tmp_path / "resnet.pth"))
     with pytest.raises(ValueError, match=r"deeplab.pth is in the Caffe / DeepLab-v2 layout .*"
                                          r"model.stride_on = \"3x3\"; set model.stride_on = \"1x1\""):
-        build_networks(_tiny_cfg(tmp_path / "deeplab.pth", arch="deeplabv2", stride_on="3x3"))
+        build_networks(_tiny_cfg(tmp_path / "deeplab.pth", arch="deeplabv2", stride_on="3x3"),
+                       read_init_weights(tmp_path / "deeplab.pth"))
 
 
 def test_mrnet_checkpoint_heads_layer5_layer6_load_into_our_heads(tmp_path):

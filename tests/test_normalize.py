@@ -177,7 +177,7 @@ def test_init_weights_layout_decides_normalisation_end_to_end(tmp_path, layout, 
     state = ({"Scale." + k: v for k, v in backbone.items()} if layout == "caffe"
              else {**backbone, "fc.weight": torch.zeros(1000, 8), "fc.bias": torch.zeros(1000)})
     torch.save(state, tmp_path / "init.pth")
-    cfg = engine.resolve(config.load("toy", {"model.init_weights": str(tmp_path / "init.pth")}))
+    cfg = engine.finalize(config.load("toy", {"model.init_weights": str(tmp_path / "init.pth")})).cfg
     assert (cfg.data.normalize, cfg.model.stride_on) == (name, stride)
     val = build_datasets(cfg.data, None, lambda msg: None)["val"]
     item = val[0]

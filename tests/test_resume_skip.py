@@ -52,8 +52,8 @@ def continue_with_a_skip(eng, batches, step: int) -> list[tuple[list, dict]]:
     {"train.amp": "fp16"},  # the NaN step is an overflow: the scale halves
 ], ids=["bn-train", "bn-stats", "bn-frozen-bn-heads", "mrnet-adversary", "fp16"])
 def test_a_skipped_step_after_a_resume_equals_the_uninterrupted_run(batches, tmp_path, overrides):
-    def run_config() -> config.Config:  # resolved, as train.py holds it after engine.build
-        return engine.resolve(config.load("toy", {**TOY, **overrides}))
+    def run_config() -> config.Config:  # final, as train.py holds it
+        return engine.finalize(config.load("toy", {**TOY, **overrides})).cfg
 
     whole = engine.build(run_config(), CPU)
     for i in range(2):

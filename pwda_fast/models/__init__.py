@@ -74,10 +74,12 @@ class Nets:
                 raise RuntimeError(f"{name}: {str(e).splitlines()[0][:200]}") from None
 
 
-def _read(model_cfg, init: InitWeights | None) -> InitWeights | None:
-    """The InitWeights a caller already read, else model.init_weights read now (None without one)."""
+def _given(model_cfg, init: InitWeights | None) -> InitWeights | None:
+    """The InitWeights the caller read; a ValueError where model.init_weights is set but was not read
+    (engine.finalize reads it, once: no function here reads the file as a fallback)."""
     if init is None and model_cfg.init_weights:
-        return read_init_weights(model_cfg.init_weights)
+        raise ValueError(f"model.init_weights {model_cfg.init_weights} was not read: pass its InitWeights "
+                         "(read_init_weights, as engine.finalize does once per run)")
     return init
 
 
@@ -94,11 +96,11 @@ def build_networks(model_cfg, init: InitWeights | None = None,
     `discriminators(model_cfg, feat_channels)`: the paper's by default, an adversary's own
     (adversaries.get(adapt.adversary).discriminators) in training.
 
-    `init`: model.init_weights as the caller read it (read here when not given). stride_on "auto" is
-    resolved here from it (resolve_model); a caller that saves the config should resolve it first,
-    so that the saved copy names the geometry it built.
+    `init`: model.init_weights as the caller read it (required when model.init_weights is set).
+    stride_on "auto" is resolved here from it (resolve_model); a caller that saves the config should
+    resolve it first (engine.finalize), so that the saved copy names the geometry it built.
     """
-    init = _read(model_cfg, init)
+    init = _given(model_cfg, init)
     m = resolve_model(model_cfg, init)
     g = build_generator(m)
     if init is not None:
@@ -120,7 +122,7 @@ def build_generator(model) -> DilatedResNet:
 
 def resolve_model(model_cfg, init: InitWeights | None = None):
     """ModelConfig -> a copy with stride_on "auto" replaced by the geometry of model.init_weights
-    (`init`: the file as the caller read it; read here when not given).
+    (`init`: the file as the caller read it; required when model.init_weights is set).
 
     "Scale." or layer5/layer6 keys (DeepLab-v2, AdaptSegNet, MRNet) -> "1x1"; torchvision's
     resnet keys -> "3x3"; a warm start -> the stride_on it was trained with; no weights -> "1x1".
@@ -128,7 +130,7 @@ def resolve_model(model_cfg, init: InitWeights | None = None):
     A warm start whose generator keys (arch, depth, width, classes, stride, MRNet heads) differ
     from model_cfg's is refused with a ValueError listing them. The argument is not modified.
     """
-    init = _read(model_cfg, init)
+    init = _given(model_cfg, init)
     if init is not None and init.model is not None:
         differ = generator_differences(init.model, model_cfg)
         if differ:
