@@ -24,6 +24,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import statistics
 import sys
 import warnings
@@ -198,7 +199,8 @@ GRAPHS_AGREE_REL = 2e-2  # graph replay vs eager, first steps' losses (bf16; ato
 def graphs_agreement(provs: dict, batches: list, steps: int = 6) -> dict | None:
     """The CUDA-graphs row against its eager twin (same preset, precision and initial weights): their
     first `steps` losses side by side, run before the timing (whose warm-up they also are). The graphed
-    engine captures at step 3, so steps 4-5 are replays. None when there is no graphs row."""
+    engine captures at step 3 (its first step of a seen phase), so steps 3-5 are replays. A non-finite
+    loss on either side is a disagreement. None when there is no graphs row."""
     graphed = next((name for name in provs if name.endswith("+ CUDA graphs")), None)
     if graphed is None:
         return None
@@ -209,8 +211,9 @@ def graphs_agreement(provs: dict, batches: list, steps: int = 6) -> dict | None:
                          for i in range(steps)] for name in (eager, graphed)}
     except Exception as e:
         return {**out, "error": common.error_text(e)}
-    worst = max(abs(g[k] - e[k]) / max(abs(e[k]), 1e-6)
-                for e, g in zip(losses[eager], losses[graphed]) for k in e)
+    diffs = [abs(g[k] - e[k]) / max(abs(e[k]), 1e-6)
+             for e, g in zip(losses[eager], losses[graphed]) for k in e]
+    worst = max(diffs) if all(math.isfinite(d) for d in diffs) else math.inf  # max() would skip a NaN
     captured = getattr(provs[graphed].adapter, "captured", None) is not None
     return {**out, "max_rel_diff": worst, "agree": worst <= GRAPHS_AGREE_REL, "captured": captured,
             "capture_failed": getattr(provs[graphed].adapter, "failed", None)}

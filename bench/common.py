@@ -79,8 +79,9 @@ def graph_time(fn: Callable[[], object], device: torch.device | str, calls: int,
     CPU. fn runs once first on a side stream, as torch asks before a capture."""
     if torch.device(device).type != "cuda":
         return None, None
+    current = torch.cuda.current_stream()
     try:
-        side, current = torch.cuda.Stream(), torch.cuda.current_stream()
+        side = torch.cuda.Stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
             fn()
@@ -98,6 +99,7 @@ def graph_time(fn: Callable[[], object], device: torch.device | str, calls: int,
         end.synchronize()
         return start.elapsed_time(end) / 1e3 / (replays * calls), None
     except Exception as e:  # a capture that fails costs this column, not the benchmark
+        torch.cuda.set_stream(current)  # a failed capture's exit can leave the thread on its stream
         return None, error_text(e)
 
 

@@ -20,8 +20,9 @@ from pwda_fast.data.loader import train_loader
 def main(argv: list[str]) -> None:
     torch.set_num_threads(2)
     overrides = {k: json.loads(v) for k, v in (a.split("=", 1) for a in argv)}
-    cfg = engine.finalize(config.load("toy", {"data.workers": 0, **overrides})).cfg
-    adapter = engine.build(cfg, torch.device("cpu"), log=lambda *a: None).adapter
+    final = engine.finalize(config.load("toy", {"data.workers": 0, **overrides}))
+    cfg = final.cfg
+    adapter = engine.build(final, torch.device("cpu"), log=lambda *a: None).adapter
     data = build_datasets(cfg.data, log=lambda *a: None)
     b = cfg.data.batch_size
     src, tgt = train_loader(data["source"], b, 0, 0, 1, 0, 0), train_loader(data["target"], b, 1, 0, 1, 0, 0)

@@ -172,7 +172,8 @@ class Adapter:
                                                       a.hard_pixels)
             self.guard.backward(loss_seg)
         losses["seg"] = loss_seg.detach()
-        return {"main": main_s.detach(), "aux": aux_s.detach(), "feat": feat_s.detach()}
+        aux_s = aux_s.detach() if self.adversary.reads_aux_head else None
+        return {"main": main_s.detach(), "aux": aux_s, "feat": feat_s.detach()}
 
     def generator_stage(self, target: dict, losses: dict, step: int = 0) -> dict:
         """Stage 2: G's forward on the target; the adversary's generator loss with its discriminators
@@ -188,6 +189,8 @@ class Adapter:
             loss_g, for_stage_3 = self.adversary.generator_loss(tgt, losses, step)
             loss_g = loss_g + self._memory_term(aux_t, main_t, step, losses)
             self.guard.backward(loss_g)
+        if not self.adversary.reads_aux_head:
+            del tgt["aux"]
         return {**{k: v.detach() for k, v in tgt.items()}, **for_stage_3}
 
     def _memory_term(self, aux_t, main_t, step: int, losses: dict) -> torch.Tensor:

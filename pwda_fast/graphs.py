@@ -35,16 +35,28 @@ def cuda_graph(iteration: Callable[[], StepResult]) -> Replay:
     """Capture `iteration` (run once, recorded, not executed) -> replay(): runs the recorded kernels
     and returns their results, copied out of the graph's static outputs (the next replay overwrites
     those while the caller may still be about to read these)."""
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the loader's pin-memory thread may call cudaHostAlloc / cudaEventQuery while this
-    # thread captures; in the default "global" mode those calls invalidate the capture.
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # on torch's own side stream
-        static = iteration()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        # thread_local: the loader's pin-memory thread may call cudaHostAlloc / cudaEventQuery while this
+        # thread captures; in the default "global" mode those calls invalidate the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # on torch's own side stream
+            static = iteration()
+    except BaseException:
+        # torch.cuda.graph's exit ends the capture before it restores the stream, with nothing between:
+        # when ending an invalidated capture raises, the thread would stay on the capture stream.
+        torch.cuda.set_stream(stream)
+        raise
 
     def replay() -> StepResult:
         graph.replay()
-        return dataclasses.replace(static, means=static.means.clone(), finite=static.finite.clone())
+        return copied(static)
     return replay
+
+
+def copied(result: StepResult) -> StepResult:
+    """The result with each of its tensors cloned out of the graph's static outputs."""
+    return dataclasses.replace(result, **{f.name: v.clone() for f in dataclasses.fields(result)
+                                          if torch.is_tensor(v := getattr(result, f.name))})
 
 
 class GraphedAdapter:

@@ -244,23 +244,30 @@ def weighted_adv_loss(seg_logits: torch.Tensor, disc_logits: torch.Tensor,
 
 
 class FirstCall:
-    """A resolved backend as training uses it: `guard(lambda backend: op(..., backend=backend))`.
+    """A resolved backend as training uses it: `guard(lambda backend: op(..., backend=backend), grad_of)`.
 
-    The first call with a fused backend is tried; if it raises (a Triton compile error, a CUDA "no
-    kernel image is available" for this GPU, a missing kernel), the op is called again with "torch",
-    one warning names the op and the error, and every later call uses "torch": a kernel that has never
-    run on this machine costs a warning, not the run. Later failures are real errors and propagate.
+    The first call with a fused backend is tried, forward and (once, for the tensors of `grad_of` that
+    need a gradient) backward; if either raises (a Triton compile error, a CUDA "no kernel image is
+    available" for this GPU, a missing kernel), the op is called again with "torch", one warning names
+    the op and the error, and every later call uses "torch": a kernel that has never run on this
+    machine costs a warning, not the run. Bad inputs (ValueError) and out-of-memory are not the
+    backend's fault and propagate; so does any failure after the first call.
     """
 
     def __init__(self, backend: str, what: str, warn=warnings.warn):
         self.backend, self.what, self.warn = backend, what, warn
         self.proven = backend == "torch"
 
-    def __call__(self, call):
+    def __call__(self, call, grad_of=()):
         if self.proven:
             return call(self.backend)
         try:
             out = call(self.backend)
+            wrt = [t for t in grad_of if t.requires_grad]
+            if wrt and out.requires_grad:  # the backward kernels too, before the real backward needs them
+                torch.autograd.grad(out.float().sum(), wrt, retain_graph=True)
+        except (ValueError, torch.cuda.OutOfMemoryError):
+            raise
         except Exception as e:  # compilers and drivers raise many types
             self.warn(f"{self.what}: backend {self.backend!r} failed on its first call "
                       f"({type(e).__name__}: {str(e).strip()[:500]}); going on with backend 'torch'")

@@ -7,7 +7,9 @@ parameters, the optimizer state, the static batch buffers, the learning-rate ten
 op the replay's own results where the capture used an intermediate. No Python of the iteration runs
 again: a decision taken in Python (a monkeypatched loss, a step counter, a flag read from a tensor)
 is frozen at capture time exactly as in a CUDA graph, so a test that passes with this stand-in means
-the same on CUDA. Ops that wait for the device (host_syncs.py) raise here, as they raise in a capture.
+the same on CUDA. Ops that wait for the device (host_syncs.py's rules) raise here, as they raise in a
+capture. What CPU tensors cannot show: a pageable host-to-device copy inside the step, and a CPU
+scalar tensor whose value changes between replays (re-read here, frozen in a CUDA graph).
 
 As on CUDA, capturing does not advance the run: the first replay returns what the capture computed.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from host_syncs import ALWAYS, _mask_indexed
+from host_syncs import HostSyncs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -29,10 +31,6 @@ class _Trace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func._overloadpacket.__name__
-        if name in ALWAYS or (name.startswith("index") and _mask_indexed(args)):
-            raise RuntimeError(f"operation not permitted when stream is capturing: aten.{name} "
-                               f"{ALWAYS.get(name, 'indexes with a boolean mask')}")
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))  # keeps every captured tensor alive: ids stay unique
         return out
@@ -40,15 +38,22 @@ class _Trace(TorchDispatchMode):
 
 def trace_graph(iteration):
     """The `capture` argument of graphs.GraphedAdapter: -> replay() like graphs.cuda_graph's."""
-    trace = _Trace()
-    with trace:
+    trace, syncs = _Trace(), HostSyncs()
+    with syncs, trace:
         static = iteration()
+    if syncs.found:  # a capture refuses these (CUDA: "operation not permitted when stream is capturing")
+        raise RuntimeError(f"operation not permitted when stream is capturing: {syncs.found[0]}")
     first = [True]
+
+    def copied(result, tensor=lambda t: t):
+        """The result's tensors copied out, as graphs.cuda_graph does (the next replay overwrites them)."""
+        return dataclasses.replace(result, **{f.name: tensor(v).clone() for f in dataclasses.fields(result)
+                                              if torch.is_tensor(v := getattr(result, f.name))})
 
     def replay():
         if first[0]:  # the capture's own run stands for the first replay
             first[0] = False
-            return dataclasses.replace(static, means=static.means.clone(), finite=static.finite.clone())
+            return copied(static)
         env: dict[int, torch.Tensor] = {}
 
         def mapped(x):
@@ -58,7 +63,6 @@ def trace_graph(iteration):
             for captured, now in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
                 if isinstance(captured, torch.Tensor):
                     env[id(captured)] = now
-        return dataclasses.replace(static, means=mapped(static.means).clone(),
-                                   finite=mapped(static.finite).clone())
+        return copied(static, mapped)
     replay.ops = len(trace.ops)
     return replay

@@ -34,6 +34,35 @@ def test_first_call_falls_back_once_and_later_errors_propagate():
         proven(lambda backend: (_ for _ in ()).throw(RuntimeError("later")))
 
 
+def test_a_backward_that_fails_on_its_first_call_falls_back_too_and_bad_inputs_propagate():
+    class BrokenBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+    x, warnings_seen = torch.ones(3, requires_grad=True), []
+
+    def op(backend):
+        return BrokenBackward.apply(x) if backend == "ext" else x * 2
+
+    guard = ops.FirstCall("ext", "the op", warn=warnings_seen.append)
+    out = guard(op, grad_of=(x,))
+    assert guard.backend == "torch" and len(warnings_seen) == 1 and "no kernel image" in warnings_seen[0]
+    out.sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]  # the probe added nothing to the gradient
+
+    def bad_input(backend):
+        raise ValueError("disc_logits must be (N, 1, H, W)")
+
+    with pytest.raises(ValueError, match="disc_logits"):  # the caller's fault, not the backend's
+        ops.FirstCall("ext", "the op", warn=warnings_seen.append)(bad_input)
+    assert len(warnings_seen) == 1
+
+
 def test_training_goes_on_with_torch_when_the_fused_ops_fail(batches, monkeypatch, one_thread):
     """The weighted loss (ext) and D_aux's upsample (triton) both fail on their first call: one warning
     each, and the steps equal a run that asked for torch."""

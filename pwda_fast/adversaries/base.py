@@ -45,6 +45,9 @@ class Adversary:
     name = ""
     trains: tuple[str, ...] = ()
     """The networks among ("d", "d_aux") that this adversary trains (the others only load and save)."""
+    reads_aux_head = False
+    """Stage 3 reads the aux head's outputs ("aux"); else the Adapter drops them after stage 2 (two
+    image-size logit maps, ~160 MB at the paper's batch 2 at 512x1024)."""
 
     def __init__(self, nets: Nets, adapt_cfg, *, autocast: Callable, memory_format, loss_backend):
         self.nets, self.cfg, self.autocast = nets, adapt_cfg, autocast

@@ -15,6 +15,7 @@ from pwda_fast.models import FeatureDiscriminator, MRNetDiscriminators
 class MRNetAdversary(Adversary):
     name = "mrnet"
     trains = ("d",)
+    reads_aux_head = True  # D1 scores the aux head
 
     @staticmethod
     def discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:

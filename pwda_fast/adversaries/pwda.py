@@ -54,7 +54,8 @@ class PaperAdversary(Adversary):
         if not weighted:
             return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
         loss = self.loss_backend(lambda backend: ops.weighted_adv_loss(
-            seg_logits, disc_logits, aux_logits, label=label, backend=backend, **self.weight_kw))
+            seg_logits, disc_logits, aux_logits, label=label, backend=backend, **self.weight_kw),
+            grad_of=(disc_logits,))
         if not normalized:
             return loss
         return loss / ops.pixel_weights(seg_logits, aux_logits, **self.weight_kw).mean()

@@ -75,7 +75,7 @@ class FeatureDiscriminator(nn.Module):
             return self.net(x)
         low = self.net[0](x)
         first = self._upsample(lambda backend: ops.upsample_leaky_relu(
-            low, size, slope=self.net[1].negative_slope, backend=backend))
+            low, size, slope=self.net[1].negative_slope, backend=backend), grad_of=(low,))
         return self.net[2:](first)
 
     @property
