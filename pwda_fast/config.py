@@ -42,8 +42,9 @@ class ConfigError(ValueError):
 # the fields' Literal types; these are the numeric and path rules: key -> (test, rule in words).
 # Dataset roots are checked by the data layer, whose message shows the expected folder layout.
 _DEPTHS = (101, 50, 26, 14)
-_positive = (lambda v: v > 0, "must be > 0")
-_non_negative = (lambda v: v >= 0, "must be >= 0")
+# inf (and nan, which fails every comparison) are refused: `--optim.lr=inf` parses as a float.
+_positive = (lambda v: 0 < v < float("inf"), "must be > 0 (and finite)")
+_non_negative = (lambda v: 0 <= v < float("inf"), "must be >= 0 (and finite)")
 _fraction = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 _file_or_empty = (lambda v: not v or Path(v).is_file(), "must name an existing file (or be empty)")
 _size = (lambda v: len(v) == 2 and min(v) > 0, "must be two positive numbers")

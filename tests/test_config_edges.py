@@ -161,3 +161,12 @@ def test_the_edges_of_a_few_rules_read_as_intended(tmp_path):
     assert edges("model.num_classes", config.RULES["model.num_classes"][1], tmp_path) == ([19], [18, 20])
     assert edges("adapt.hard_pixels", config.RULES["adapt.hard_pixels"][1], tmp_path) == (
         [0.0, math.nextafter(100.0, 0.0)], [-tiny, 100.0])
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_an_infinite_or_nan_rate_or_weight_is_refused(value):
+    """float("inf") and float("nan") parse from the command line; a positive or non-negative key
+    refuses both, naming the key."""
+    for key in ("optim.lr", "adapt.lambda_adv"):
+        with pytest.raises(config.ConfigError, match=rf"{key} must be .* \(and finite\); got {value}"):
+            config.load("toy", {key: float(value)})
