@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable
 
@@ -34,7 +35,7 @@ def adversarial_cause(cfg, term: str, lambdas: tuple[str, str]) -> str | None:
             f"(now {values[0]:g} / {values[1]:g}) or optim.lr_d (now {cfg.optim.lr_d:g})")
 
 
-class Adversary:
+class Adversary(abc.ABC):
     """The adversarial half of one iteration, over the networks as training wraps them.
 
     The outputs it receives are dicts of image-size logits: "main" and "aux" (N, C, H, W) float32 and
@@ -56,9 +57,9 @@ class Adversary:
     # -- what a subclass defines ----------------------------------------------------------------------
 
     @staticmethod
+    @abc.abstractmethod
     def discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
         """-> (d, d_aux) with fresh weights: the checkpoint's "d" and "d_aux"."""
-        raise NotImplementedError
 
     @staticmethod
     def check(adapt_cfg) -> list[str]:
@@ -75,14 +76,14 @@ class Adversary:
         """What this adversary decides in Python from the step number (a CUDA graph captures it)."""
         return None
 
+    @abc.abstractmethod
     def generator_loss(self, tgt: dict, losses: dict, step: int) -> tuple[torch.Tensor, dict]:
         """Stage 2, the discriminators frozen: the generator's adversarial loss on the target (logged
         into `losses`) -> (loss, what stage 3 needs from this stage)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def discriminator_loss(self, src: dict, tgt: dict, losses: dict, step: int) -> torch.Tensor:
         """Stage 3, on detached outputs: the discriminators' loss (logged into `losses`)."""
-        raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------------
 
