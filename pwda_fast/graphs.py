@@ -89,7 +89,7 @@ class GraphedAdapter:
             self.captured = None  # the previous phase's graph and its memory go first
             try:
                 self.captured = phase, *self._capture(step, source, target)
-            except Exception as e:  # a capture is recorded, not run: no state has changed yet
+            except Exception as e:  # a capture records, it runs no kernel: the tensors are as they were
                 self.failed = f"{type(e).__name__}: {e}".strip()
                 self.log(f"train.cuda_graphs: capturing the step failed at step {step}, so the run goes "
                          f"on without graphs (eager, same results). Cause: {self.failed}")

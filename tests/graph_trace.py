@@ -23,6 +23,8 @@ from host_syncs import HostSyncs
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from pwda_fast.graphs import copied
+
 
 class _Trace(TorchDispatchMode):
     def __init__(self):
@@ -45,11 +47,6 @@ def trace_graph(iteration):
         raise RuntimeError(f"operation not permitted when stream is capturing: {syncs.found[0]}")
     first = [True]
 
-    def copied(result, tensor=lambda t: t):
-        """The result's tensors copied out, as graphs.cuda_graph does (the next replay overwrites them)."""
-        return dataclasses.replace(result, **{f.name: tensor(v).clone() for f in dataclasses.fields(result)
-                                              if torch.is_tensor(v := getattr(result, f.name))})
-
     def replay():
         if first[0]:  # the capture's own run stands for the first replay
             first[0] = False
@@ -63,6 +60,6 @@ def trace_graph(iteration):
             for captured, now in zip(tree_flatten(out)[0], tree_flatten(result)[0]):
                 if isinstance(captured, torch.Tensor):
                     env[id(captured)] = now
-        return copied(static, mapped)
-    replay.ops = len(trace.ops)
+        return copied(dataclasses.replace(static, **{f.name: mapped(getattr(static, f.name))
+                                                     for f in dataclasses.fields(static)}))
     return replay
