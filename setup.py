@@ -4,7 +4,7 @@ C++ CPU sources always; CUDA sources when torch is a CUDA build and the CUDA too
 else the toolkit of the `nvcc` on PATH). PWDA_FAST_SKIP_EXT=1 skips the extension entirely (the package
 still works on the torch backend); PWDA_FAST_NO_CUDA=1 builds the CPU kernel only. The extension is
 optional: when it fails to build (no compiler, a CUDA toolkit that does not match torch), the install
-warns and goes on without it (ops.available_backends() then says why "ext" is missing), unless
+warns and goes on without it (ops.LOSS.available() then says why "ext" is missing), unless
 PWDA_FAST_REQUIRE_EXT=1 makes the failure fatal (`make` sets it: CI must build what it tests).
 """
 

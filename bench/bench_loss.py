@@ -90,7 +90,7 @@ def provider_problem(name: str, device: str) -> str | None:
     if name == "triton" and device != "cuda":
         return ("Triton on CPU runs in its interpreter (TRITON_INTERPRET=1): a correctness tool, "
                 "not a benchmark; run on a CUDA device to time it")
-    return ops.backend_problem(name, device)
+    return ops.LOSS.problem(name, device)
 
 
 def provider(name: str):

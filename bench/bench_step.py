@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     rows = write(times)
     print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
           f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "
-          f"weighted-loss backend {ops.resolve_backend('auto', device)!r}, "
+          f"weighted-loss backend {ops.LOSS.resolve('auto', device)!r}, "
           f"{args.rounds} samples of {args.iters} iterations back to back each")
     print(f"{'provider':<40} {'median ms':>10} {'p10-p90 ms':>16} {'images/s':>9} {'speedup':>8}")
     for r in rows:

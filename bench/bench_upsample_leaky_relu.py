@@ -30,7 +30,7 @@ def providers(device: str, compile_reference: bool) -> dict:
     if compile_reference:
         compiled = torch.compile(reference.upsample_leaky_relu, dynamic=False)
         fns["compile"] = lambda x, size: compiled(x, size, 0.2)
-    if ops.backend_problem("triton", device) is None and device == "cuda":
+    if ops.UPSAMPLE.problem("triton", device) is None and device == "cuda":
         fns["triton"] = lambda x, size: ops.upsample_leaky_relu(x, size, backend="triton")
     return fns
 

@@ -156,7 +156,7 @@ else
 import json
 from pwda_fast import ops
 devs = ["cpu", "cuda"]
-print("@@backends " + json.dumps({b: {d: ops.backend_problem(b, d) for d in devs} for b in ("ext", "triton")}))'
+print("@@backends " + json.dumps({b: {d: ops.LOSS.problem(b, d) for d in devs} for b in ("ext", "triton")}))'
 
   # 2. The loss kernels' correctness on every CUDA backend (ext, ext_v2, triton) and the upsample
   #    kernel's: the verdict the next kernel waits for, before anything is timed.

@@ -58,5 +58,5 @@ def test_train_step(record, round_robin, request, provider):
     b, (h, w) = base.data.batch_size, base.data.crop
     record(samples, f"step {preset} batch {b}+{b} {h}x{w}", suite="step", device=device, provider=provider,
            preset=preset, batch=b, crop=[h, w], depth=base.model.depth, width=base.model.width,
-           images_per_step=2 * b, loss_backend=ops.resolve_backend("auto", device),
+           images_per_step=2 * b, loss_backend=ops.LOSS.resolve("auto", device),
            iterations_per_round=config.getoption("bench_iters"), warmup=warmup)

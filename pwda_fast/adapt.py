@@ -35,19 +35,23 @@ def poly_lr(base: float, step: int, iters: int, power: float) -> float:
 @dataclass
 class Schedule:
     """Learning rates by step: poly decay over optim.poly_iters or `iters` (all three networks), after
-    an optional linear warm-up of G from warmup_start * lr over warmup_iters (MRNet's recipe, where
-    the decay is not re-based after the warm-up; docs/METHOD.md)."""
+    an optional linear warm-up of G (and with optim.warmup_d of D and D_aux) from warmup_start times
+    the rate over warmup_iters (MRNet's recipe for G, CLAN's preheat for both; the decay is not
+    re-based after the warm-up; docs/METHOD.md)."""
     optim: OptimConfig
     iters: int
 
     def lr_g(self, step: int) -> float:
-        o = self.optim
-        if step < o.warmup_iters:
-            return o.lr * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)
-        return poly_lr(o.lr, step, self.horizon, o.power)
+        return self._lr(self.optim.lr, step, warm=True)
 
     def lr_d(self, step: int) -> float:
-        return poly_lr(self.optim.lr_d, step, self.horizon, self.optim.power)
+        return self._lr(self.optim.lr_d, step, warm=self.optim.warmup_d)
+
+    def _lr(self, base: float, step: int, warm: bool) -> float:
+        o = self.optim
+        if warm and step < o.warmup_iters:
+            return base * (o.warmup_start + (1 - o.warmup_start) * step / o.warmup_iters)
+        return poly_lr(base, step, self.horizon, o.power)
 
     @property
     def horizon(self) -> int:
@@ -65,7 +69,7 @@ class Adapter:
     """
 
     def __init__(self, nets: Nets, optimizers, adapt_cfg: AdaptConfig, schedule: Schedule, *,
-                 amp: str = "none", channels_last: bool = False, backend: str = "torch",
+                 amp: str = "none", channels_last: bool = False, loss_kernel: ops.FirstCall | None = None,
                  device: torch.device | None = None, dist: distributed.Dist | None = None,
                  num_classes: int = 19):
         self.nets, self.opt, self.cfg, self.schedule = nets, optimizers, adapt_cfg, schedule
@@ -76,7 +80,7 @@ class Adapter:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.adversary = adversaries.get(adapt_cfg.adversary)(
             nets, adapt_cfg, autocast=self.autocast, memory_format=self.memory_format,
-            loss_backend=ops.FirstCall(backend, "the fused weighted adversarial loss"))
+            loss_kernel=loss_kernel or ops.LOSS.first_call("torch"))
         # BatchNorm running statistics change in the forward pass, before the finite check: the
         # backbone's with model.bn "train" or "stats", BN heads (model.head_norm = "bn") with any
         # model.bn. One inf activation would otherwise poison every later step through them.

@@ -16,6 +16,7 @@ import inspect
 import json
 import tomllib
 import typing
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -57,6 +58,7 @@ RULES = {
     "model.init_weights": _file_or_empty,
     "model.disc_width": _positive,
     "model.disc_stride": (lambda v: v in (1, 2, 4, 8, 16, 32), "must be one of 1, 2, 4, 8, 16, 32"),
+    "model.ms_disc_stride": (lambda v: v in (1, 2, 4, 8), "must be one of 1, 2, 4, 8"),
     "model.aux_disc_width": (lambda v: v >= 4, "must be >= 4 (its convs have width, width/2, width/4)"),
     "data.source_size": _size,
     "data.target_size": _size,
@@ -107,7 +109,7 @@ RESULT_NEUTRAL = {
     "train.run_dir", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.log_every",
     "train.stop_at", "train.max_skips", "train.eval_images", "train.eval_protocol", "train.device",
     "train.allow_world_size_change", "train.resume", "train.threads", "train.compile",
-    "data.workers", "data.validate", "data.loader", "kernels.backend", "log.tensorboard", "log.images",
+    "data.workers", "data.validate", "data.loader", "kernels.loss", "log.tensorboard", "log.images",
 }
 
 
@@ -166,7 +168,25 @@ def _coerce(key: str, value, typ):
     return value
 
 
-def _apply(cfg: Config, key: str, value) -> None:
+# Keys that were renamed: old -> new. Configs, presets and checkpoints written before the rename still
+# load; a TOML file or override that uses the old name is told the new one (a saved config is not).
+RENAMED = {"kernels.backend": "kernels.loss"}
+
+
+def _renamed(key: str, source: str) -> str:
+    """The current name of `key`, with a FutureWarning naming the new key when `source` is a user's."""
+    new = RENAMED.get(key)
+    if new is None:
+        return key
+    if source:
+        warnings.warn(f"{source}: config key {key!r} is now {new!r} (it chooses the weighted-loss kernel "
+                      f"only; D_aux's upsample has kernels.upsample); read as {new}", FutureWarning,
+                      stacklevel=3)
+    return new
+
+
+def _apply(cfg: Config, key: str, value, source: str = "") -> None:
+    key = _renamed(key, source)
     sections = _sections(cfg)
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in sections:
@@ -231,11 +251,11 @@ def load(config: str | None = "toy", overrides: dict | None = None) -> Config:
                                   f"sections are {sorted(_sections(cfg))}")
             for key, value in values.items():
                 try:
-                    _apply(cfg, f"{section}.{key}", value)
+                    _apply(cfg, f"{section}.{key}", value, source=str(path))
                 except ConfigError as e:
                     raise ConfigError(f"{path}: {e}") from None
     for key, value in (overrides or {}).items():
-        _apply(cfg, key, value)
+        _apply(cfg, key, value, source="override")
     validate(cfg)
     return cfg
 

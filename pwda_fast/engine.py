@@ -31,14 +31,17 @@ class Optimizers:
         return iter((self.g, self.d, self.d_aux))
 
     def state_dict(self) -> dict:
-        """The three optimizers' states; learning rates as numbers even where train.cuda_graphs holds
-        them in device tensors (a checkpoint resumes with or without graphs, on any device)."""
+        """The three optimizers' states as an eager run holds them, even where train.cuda_graphs holds
+        learning rates in device tensors and made Adam capturable (a checkpoint resumes with or without
+        graphs, on any device: a capturable Adam refuses CPU parameters; the capture sets it again)."""
         state = {"opt_g": self.g.state_dict(), "opt_d": self.d.state_dict(),
                  "opt_d_aux": self.d_aux.state_dict()}
         for opt_state in state.values():
             for group in opt_state["param_groups"]:
                 if torch.is_tensor(group["lr"]):
                     group["lr"] = group["lr"].item()
+                if group.get("capturable"):
+                    group["capturable"] = False
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -107,10 +110,16 @@ class Engine:
     optimizers: Optimizers
     adapter: Adapter | graphs.GraphedAdapter
     """Runs one iteration on the networks as training wraps them (DDP, torch.compile)."""
-    backend: str
-    """The weighted-loss backend `kernels.backend` resolved to on this device."""
+    kernels: ops.Kernels
+    """Every op's backend as resolved from kernels.* on this device, handed to what calls it."""
     cfg: config.Config
     """The final config the engine was built from (engine.finalize)."""
+
+    @property
+    def backend(self) -> str:
+        """The weighted-loss backend the step uses now: kernels.loss resolved on this device, or "torch"
+        after a fused kernel failed on its first call (ops.FirstCall)."""
+        return self.kernels.loss.backend
 
 
 def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distributed.Dist, log) -> Nets:
@@ -182,17 +191,16 @@ def check_trainable(cfg: config.Config) -> None:
 
 def build(run: config.Config | Final, device: torch.device, dist: distributed.Dist | None = None, *,
           backend: str | None = None, log=lambda msg: None) -> Engine:
-    """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.backend.
+    """Seed (train.seed + rank), build, place and wrap the networks; backend None = kernels.loss.
     run: a Final (training: finalized once by its entry point), or a Config, finalized here. The
     Engine's `cfg` is the final config."""
     final = run if isinstance(run, Final) else finalize(run)
     cfg, init = final.cfg, final.init
     dist = dist or distributed.Dist()
     torch.manual_seed(cfg.train.seed + dist.rank)
-    backend = ops.resolve_backend(backend or cfg.kernels.backend, device)
+    kernels = ops.resolve_kernels(dataclasses.replace(cfg.kernels, loss=backend or cfg.kernels.loss), device)
     discriminators = adversaries.get(cfg.adapt.adversary).discriminators
-    nets = Nets(*models.build_networks(cfg.model, init, discriminators))
-    nets.d_aux.upsample_backend = ops.resolve_upsample_backend(cfg.kernels.upsample, device)
+    nets = Nets(*models.build_networks(cfg.model, init, discriminators, kernels=kernels))
     if init is not None and init.layout == "pwda":
         log(f"warm start from {init.path} ({models.trained_words(init.trained)}): its generator weights; "
             "D, D_aux, the optimizers and the step start fresh")
@@ -202,12 +210,12 @@ def build(run: config.Config | Final, device: torch.device, dist: distributed.Di
     optimizers = build_optimizers(cfg.optim, nets)
     adapter = Adapter(_wrap(cfg, nets, device, dist, log), optimizers, cfg.adapt,
                       Schedule(cfg.optim, cfg.train.iters), amp=cfg.train.amp,
-                      channels_last=cfg.train.channels_last, backend=backend, device=device, dist=dist,
-                      num_classes=cfg.model.num_classes)
+                      channels_last=cfg.train.channels_last, loss_kernel=kernels.loss, device=device,
+                      dist=dist, num_classes=cfg.model.num_classes)
     if cfg.train.cuda_graphs:
         check_graphable(cfg, device, dist)
         adapter = graphs.GraphedAdapter(adapter)
-    return Engine(nets, optimizers, adapter, backend, cfg)
+    return Engine(nets, optimizers, adapter, kernels, cfg)
 
 
 def check_graphable(cfg: config.Config, device: torch.device, dist: distributed.Dist) -> None:

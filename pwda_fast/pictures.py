@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pwda_fast import inference, weighting
-from pwda_fast.adversaries.pwda import d_aux_logits
 from pwda_fast.data import normalization
 from pwda_fast.data.labels import IGNORE, colorize
 
@@ -98,14 +97,12 @@ def label_at(label: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(ids.resize((size[1], size[0]), Image.NEAREST))
 
 
-@torch.no_grad()
 def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.Tensor]:
     """The maps of the paper's Fig. 2 for a batch of target images: image (N, 3, H, W) -> weighting.maps
     of G's main head and of D_aux where adapt.aux_at has training run it ("logits", "aux", "gen", "dis",
-    "weight" at image size)."""
-    size = tuple(image.shape[2:])
-    _, main, feat = g(image)
-    return weighting.maps(main, d_aux_logits(d_aux, feat, size, adapt_cfg.aux_at), size, adapt_cfg)
+    "weight" at image size), computed as the generator stage computes them (weighting.target_maps:
+    BatchNorm on this batch's statistics, nothing in the networks changed)."""
+    return weighting.target_maps(g, d_aux, image, adapt_cfg)
 
 
 def map_panels(maps: dict[str, torch.Tensor], adapt_cfg, index: int = 0) -> list[Panel]:
@@ -116,7 +113,8 @@ def map_panels(maps: dict[str, torch.Tensor], adapt_cfg, index: int = 0) -> list
         w_title = f"w = (d + {a.mu:g}) * sigmoid(a)"
     else:
         w_title = f"w = d + {a.mu:g} ({'unused: ' if a.weighting == 'none' else ''}weighting={a.weighting})"
-    dis_title = "sigmoid(D_aux)" + ("" if weighting.uses_dis(a) else f" (untrained: {a.weighting})")
+    dis_title = "sigmoid(D_aux)" + ("" if weighting.uses_dis(a) else f" (not in w: {a.weighting})"
+                                    if weighting.trains_aux(a) else f" (untrained: {a.weighting})")
     return [Panel(f"d, eq. 3 (T={a.threshold:g})", colormap(gen, 0.0, 1.0), (0.0, 1.0)),
             Panel(dis_title, colormap(dis, 0.0, 1.0), (0.0, 1.0)),
             Panel(w_title, colormap(weight, 0.0, 1.0 + a.mu), (0.0, 1.0 + a.mu))]
@@ -146,17 +144,22 @@ def drop_empty_label(item: dict) -> dict:
     return {"image": item["image"], "label": None if bool((label == IGNORE).all()) else label}
 
 
-def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 0, *, normalize: str):
+def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 0, *, normalize: str,
+                 batch_with=()):
     """One target image -> (prediction figure, maps figure, maps dict, adapted (H, W) trainIds).
 
     item: {"image": (3, H, W) normalised by `normalize` (the run's data.normalize), "label": (h0, w0)
-    trainIds or None}; zoom 0 = auto_zoom.
+    trainIds or None}; zoom 0 = auto_zoom. The predictions are the networks' in eval mode (what
+    evaluation scores); the maps are the image's in a batch with the (3, H, W) images `batch_with`, as
+    training weights a batch (weighting_maps; with none, a batch of one).
     """
     device = next(g.parameters()).device
     image = item["image"][None].to(device)
     size = tuple(image.shape[2:])
-    maps = weighting_maps(g, d_aux, image, adapt_cfg)
-    adapted = maps["logits"].argmax(1)[0].cpu().numpy().astype(np.uint8)
+    others = [x[None].to(device) for x in batch_with if x.shape == item["image"].shape]
+    maps = weighting_maps(g, d_aux, torch.cat([image, *others]), adapt_cfg)
+    maps = {k: v[:1] for k, v in maps.items()}
+    adapted = predict_ids(g, image)[0]
     label = label_at(item["label"], size) if item["label"] is not None else None
     source = predict_ids(source_only, image)[0] if source_only is not None else None
     zoom = zoom or auto_zoom(size[0])
@@ -166,9 +169,10 @@ def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 
     return pred_fig, maps_fig, maps, adapted
 
 
-def training_figures(g, d_aux, val_dataset, adapt_cfg, count: int) -> dict[str, np.ndarray]:
+def training_figures(g, d_aux, val_dataset, adapt_cfg, count: int, batch: int = 1) -> dict[str, np.ndarray]:
     """Prediction and weighting-map pictures of the first `count` target-val images, keyed by
-    TensorBoard tag; g and d_aux are the bare networks, their train/eval modes are restored.
+    TensorBoard tag; g and d_aux are the bare networks, their train/eval modes are restored. Each
+    image's maps come from a batch of `batch` images (it and the val images after it), as training's.
     val_dataset: a SegmentationDataset, whose normalisation the pictures undo."""
     modes = (g.training, d_aux.training)
     g.eval()
@@ -176,8 +180,9 @@ def training_figures(g, d_aux, val_dataset, adapt_cfg, count: int) -> dict[str, 
     figures = {}
     try:
         for i in range(min(count, len(val_dataset))):
+            others = [val_dataset[j]["image"] for j in range(i + 1, min(i + batch, len(val_dataset)))]
             pred_fig, maps_fig, _, _ = render_image(g, d_aux, adapt_cfg, drop_empty_label(val_dataset[i]),
-                                                    normalize=val_dataset.normalize)
+                                                    normalize=val_dataset.normalize, batch_with=others)
             figures[f"target_{i}/prediction"] = np.asarray(pred_fig)
             figures[f"target_{i}/weighting_maps"] = np.asarray(maps_fig)
     finally:

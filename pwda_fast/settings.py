@@ -50,6 +50,12 @@ class ModelConfig:
     16x32 cells on a 512x1024 crop); 16, 8, 4, 2 or 1 keep that many halvings and make the remaining
     convs 1x1, so each cell sees about 3 cells across as in the paper (the toy: 4, 16x32 cells on
     64x128 crops)."""
+    ms_disc_stride: int = 8
+    """Stride of scale 0 of MRNet's multi-scale discriminators (adapt.adversary = "mrnet"): 8 = MRNet's
+    (three 3x3 stride-2 convs; 64x128 cells on a 512x1024 crop, each seeing 155 pixels); 4, 2 or 1
+    keep that many halvings and make the remaining stride-2 convs 1x1, as model.disc_stride does for
+    the paper's D (the toy: 1, MRNet's 64x128 cells on 64x128 crops, fields of 21 pixels, its 155
+    shrunk 8x)."""
     aux_disc_width: int = 256
     """Hidden channels of D_aux's first 1x1 conv (then /2, /4); not given in the paper. D_aux runs at
     image size (adapt.aux_at), so its cost grows with this squared: see docs/METHOD.md."""
@@ -134,6 +140,9 @@ class OptimConfig:
     """Linear warm-up of G's learning rate over this many iterations before the poly decay (0 = none)."""
     warmup_start: float = 0.1
     """G's warm-up starts at this fraction of optim.lr (MRNet: 0.1)."""
+    warmup_d: bool = False
+    """The discriminators' learning rates warm up with G's over optim.warmup_iters, from
+    optim.warmup_start of optim.lr_d (CLAN's preheat ramps both from 0: warmup_start = 0)."""
     impl: Literal["auto", "torch", "apex"] = "auto"
     """Optimizer implementation: "auto" (torch's fused SGD and Adam, on CUDA and CPU: they skip a
     non-finite step on a device flag, so the step never waits for the GPU), "torch" (torch's own
@@ -148,9 +157,11 @@ class OptimConfig:
 class AdaptConfig:
     mode: Literal["adapt", "source_only"] = "adapt"
     """"adapt" (three-stage PWDA loop) or "source_only" (stage 1 only, the baseline)."""
-    weighting: Literal["none", "gen", "gen+dis"] = "gen+dis"
+    weighting: Literal["none", "gen", "gen+dis", "gen+aux"] = "gen+dis"
     """Pixel weighting: "none" (DA without pixel-wise weighting), "gen" (GenMap) or "gen+dis"
-    (GenMap + DisMap, the paper's best)."""
+    (GenMap + DisMap, the paper's best: D_aux and its feature-level term, eq. 8, train, and w = eq. 6);
+    "gen+aux" trains D_aux and its term as gen+dis does but weights by GenMap alone (w = eq. 4): the
+    ablation that separates adding the feature-level adversary from weighting by it."""
     threshold: float = 0.9
     """Confidence threshold T of eq. (3); >= 1 turns the floor off."""
     floor: float = 0.01
@@ -191,8 +202,10 @@ class AdaptConfig:
     (plain BCE) or "normalized" (w / mean(w) * BCE, the weights rescaled to mean 1); the paper leaves
     the choice open."""
     preheat_iters: int = 0
-    """No pixel weighting (in the generator and the discriminator stage) before this iteration: CLAN's
-    preheat (its NUM_STEPS_STOP / 20); the paper names none."""
+    """No pixel weighting (in the generator and the discriminator stage) before this iteration; the
+    paper names none. CLAN's preheat of P steps (its NUM_STEPS_STOP / 20) weights from step P + 1 and
+    ramps both learning rates from 0 over the first P: preheat_iters = P + 1 with optim.warmup_iters = P,
+    optim.warmup_start = 0, optim.warmup_d = true."""
     adversary: Literal["pwda", "mrnet"] = "pwda"
     """The output-space adversary: "pwda" (the paper's: AdaptSegNet's BCE D on the main head, D_aux on
     the features, pixel weighting as adapt.weighting says) or "mrnet" (MRNet as published, what the
@@ -257,12 +270,14 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: Literal["auto", "torch", "ext", "ext_v2", "triton"] = "auto"
-    """Weighted-loss backend: "auto", "torch", "ext" (C++/CUDA), "ext_v2" (the second CUDA kernel: 16-byte
-    loads, one launch per forward; opt-in until a GPU run has validated it) or "triton"."""
+    loss: Literal["auto", "torch", "ext", "ext_v2", "triton"] = "auto"
+    """The weighted adversarial loss's kernel (ops.weighted_adv_loss): "auto" (ext where it runs, else
+    Triton on CUDA, else torch), "torch", "ext" (C++/CUDA), "ext_v2" (the second CUDA kernel: 16-byte
+    loads, one launch per forward; opt-in until a GPU run has validated it) or "triton". Was
+    kernels.backend, which is still read."""
     upsample: Literal["auto", "torch", "triton"] = "auto"
-    """D_aux's leaky_relu(upsample(.)) at image size: "auto" (Triton on CUDA, else torch), "torch" or
-    "triton"."""
+    """D_aux's leaky_relu(upsample(.)) at image size (ops.upsample_leaky_relu): "auto" (Triton on CUDA,
+    else torch), "torch" or "triton"."""
 
 
 @dataclass

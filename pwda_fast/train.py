@@ -98,9 +98,9 @@ class Trainer:
             self.log("warning: train.amp=fp16 is for GPUs without bf16; CPU convolutions in fp16 take "
                      "torch's slow path (the toy step measured 13x slower than fp32); use "
                      "train.amp=none here")
-        self.log(f"device {self.device}, {info.world} process(es), weighted-loss backend "
-                 f"{self.engine.backend!r} ({cfg.kernels.backend!r} requested), D_aux upsampling "
-                 f"{self.engine.nets.d_aux.upsample_backend!r}, amp {cfg.train.amp}, "
+        kernels = ", ".join(f"{key} {name!r} ({getattr(cfg.kernels, key)!r} requested)"
+                            for key, name in self.engine.kernels.names().items())
+        self.log(f"device {self.device}, {info.world} process(es), kernels: {kernels}, amp {cfg.train.amp}, "
                  f"channels_last {cfg.train.channels_last}, {torch.get_num_threads()} thread(s), "
                  f"{self.workers} loader worker(s)")
         start, skipped = checkpoint.resume(self.run_dir, self.engine, cfg, info, self.log,
@@ -243,12 +243,13 @@ class Trainer:
                 inference.evaluate_model(g, val, self.device, self.cfg.train.amp,
                                          protocol=self.cfg.train.eval_protocol), self.cfg.data.source)
             fig2 = weight_stats.measure(g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt,
-                                        class_groups(self.cfg.data.target))
+                                        class_groups(self.cfg.data.target), batch=self.cfg.data.batch_size)
             self.logger.write({"step": step, "eval": True,
                                **{k: result[k] for k in metrics.SCORES if k in result}, **fig2})
             if self.logger.tensorboard and self.cfg.log.images:
                 self.logger.images(step, pictures.training_figures(
-                    g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt, self.cfg.log.images))
+                    g, self.engine.nets.d_aux, self.datasets["val"], self.cfg.adapt, self.cfg.log.images,
+                    self.cfg.data.batch_size))
             state = checkpoint.networks_state(self.engine, step, self.cfg)
             best = checkpoint.save_best(self.run_dir, step, result, state)
             self.log(f"step {step}: target mIoU {result['miou']:.2f}"

@@ -21,7 +21,7 @@ bench_step = importlib.import_module("bench_step")
 # memory_start, and the eager loop has none.
 TOY = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.disc_width": 8,
        "model.aux_disc_width": 8, "model.head_dropout": 0.0, "data.crop": [32, 64],
-       "data.batch_size": 2, "kernels.backend": "torch", "adapt.memory_start": 100}
+       "data.batch_size": 2, "kernels.loss": "torch", "adapt.memory_start": 100}
 
 
 def test_the_eager_loop_and_the_engine_compute_the_same_gradients(one_thread):

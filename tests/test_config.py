@@ -1,6 +1,7 @@
 """Config precedence (CLI > file > defaults), errors that list valid keys, presets, JSON dump."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_cli_parsing():
     ({"train.iters": "many"}, r"train.iters must be int; got 'many'"),
     ({"train.iters": 1.5}, r"train.iters must be int"),
     ({"train.iters": True}, r"train.iters must be int"),
-    ({"adapt.weighting": "dis"}, r"adapt.weighting must be one of \('none', 'gen', 'gen\+dis'\)"),
+    ({"adapt.weighting": "dis"}, r"adapt.weighting must be one of \('none', 'gen', 'gen\+dis', 'gen\+aux'\)"),
     ({"data.crop": 5}, r"data.crop must be a list of int"),
 ])
 def test_errors_list_valid_keys_and_types(overrides, match):
@@ -75,7 +76,7 @@ def test_every_preset_loads(preset):
 
 def test_required_key_names_exist():
     cfg = config.load("toy")
-    for key in ("train.iters", "train.run_dir", "train.seed", "train.eval_every", "kernels.backend",
+    for key in ("train.iters", "train.run_dir", "train.seed", "train.eval_every", "kernels.loss",
                 "adapt.weighting", "adapt.threshold", "adapt.floor", "adapt.mu", "adapt.lambda_adv",
                 "adapt.lambda_aux", "data.loader"):
         section, name = key.split(".")
@@ -103,6 +104,24 @@ def test_configs_saved_before_a_key_existed_keep_their_old_meaning():
     assert (old.model.arch, old.model.stride_on, old.data.normalize, old.data.target_augment,
             old.adapt.aux_at) == ("deeplabv2", "1x1", "imagenet", True, "feature")
     assert config.from_dict(config.load("toy").to_dict()) == config.load("toy")  # current ones unchanged
+
+
+def test_a_renamed_key_still_reads_and_a_user_is_told_the_new_name(tmp_path):
+    """kernels.backend became kernels.loss: a saved config (a checkpoint's) reads silently; a TOML file
+    or an override reads too, with a FutureWarning that names the new key and the file."""
+    saved = config.load("toy").to_dict()
+    saved["kernels"] = {"backend": "torch", "upsample": "auto"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert config.from_dict(saved).kernels.loss == "torch"
+    with pytest.warns(FutureWarning, match="'kernels.backend' is now 'kernels.loss'"):
+        assert config.load("toy", {"kernels.backend": "torch"}).kernels.loss == "torch"
+    path = tmp_path / "old.toml"
+    path.write_text('[kernels]\nbackend = "torch"\n')
+    with pytest.warns(FutureWarning, match=f"{path}: config key 'kernels.backend'"):
+        assert config.load(str(path)).kernels.loss == "torch"
+    with pytest.raises(ConfigError, match="kernels.loss must be one of"):  # checked under its new name
+        config.load("toy", {"kernels.backend": "cudnn"})
 
 
 def test_halves_of_two_built_in_pairs_are_refused():

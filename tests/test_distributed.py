@@ -39,7 +39,7 @@ def _train(rank: int, world: int, batch: int, bn: str, nan_at: tuple[int, int] |
     # No dropout: its random masks would differ between one process and the ranks' split of the batch.
     cfg = config.load("toy", {"model.bn": bn, "model.head_dropout": 0.0, "data.batch_size": batch,
                               "data.workers": 0,
-                              "data.crop": [48, 96], "kernels.backend": "torch", "train.iters": 100,
+                              "data.crop": [48, 96], "kernels.loss": "torch", "train.iters": 100,
                               **(extra or {})})
     info = distributed.Dist(rank, rank, world)
     eng = engine.build(cfg, torch.device("cpu"), info)  # DDP-wrapped when world > 1

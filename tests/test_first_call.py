@@ -77,11 +77,11 @@ def test_training_goes_on_with_torch_when_the_fused_ops_fail(batches, monkeypatc
 
     runs, caught = {}, {}
     for name in ("fallback", "torch"):
-        cfg = config.load("toy", {**TINY, "kernels.backend": "torch"})
+        cfg = config.load("toy", {**TINY, "kernels.loss": "torch"})
         eng = engine.build(cfg, torch.device("cpu"))
         if name == "fallback":
-            eng.adapter.adversary.loss_backend = ops.FirstCall("ext", "the loss")
-            eng.nets.d_aux.upsample_backend = "triton"
+            eng.adapter.adversary.loss_kernel = ops.FirstCall("ext", "the loss")
+            eng.nets.d_aux.upsample = ops.FirstCall("triton", ops.UPSAMPLE.what)
             monkeypatch.setattr(ops, "weighted_adv_loss", broken(real_loss))
             monkeypatch.setattr(ops, "upsample_leaky_relu", broken(real_upsample))
         with warnings.catch_warnings(record=True) as caught[name]:

@@ -60,7 +60,7 @@ def optimizer_tensors(opt) -> dict:
 
 
 def fp16_engine(**overrides):
-    cfg = config.load("toy", {**TINY, "kernels.backend": "torch", **overrides})
+    cfg = config.load("toy", {**TINY, "kernels.loss": "torch", **overrides})
     return engine.build(cfg, CPU)
 
 

@@ -67,7 +67,13 @@ def test_graphed_launch_equals_the_eager_one_bit_for_bit(batches, recipe):
     assert all(group["capturable"] for opt in (graphed.optimizers.d, graphed.optimizers.d_aux)
                for group in opt.param_groups)
     saved = graphed.optimizers.state_dict()
-    assert all(isinstance(group["lr"], float) for opt in saved.values() for group in opt["param_groups"])
+    assert all(isinstance(group["lr"], float) and not group.get("capturable")
+               for opt in saved.values() for group in opt["param_groups"])
+    # An eager run resumes the graphed run's state, also with torch's unfused Adam (which refuses a
+    # capturable group on CPU parameters).
+    resumed = engine.build(config.load("toy", {**recipe, "optim.impl": "torch"}), torch.device("cpu"))
+    resumed.optimizers.load_state_dict(saved)
+    assert run(resumed.adapter, batches, steps=1)[0].stepped
 
 
 def test_a_replay_runs_no_python(batches, monkeypatch):
@@ -136,11 +142,11 @@ def test_cuda_graph_replay_matches_eager_steps(batches, amp, recipe):
     """Captured == uncaptured within fp tolerance on CUDA (atomics in some backward kernels make
     neither bitwise reproducible), over two phase changes and a skipped step; a checkpoint of the
     graphed run loads into a plain one."""
-    cfg = config.load("toy", {**recipe, "train.amp": amp, "kernels.backend": "auto",
+    cfg = config.load("toy", {**recipe, "train.amp": amp, "kernels.loss": "auto",
                               "kernels.upsample": "auto"})
     cuda = torch.device("cuda")
     eager = engine.build(cfg, cuda)
-    graphed_cfg = config.load("toy", {**recipe, "train.amp": amp, "kernels.backend": "auto",
+    graphed_cfg = config.load("toy", {**recipe, "train.amp": amp, "kernels.loss": "auto",
                                       "kernels.upsample": "auto", "train.cuda_graphs": True})
     graphed = engine.build(graphed_cfg, cuda)
     assert isinstance(graphed.adapter, graphs.GraphedAdapter)
@@ -172,7 +178,7 @@ def test_a_capture_that_fails_on_cuda_leaves_a_working_eager_run(batches, monkey
     real = reference.seg_ce
     monkeypatch.setattr(reference, "seg_ce", lambda *a: real(*a) + 0.0 * float(a[0].sum().item()))
     cuda = torch.device("cuda")
-    fused = {**PHASED, "kernels.backend": "auto", "kernels.upsample": "auto"}
+    fused = {**PHASED, "kernels.loss": "auto", "kernels.upsample": "auto"}
     eager = engine.build(config.load("toy", fused), cuda)
     graphed = engine.build(config.load("toy", {**fused, "train.cuda_graphs": True}), cuda)
     stream = torch.cuda.current_stream()

@@ -70,21 +70,21 @@ def _record_steps(eng: engine.Engine, batches) -> HostSyncs:
 
 
 def _build(overrides: dict, backend: str) -> engine.Engine:
-    return engine.build(config.load("toy", {**TINY, **overrides, "kernels.backend": backend}),
+    return engine.build(config.load("toy", {**TINY, **overrides, "kernels.loss": backend}),
                         torch.device("cpu"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_launched_iterations_never_wait_for_the_device(case, batches):
-    backend = "ext" if "ext" in ops.available_backends() else "torch"
+    backend = "ext" if "ext" in ops.LOSS.available() else "torch"
     syncs = _record_steps(_build(CASES[case], backend), batches)
     assert not syncs.found, syncs.report()
 
 
 @pytest.mark.parametrize("backend", ["torch", "ext"])
 def test_each_loss_backend_is_sync_free(backend, batches):
-    if backend not in ops.available_backends():
-        pytest.skip(f"backend {backend!r}: {ops.backend_problem(backend, 'cpu')}")
+    if backend not in ops.LOSS.available():
+        pytest.skip(f"backend {backend!r}: {ops.LOSS.problem(backend, 'cpu')}")
     syncs = _record_steps(_build(RECIPE, backend), batches)
     assert not syncs.found, syncs.report()
 
@@ -124,7 +124,7 @@ def test_the_recorder_names_reads_and_the_line_that_made_them():
 
 def _loop_overrides(run_dir) -> dict:
     return tiny_overrides(run_dir, **TINY, **RECIPE, **{"train.iters": 6, "train.ckpt_every": 6,
-                                                         "kernels.backend": "torch"})
+                                                         "kernels.loss": "torch"})
 
 
 def _record_loop(trainer: train.Trainer, monkeypatch, stop_on_rank_at=None) -> HostSyncs:
@@ -221,8 +221,8 @@ def test_on_cuda_torch_sees_no_sync_in_a_launched_iteration(case, batches):
     verdict on what the recorder above proves on CPU, with every loss backend that runs there. The
     first step of each phase is not watched: it creates G's momentum (step 0) and compiles kernels."""
     cuda = torch.device("cuda")
-    for backend in [b for b in ("ext", "triton", "torch") if ops.backend_problem(b, "cuda") is None]:
-        eng = engine.build(config.load("toy", {**TINY, **CASES[case], "kernels.backend": backend}), cuda)
+    for backend in [b for b in ("ext", "triton", "torch") if ops.LOSS.problem(b, "cuda") is None]:
+        eng = engine.build(config.load("toy", {**TINY, **CASES[case], "kernels.loss": backend}), cuda)
         pending, seen = None, set()
         for step in range(STEPS):
             pair = [{k: v.to(cuda) for k, v in b.items() if torch.is_tensor(v)}

@@ -74,7 +74,7 @@ def test_the_table_has_a_row_for_every_loss_a_step_logs(adversary, batches, one_
     added to the Adapter later needs a row here."""
     cfg = run_config(adversary, **{"model.width": 8, "model.head_width": 16, "model.disc_width": 8,
                                    "model.aux_disc_width": 8, "data.crop": list(BATCH_CROP),
-                                   "kernels.backend": "torch"})
+                                   "kernels.loss": "torch"})
     losses, stepped = run_step(engine.build(cfg, torch.device("cpu")).adapter, 0, *batches[0])
     assert stepped and all(math.isfinite(v) for v in losses.values())
     assert set(losses) == {t for a, t in GOVERNS if a == adversary}

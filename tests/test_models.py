@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pwda_fast import config
+from pwda_fast import adversaries, config
 from pwda_fast.models import (
     DeepLabV2,
     FeatureDiscriminator,
     MRNet,
+    MultiScaleDiscriminator,
     Nets,
     OutputDiscriminator,
     build_networks,
@@ -108,6 +109,42 @@ def test_disc_stride_cells_per_crop_and_paper_default():
         OutputDiscriminator(stride=12)
     with pytest.raises(config.ConfigError, match="disc_stride"):
         config.load("toy", {"model.disc_stride": 3})
+
+
+def _ms_field(d, size: int = 384) -> tuple[tuple, int]:
+    """(scale 0's map shape, the height in pixels its centre cell sees), from the gradient of that cell."""
+    d = d.double()
+    for m in d.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.constant_(m.weight, 0.01)
+    x = torch.zeros(1, d.nets[0][0][0].in_channels, size, size, dtype=torch.float64, requires_grad=True)
+    out = d(x)[0]
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = x.grad[0].abs().sum((0, 2)).nonzero()
+    return tuple(out.shape), int(rows.max() - rows.min() + 1)
+
+
+def test_ms_disc_stride_scales_mrnet_d_as_disc_stride_scales_the_paper_d():
+    """MRNet's own D (stride 8: 155-pixel fields, the whole 64x128 toy crop) is the default; the toy
+    preset takes stride 1: MRNet's 64x128 scale-0 cells per crop and 21-pixel fields (155 / 8 = 19),
+    beside the BCE D's 10. Same state_dict keys at every stride; 1x1 convs after the halvings."""
+    assert config.ModelConfig().ms_disc_stride == 8
+    assert config.load("toy").model.ms_disc_stride == 1
+    keys = set(MultiScaleDiscriminator(3, width=4, res_blocks=1).state_dict())
+    for stride, field in ((8, 155), (4, 83), (2, 43), (1, 21)):
+        d = MultiScaleDiscriminator(3, width=4, stride=stride)
+        assert _ms_field(d) == ((1, 1, 384 // stride, 384 // stride), field), stride
+        assert set(MultiScaleDiscriminator(3, width=4, res_blocks=1, stride=stride).state_dict()) == keys
+        shapes = [m[0].kernel_size[0] for m in d.nets[0][:5:2]]  # the three convs that halve at stride 8
+        assert shapes == [3] * (stride.bit_length() - 1) + [1] * (4 - stride.bit_length()), stride
+    toy = config.load("toy", {"adapt.adversary": "mrnet", "adapt.weighting": "none"})
+    _, d, _ = build_networks(toy.model, discriminators=adversaries.get("mrnet").discriminators)
+    shapes = [m.shape for m in d.d2(torch.rand(2, 19, 64, 128))]
+    assert shapes == [(2, 1, 64, 128), (2, 1, 32, 64), (2, 1, 16, 32)]
+    with pytest.raises(ValueError, match="stride must be one of"):
+        MultiScaleDiscriminator(stride=16)
+    with pytest.raises(config.ConfigError, match="ms_disc_stride"):
+        config.load("toy", {"model.ms_disc_stride": 16})
 
 
 def test_param_groups_give_heads_ten_times_the_rate():

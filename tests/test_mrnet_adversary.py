@@ -103,9 +103,11 @@ def test_generator_loss_and_its_gradient_into_the_logits_match_the_twin():
 
 
 def _mrnet_cfg(**extra) -> config.Config:
+    # MRNet's own D geometry (the twin's), not the toy preset's scaled one.
     return config.load("toy", {"adapt.adversary": "mrnet", "adapt.weighting": "none", "model.depth": 14,
                                "model.width": 8, "model.head_width": 32, "model.bn": "frozen",
-                               "kernels.backend": "torch", "train.iters": 10, **extra})
+                               "model.ms_disc_stride": 8,
+                               "kernels.loss": "torch", "train.iters": 10, **extra})
 
 
 def test_discriminator_stage_losses_and_gradients_match_the_twin():

@@ -63,7 +63,7 @@ def _cfg(weighting: str, memory: bool, mode: str = "adapt", bn: str = "frozen", 
         "optim.lr": 0.05, "optim.lr_d": 0.02, "optim.head_lr_mult": 3.0, "optim.momentum": 0.8,
         "optim.weight_decay": 0.01, "optim.power": 0.7, "optim.betas": [0.5, 0.9], "optim.impl": "torch",
         "optim.nesterov": nesterov, "optim.warmup_iters": 4, "optim.warmup_start": 0.3,  # step 3 warms up
-        "train.iters": 10, "kernels.backend": "torch", **extra})
+        "train.iters": 10, "kernels.loss": "torch", **extra})
 
 
 def _batches(blocks: bool = True):
@@ -192,14 +192,15 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
             if step >= a.memory_start:
                 g_obj = g_obj + a.lambda_mem * losses["mem"]
         return losses, (g_obj,), d_obj, None
-    use_aux = a.weighting == "gen+dis"
+    use_aux = a.weighting in ("gen+dis", "gen+aux")  # D_aux and eq. 8's term train
 
     def d_aux_up(feat):  # the paper's D_aux on encodings upsampled to the image, literally
         return d_aux(up(feat)) if a.aux_at == "image" else up(d_aux(feat))
 
     a_t_up = d_aux_up(feat_t) if use_aux else None
     # CLAN's preheat: no weighting before adapt.preheat_iters.
-    w = None if a.weighting == "none" or step < a.preheat_iters else weights(up(main_t), a_t_up, a)
+    a_in_w = a_t_up if a.weighting == "gen+dis" else None  # gen+aux: w is GenMap's (eq. 4)
+    w = None if a.weighting == "none" or step < a.preheat_iters else weights(up(main_t), a_in_w, a)
 
     def adv(z_up, y, w=w):
         per_pixel = bce(z_up[:, 0], y)
@@ -209,7 +210,7 @@ def oracle_losses(g, d, d_aux, src, tgt, cfg, step: int, state: dict):
     # weight_grad "flowing" the generator also descends through w (CLAN).
     flowing = w is not None and a.weight_grad == "flowing"
     losses["adv"] = adv(up(d(softmax(up(main_t)))), 0.0,
-                        weights(up(main_t), a_t_up, a, detach=False) if flowing else w)
+                        weights(up(main_t), a_in_w, a, detach=False) if flowing else w)
     g_obj = g_obj + a.lambda_adv * losses["adv"]
     if use_aux:
         losses["adv_aux"] = bce(a_t_up, 0.0).mean()
@@ -424,6 +425,10 @@ CASES = {  # id: (mode, weighting, memory, nesterov, aux_at, MRNet recipe, gener
                     {"adapt.preheat_iters": 4}),
     "gen+dis-weight-grad-flowing": ("adapt", "gen+dis", False, False, "image", False, "deeplabv2", "frozen",
                                     {"adapt.weight_grad": "flowing"}),
+    # D_aux and its feature-level term without DisMap in w (the ablation's row that separates them).
+    "gen+aux": ("adapt", "gen+aux", False, False, "image", False, "deeplabv2", "frozen"),
+    "gen+aux-weight-grad-flowing": ("adapt", "gen+aux", False, False, "image", False, "deeplabv2", "frozen",
+                                    {"adapt.weight_grad": "flowing"}),
     # MRNet as published: its own LSGAN D1 (aux head) and D2 (main head), gradient penalty, memory on,
     # on MRNet's generator (the oracle's own multi-scale pass and losses: mrnet_adversary).
     "mrnet-adversary": ("adapt", "none", True, False, "image", False, "mrnet", "frozen",
@@ -452,7 +457,8 @@ def test_two_iterations_match_the_oracle(case, one_thread):
             history = [entry[1][name][0] for entry in oracle_log[:step + 1]]
             _assert_same_update(f"step {step}", name, snapshots[step][k], snapshots[step + 1][k], after[k],
                                 history)
-    untouched = ["d", "d_aux"] if mode == "source_only" else [] if weighting == "gen+dis" else ["d_aux"]
+    untouched = (["d", "d_aux"] if mode == "source_only" else [] if weighting in ("gen+dis", "gen+aux")
+                 else ["d_aux"])
     for name in untouched:  # networks that must not move
         k = names.index(name)
         first, last = snapshots[0][k].parameters(), snapshots[-1][k].parameters()

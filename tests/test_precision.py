@@ -18,7 +18,7 @@ BATCH_CROP = (48, 96)  # of the `batches` fixture (conftest.py)
 
 
 def _losses(batches, **overrides) -> list[dict]:
-    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.backend": "torch", **overrides})
+    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.loss": "torch", **overrides})
     eng = engine.build(cfg, CPU)
     out = []
     for step, (s, t) in enumerate(batches):
@@ -91,7 +91,7 @@ class _CastCounter(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _bf16_engine(weighting="gen+dis"):
-    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.backend": "torch", "train.amp": "bf16",
+    cfg = config.load("toy", {"data.crop": [48, 96], "kernels.loss": "torch", "train.amp": "bf16",
                               "adapt.weighting": weighting})
     return engine.build(cfg, CPU)
 

@@ -33,6 +33,8 @@ GTA5 = {
                                "DeepLab_resnet_pretrained_init (the engine downloads nothing)"),
     "model.disc_width": (64, "paper §5.2 D 64-128-256-512-1; AdaptSegNet model/discriminator.py ndf = 64"),
     "model.disc_stride": (32, "paper §5.2 / AdaptSegNet model/discriminator.py: five 4x4 stride-2 convs"),
+    "model.ms_disc_stride": (8, "adversary mrnet only: model/ms_discriminator.py MsImageDis, three "
+                                "stride-2 convs per scale (not used by the paper's rows)"),
     "model.aux_disc_width": (256, "engine: the paper gives no D_aux widths; METHOD.md §2"),
     # --- data ---
     "data.source": ("gta5", "paper: GTA5 -> Cityscapes"),
@@ -70,6 +72,8 @@ GTA5 = {
     "optim.nesterov": (True, "trainer_ms.py optim.SGD(nesterov=True)"),
     "optim.warmup_iters": (5000, "README --warm-up 5000"),
     "optim.warmup_start": (0.1, "utils/tool.py adjust_learning_rate: lr * (0.1 + 0.9 * i / warm_up)"),
+    "optim.warmup_d": (False, "adjust_learning_rate_D: poly 0.9, no warm-up (METHOD.md); "
+                           "CLAN ramps D as well"),
     "optim.impl": ("auto", "engine"),
     "optim.backbone_repeats": (True, "model/deeplab_multi.py get_1x_lr_params_NOscale lists each "
                                      "backbone tensor once per module above it; SGD stepped each entry"),
@@ -119,7 +123,7 @@ GTA5 = {
     "train.eval_protocol": ("mrnet", "evaluate_cityscapes.py: fused heads, scales 1 and 1.25, flips "
                                      "(METHOD.md §6)"),
     # --- kernels, log ---
-    "kernels.backend": ("auto", "engine"),
+    "kernels.loss": ("auto", "engine"),
     "kernels.upsample": ("auto", "engine"),
     "log.tensorboard": (False, "engine"),
     "log.images": (1, "engine"),
@@ -138,16 +142,16 @@ TABLES = {"gta5_to_cityscapes": GTA5, "synthia_to_cityscapes": SYNTHIA}
 
 # Keys both preset files leave to the dataclass defaults; every other key is written in the file.
 DEFAULTED = {
-    "model.num_classes", "model.init_weights", "model.disc_stride",
+    "model.num_classes", "model.init_weights", "model.disc_stride", "model.ms_disc_stride",
     "data.source_root", "data.target_root", "data.source_prepared", "data.target_prepared", "data.loader",
     "data.image_format", "data.skip_bad", "data.max_bad_fraction", "data.validate",
-    "optim.impl",
+    "optim.impl", "optim.warmup_d",
     "train.seed", "train.keep_last", "train.log_every", "train.device", "train.amp", "train.channels_last",
     "train.compile", "train.cuda_graphs", "train.stop_at", "train.max_skips", "train.allow_world_size_change",
     "train.resume",
     "train.threads", "train.eval_images", "adapt.weight_grad", "adapt.d_target",
     "adapt.preheat_iters", "adapt.adversary", "adapt.lambda_mrnet_aux", "adapt.lambda_mrnet_main",
-    "kernels.backend", "kernels.upsample", "log.tensorboard", "log.images",
+    "kernels.loss", "kernels.upsample", "log.tensorboard", "log.images",
 }
 
 

@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 BATCH_CROP = (32, 64)  # of the `batches` fixture (conftest.py)
 # Toy size, with MRNet's running class weight in every case.
 TOY = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.disc_width": 8,
-       "model.aux_disc_width": 8, "data.crop": list(BATCH_CROP), "kernels.backend": "torch",
+       "model.aux_disc_width": 8, "data.crop": list(BATCH_CROP), "kernels.loss": "torch",
        "adapt.class_balance": True, "adapt.often_balance": True}
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ from pwda_fast.skips import NonFiniteError, SkipCounter
 CPU = torch.device("cpu")
 BATCH_CROP = (32, 64)  # of the `batches` fixture (conftest.py)
 TOY = {"model.width": 8, "model.head_width": 16, "model.disc_width": 8, "model.aux_disc_width": 8,
-       "data.crop": list(BATCH_CROP), "kernels.backend": "torch"}
+       "data.crop": list(BATCH_CROP), "kernels.loss": "torch"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAN = math.nan

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 # MRNet at toy size with the paper's recipe: class balance with the running weight, hard pixels, the
 # memory term from the first step.
 RECIPE = {"model.depth": 14, "model.width": 8, "model.head_width": 16, "model.disc_width": 8,
-          "model.aux_disc_width": 8, "data.crop": [32, 64], "kernels.backend": "torch",
+          "model.aux_disc_width": 8, "data.crop": [32, 64], "kernels.loss": "torch",
           "adapt.class_balance": True, "adapt.often_balance": True, "adapt.hard_pixels": 80.0,
           "adapt.memory": True, "adapt.memory_start": 0, "optim.nesterov": True}
 
@@ -148,7 +148,7 @@ def run_steps(eng, batches, monkeypatch, bad: set[int], steps: int = 4) -> list[
 
 @pytest.mark.parametrize("overrides", [
     {"adapt.weighting": "gen+dis"},
-    {"adapt.weighting": "gen", "kernels.backend": "ext"},
+    {"adapt.weighting": "gen", "kernels.loss": "ext"},
     {"adapt.weighting": "none"},
     {"adapt.d_target": "normalized", "adapt.weight_grad": "flowing"},
     {"optim.backbone_repeats": True, "adapt.preheat_iters": 2},
@@ -202,7 +202,7 @@ def test_a_skipped_first_step_leaves_no_momentum_and_the_next_is_a_first_step(ba
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("overrides", [{}, {"train.amp": "fp16", "kernels.backend": "ext"},
+@pytest.mark.parametrize("overrides", [{}, {"train.amp": "fp16", "kernels.loss": "ext"},
                                        {"train.amp": "bf16", "optim.backbone_repeats": True}],
                          ids=["fp32", "fp16-ext", "bf16-repeats"])
 def test_cuda_skip_on_the_device_restores_every_state(batches, monkeypatch, overrides):

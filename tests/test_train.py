@@ -37,7 +37,7 @@ def test_few_iterations_write_metrics_checkpoint_and_final(tmp_path, capsys):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["iters"] == 4
     state = checkpoint.load(checkpoint.latest(tmp_path))
-    assert state["backend"] in ops.available_backends() and state["world_size"] == 1
+    assert state["backend"] in ops.LOSS.available() and state["world_size"] == 1
     assert config.from_dict(state["config"]).train.iters == 4
     assert "mIoU" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ from pwda_fast import ops, reference
 from pwda_fast.models import FeatureDiscriminator
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_HERE = ops.backend_problem("triton", DEVICE) is None
+TRITON_HERE = ops.UPSAMPLE.problem("triton", DEVICE) is None
 # Also marked gpu: gpu_check.sh runs `pytest -m gpu`, where these run on CUDA; on CPU the interpreter
 # run below covers them.
 _skip = pytest.mark.skipif(not TRITON_HERE, reason="Triton needs CUDA or TRITON_INTERPRET=1 "
@@ -107,8 +107,9 @@ def test_feature_discriminator_on_triton_equals_torch():
     feat = torch.randn(2, 12, 3, 5, device=DEVICE)
     results = {}
     for backend, net in nets.items():
-        net.upsample_backend = backend
+        net.upsample = ops.UPSAMPLE.first_call(backend, DEVICE)
         out = net(feat, (17, 33))
+        assert net.upsample.backend == backend  # no fallback to torch on the first call
         out.square().mean().backward()
         results[backend] = (out.detach(), {k: p.grad for k, p in net.named_parameters()})
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
@@ -119,7 +120,7 @@ def test_feature_discriminator_on_triton_equals_torch():
 @needs_triton
 def test_triton_op_registration():
     x = make((1, 4, 2, 3), torch.float32, False).requires_grad_()
-    torch.library.opcheck(ops._upsample_leaky_relu_triton, (x, 5, 7, 0.2))
+    torch.library.opcheck(ops.upsample._upsample_leaky_relu_triton, (x, 5, 7, 0.2))
 
 
 def test_boundary_checks_name_the_rule():
@@ -128,12 +129,12 @@ def test_boundary_checks_name_the_rule():
         ops.upsample_leaky_relu(x, (3, 8))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         ops.upsample_leaky_relu(x.double(), (8, 8))
-    with pytest.raises(ValueError, match="upsample backend must be one of"):
-        ops.resolve_upsample_backend("ext")
-    if ops.backend_problem("triton", "cpu") is not None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.UPSAMPLE.resolve("ext")
+    if ops.UPSAMPLE.problem("triton", "cpu") is not None:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             ops.upsample_leaky_relu(x, (8, 8), backend="triton")
-    assert ops.resolve_upsample_backend("auto", "cpu") == "torch"
+    assert ops.UPSAMPLE.resolve("auto", "cpu") == "torch"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(),

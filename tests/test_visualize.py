@@ -71,6 +71,10 @@ def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting, aux_at):
     image = item["image"][None]
     size = tuple(image.shape[2:])
     maps = pictures.weighting_maps(g, d_aux, image, a)
+    g, d_aux = copy.deepcopy(g).train(), copy.deepcopy(d_aux).train()  # as the generator stage runs them
+    for m in g.modules():
+        if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):
+            m.eval()
     with torch.no_grad():  # recomputed here the way adapt.generator_stage computes them
         _, main, feat = g(image)
         logits = F.interpolate(main, size=size, mode="bilinear", align_corners=True)

@@ -1,12 +1,13 @@
 """Fig. 2 measurements: hand-checked on crafted maps, real networks, and logged by the trainer."""
 
+import copy
 import json
 
 import pytest
 import torch
 from helpers import as_argv, tiny_overrides
 
-from pwda_fast import config, models, train, weight_stats, weighting
+from pwda_fast import config, models, reference, train, weight_stats, weighting
 
 GROUPS = {"aligned": (0, 2), "shifted": (1, 9)}  # road, building | sidewalk, terrain
 SURE, UNSURE = (10.0, 0.0), (0.0, 0.0)  # two-class logits: p* = 0.99995 and 0.5
@@ -17,16 +18,16 @@ def _maps(confident_logits, weight):
     return {"logits": logits, "weight": torch.tensor(weight)[None]}
 
 
-class _EvalOnly(torch.nn.Module):
+class _AsTraining(torch.nn.Module):
     """A stand-in for G (image -> (aux, main, feat), each the image) and for D_aux at image size
-    ((feat, size) -> feat's first channel) that refuses to run in training mode."""
+    ((feat, size) -> feat's first channel) that refuses to run other than as training runs it."""
 
     def __init__(self):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))  # measure() reads the device from a parameter
 
     def forward(self, x, size=None):
-        assert not self.training  # measured in eval mode
+        assert self.training  # measured as the generator stage runs (batch statistics)
         return (x, x, x) if size is None else x[:, :1]
 
 
@@ -41,16 +42,19 @@ def test_fractions_and_group_means_by_hand(monkeypatch):
     w = (0.1 + 0.5 + 0.2) / 3 = 0.266667; shifted (sidewalk, terrain): 2 pixels, none confident,
     w = (0.9 + 0.7) / 2 = 0.8; the void pixel counts in above_t only.
     Both images: above_t = 3/12 = 0.25; aligned 9 pixels, 2 confident -> 2/9,
-    w = (0.8 + 6 * 1.0) / 9 = 0.755556; shifted unchanged.
+    w = (0.8 + 6 * 1.0) / 9 = 0.755556; shifted unchanged. The same in batches of 1 or 2 images.
     """
     maps = [_maps([[SURE, UNSURE, SURE], [UNSURE, SURE, UNSURE]], [[0.1, 0.5, 0.2], [0.9, 0.3, 0.7]]),
             _maps([[UNSURE] * 3] * 2, [[1.0] * 3] * 2)]
-    g, d_aux = _EvalOnly(), _EvalOnly()
+    g, d_aux = _AsTraining(), _AsTraining()
+    g.eval()
+    d_aux.eval()
     calls = []
 
     def fake_maps(main, aux, size, adapt_cfg):
-        calls.append(main.shape)
-        return maps[int(main[0, 0, 0, 0])]  # each image holds its own index, which g passes on
+        calls.append(main.shape)  # each image holds its own index, which g passes on
+        per_image = [maps[int(main[n, 0, 0, 0])] for n in range(main.shape[0])]
+        return {k: torch.cat([m[k] for m in per_image]) for k in ("logits", "weight")}
 
     monkeypatch.setattr(weighting, "maps", fake_maps)
     val = [{"image": torch.zeros(3, 2, 3), "label": torch.tensor([[0, 0, 2], [1, 255, 9]])},
@@ -59,13 +63,41 @@ def test_fractions_and_group_means_by_hand(monkeypatch):
     one = weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=1)
     assert one == pytest.approx({"above_t": 0.5, "above_t_aligned": 2 / 3, "weight_aligned": 0.8 / 3,
                                  "above_t_shifted": 0.0, "weight_shifted": 0.8})
-    calls.clear()
-    both = weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=5)  # only 2 exist
-    assert len(calls) == 2 and calls[0] == (1, 3, 2, 3)
-    assert both == pytest.approx({"above_t": 0.25, "above_t_aligned": 2 / 9, "weight_aligned": 6.8 / 9,
-                                  "above_t_shifted": 0.0, "weight_shifted": 0.8})
-    assert g.training and d_aux.training  # modes restored
+    both = {"above_t": 0.25, "above_t_aligned": 2 / 9, "weight_aligned": 6.8 / 9, "above_t_shifted": 0.0,
+            "weight_shifted": 0.8}
+    for batch, shapes in ((1, [(1, 3, 2, 3)] * 2), (2, [(2, 3, 2, 3)]), (4, [(2, 3, 2, 3)])):
+        calls.clear()
+        assert weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=5, batch=batch) == pytest.approx(both)
+        assert calls == shapes, batch  # images=5: only 2 exist
+    assert not g.training and not d_aux.training  # modes restored
     assert "weight_all" not in weight_stats.measure(g, d_aux, val[1:], adapt, {"all": (13,)})  # no car pixels
+
+
+def test_weights_are_measured_under_batch_statistics_and_change_nothing():
+    """The toy generator trains its BatchNorm (model.bn = train): measured on a batch, the maps are
+    the generator stage's (train mode, the batch's statistics, dropout off), not evaluation's; the
+    networks' buffers, modes and the random stream are as before."""
+    torch.manual_seed(0)
+    cfg = config.load("toy", {"model.head_dropout": 0.5})
+    g, _, d_aux = models.build_networks(cfg.model)
+    g.eval()
+    images = torch.randn(3, 3, 48, 96) * 2 + 1
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    rng = torch.get_rng_state()
+    maps = weighting.target_maps(g, d_aux, images, cfg.adapt)
+    assert torch.equal(rng, torch.get_rng_state()) and not g.training
+    assert all(torch.equal(v, g.state_dict()[k]) for k, v in before.items())
+    twin = copy.deepcopy(g).train()
+    for m in twin.modules():
+        if isinstance(m, torch.nn.Dropout2d | torch.nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        _, main, _ = twin(images)
+    torch.testing.assert_close(maps["logits"], reference.upsample_to(main, (48, 96)))
+    with torch.no_grad():
+        _, main_eval, _ = g(images)  # running statistics (eval) give other logits
+    assert not torch.allclose(reference.upsample_to(main_eval, (48, 96)), maps["logits"], atol=1e-3)
+    assert torch.equal(weighting.target_maps(g, d_aux, images, cfg.adapt)["weight"], maps["weight"])
 
 
 @pytest.mark.parametrize("weighting", ["gen", "gen+dis"])

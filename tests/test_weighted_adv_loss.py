@@ -16,30 +16,30 @@ from pwda_fast import ops, reference
 # `make test` sets PWDA_FAST_EXPECT_EXT=1: a pwda_fast._C that fails to import must then fail the run,
 # not turn every ext test into a skip. Without the variable, ext tests skip with the import problem.
 EXPECT_EXT = os.environ.get("PWDA_FAST_EXPECT_EXT") == "1"
-EXT_PROBLEM = ops.backend_problem("ext", "cpu")
+EXT_PROBLEM = ops.LOSS.problem("ext", "cpu")
 EXT_CPU = EXT_PROBLEM is None or EXPECT_EXT
 # Triton on CPU only runs under TRITON_INTERPRET=1: test_weighted_adv_loss_triton.py reruns this file so.
 CPU_FAST = ([pytest.param("ext", marks=pytest.mark.skipif(not EXT_CPU, reason=str(EXT_PROBLEM)))]
-            + (["triton"] if ops.backend_problem("triton", "cpu") is None else []))
+            + (["triton"] if ops.LOSS.problem("triton", "cpu") is None else []))
 # ext_v2 (the second CUDA kernel) runs the same CUDA suite as ext: its verdict before it may be the default.
 CUDA_FAST = [b for b in ("ext", "ext_v2", "triton")
-             if ops.backend_problem(b, "cuda") is None or (b in ("ext", "ext_v2") and EXPECT_EXT)]
+             if ops.LOSS.problem(b, "cuda") is None or (b in ("ext", "ext_v2") and EXPECT_EXT)]
 KW = dict(threshold=0.9, floor=0.01, mu=0.1)
 
 
 @pytest.mark.skipif(not EXPECT_EXT, reason="PWDA_FAST_EXPECT_EXT=1 not set (make test sets it)")
 def test_ext_is_built_when_expected():
-    assert "ext" in ops.available_backends(), EXT_PROBLEM
+    assert "ext" in ops.LOSS.available(), EXT_PROBLEM
 
 
 def test_backend_problem_is_public_and_names_the_fix():
-    assert ops.backend_problem("torch", "cpu") is None
+    assert ops.LOSS.problem("torch", "cpu") is None
     for backend in ("ext", "ext_v2", "triton"):
-        problem = ops.backend_problem(backend, "cpu")
+        problem = ops.LOSS.problem(backend, "cpu")
         assert problem is None or f"backend '{backend}'" in problem
-    assert "TRITON_INTERPRET=1" in (ops.backend_problem("triton", "mps") or "TRITON_INTERPRET=1")
+    assert "TRITON_INTERPRET=1" in (ops.LOSS.problem("triton", "mps") or "TRITON_INTERPRET=1")
     with pytest.raises(ValueError, match="backend must be one of"):
-        ops.backend_problem("cudnn", "cpu")
+        ops.LOSS.problem("cudnn", "cpu")
 
 
 SAME = "same"  # a disc or aux map at seg's size; None for aux: no aux map
@@ -268,17 +268,17 @@ def test_bad_label_and_unknown_backend():
 
 
 def test_resolve_backend():
-    assert ops.resolve_backend("torch", "cpu") == "torch"
-    assert ops.resolve_backend("auto", "cpu") == ("ext" if EXT_PROBLEM is None else "torch")
+    assert ops.LOSS.resolve("torch", "cpu") == "torch"
+    assert ops.LOSS.resolve("auto", "cpu") == ("ext" if EXT_PROBLEM is None else "torch")
     for backend in ("ext", "triton"):
-        if ops.backend_problem(backend, "cpu") is not None:
+        if ops.LOSS.problem(backend, "cpu") is not None:
             with pytest.raises(RuntimeError, match=f"backend '{backend}'"):
-                ops.resolve_backend(backend, "cpu")
+                ops.LOSS.resolve(backend, "cpu")
 
 
 def fused_op(backend):
     """The registered op behind ops.weighted_adv_loss for `backend`: C++ autograd (ext) or Python (triton)."""
-    return torch.ops.pwda_fast.weighted_adv_loss if backend == "ext" else ops._weighted_adv_loss_triton
+    return torch.ops.pwda_fast.weighted_adv_loss if backend == "ext" else ops.loss._weighted_adv_loss_triton
 
 
 @pytest.mark.parametrize("backend", CPU_FAST)
@@ -431,7 +431,7 @@ def test_bf16_gradient_rounded_once_for_any_upstream_gradient(backend, lowres):
     assert err <= 2 * ref_err + 1e-5 * 0.01 * exact_grad.abs().max()
 
 
-@pytest.mark.skipif(ops.backend_problem("triton", "cpu") is not None,
+@pytest.mark.skipif(ops.LOSS.problem("triton", "cpu") is not None,
                     reason="needs TRITON_INTERPRET=1 on CPU (test_weighted_adv_loss_triton.py runs it)")
 def test_triton_index_widths_agree(monkeypatch):
     """The Triton kernel indexes in int32 when every offset fits (all tests above), else in int64: the

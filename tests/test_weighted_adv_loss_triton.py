@@ -41,7 +41,7 @@ import pwda_fast, pwda_fast.kernels.weighted_adv_loss as k
 from pwda_fast import ops
 print(pwda_fast.__file__)
 print(k.__file__)
-print(ops.backend_problem("triton", "cuda"))
+print(ops.LOSS.problem("triton", "cuda"))
 """
 
 
@@ -84,11 +84,11 @@ def test_probe_imports_the_kernel_module(monkeypatch):
     from pwda_fast import ops
 
     monkeypatch.setitem(sys.modules, "pwda_fast.kernels.weighted_adv_loss", None)
-    problem = ops.backend_problem("triton", "cuda")
+    problem = ops.LOSS.problem("triton", "cuda")
     assert problem is not None and "pwda_fast.kernels.weighted_adv_loss" in problem
-    assert ops.resolve_backend("auto", "cuda") != "triton"
+    assert ops.LOSS.resolve("auto", "cuda") != "triton"
     with pytest.raises(RuntimeError, match="cannot import its kernels"):
-        ops.resolve_backend("triton", "cuda")
+        ops.LOSS.resolve("triton", "cuda")
 
 
 def _specialisation_keys(cases):

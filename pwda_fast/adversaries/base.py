@@ -50,16 +50,19 @@ class Adversary(abc.ABC):
     """Stage 3 reads the aux head's outputs ("aux"); else the Adapter drops them after stage 2 (two
     image-size logit maps, ~160 MB at the paper's batch 2 at 512x1024)."""
 
-    def __init__(self, nets: Nets, adapt_cfg, *, autocast: Callable, memory_format, loss_backend):
+    def __init__(self, nets: Nets, adapt_cfg, *, autocast: Callable, memory_format, loss_kernel):
         self.nets, self.cfg, self.autocast = nets, adapt_cfg, autocast
-        self.memory_format, self.loss_backend = memory_format, loss_backend
+        # The fused weighted loss as resolved for the run (ops.Kernels.loss): call it with
+        # `self.loss_kernel(lambda backend: ops.weighted_adv_loss(..., backend=backend), grad_of)`.
+        self.memory_format, self.loss_kernel = memory_format, loss_kernel
 
     # -- what a subclass defines ----------------------------------------------------------------------
 
     @staticmethod
     @abc.abstractmethod
-    def discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
-        """-> (d, d_aux) with fresh weights: the checkpoint's "d" and "d_aux"."""
+    def discriminators(model_cfg, feat_channels: int, kernels=None) -> tuple[nn.Module, nn.Module]:
+        """-> (d, d_aux) with fresh weights: the checkpoint's "d" and "d_aux". kernels: the run's
+        ops.Kernels (None: "auto"), for a network that calls a fused op."""
 
     @staticmethod
     def check(adapt_cfg) -> list[str]:

@@ -18,9 +18,9 @@ class MRNetAdversary(Adversary):
     reads_aux_head = True  # D1 scores the aux head
 
     @staticmethod
-    def discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
-        # D_aux is built (the checkpoint keeps its key) but never trained.
-        return (MRNetDiscriminators(model_cfg.num_classes),
+    def discriminators(model_cfg, feat_channels: int, kernels=None) -> tuple[nn.Module, nn.Module]:
+        # D_aux is built (the checkpoint keeps its key) but never called.
+        return (MRNetDiscriminators(model_cfg.num_classes, model_cfg.ms_disc_stride),
                 FeatureDiscriminator(feat_channels, model_cfg.aux_disc_width))
 
     @staticmethod

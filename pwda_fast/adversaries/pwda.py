@@ -1,22 +1,16 @@
 """The paper's adversary (adapt.adversary = "pwda"): AdaptSegNet's fully convolutional BCE D on the
 main head's softmax, the feature-level D_aux (eq. 8), and the pixel weighting of eqs. 3-9
-(adapt.weighting: none / gen / gen+dis; docs/METHOD.md)."""
+(adapt.weighting: none / gen / gen+dis, and gen+aux: D_aux trained but out of w; docs/METHOD.md)."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from pwda_fast import ops, reference, weighting
 from pwda_fast.adversaries.base import SOURCE, TARGET, Adversary, adversarial_cause, unwrap
 from pwda_fast.models import paper_discriminators
 from pwda_fast.reference import upsample_to
-
-
-def d_aux_logits(d_aux: nn.Module, feat: torch.Tensor, size, aux_at: str) -> torch.Tensor:
-    """D_aux's logits on layer4 features (N, F, h, w): at image size `size` (adapt.aux_at = "image",
-    the paper) or at feature size ("feature"). Training and the weighting-map pictures both use it."""
-    return d_aux(feat, size) if aux_at == "image" else d_aux(feat)
+from pwda_fast.weighting import d_aux_logits
 
 
 class PaperAdversary(Adversary):
@@ -25,8 +19,9 @@ class PaperAdversary(Adversary):
 
     def __init__(self, nets, adapt_cfg, **kw):
         super().__init__(nets, adapt_cfg, **kw)
-        # D_aux and its loss (eq. 8) with DisMap weighting (eq. 6) only.
-        self.use_aux = weighting.uses_dis(adapt_cfg)
+        # D_aux and its loss (eq. 8) with gen+dis and gen+aux; sigmoid(a) in w (eq. 6) with gen+dis only.
+        self.use_aux = weighting.trains_aux(adapt_cfg)
+        self.aux_in_w = weighting.uses_dis(adapt_cfg)
         # Eq. (3)-(6)'s constants, as every weighted loss and weight map of the step takes them.
         self.weight_kw = weighting.constants(adapt_cfg)
 
@@ -53,7 +48,7 @@ class PaperAdversary(Adversary):
         """
         if not weighted:
             return reference.domain_bce(upsample_to(disc_logits, seg_logits.shape[2:]), label)
-        loss = self.loss_backend(lambda backend: ops.weighted_adv_loss(
+        loss = self.loss_kernel(lambda backend: ops.weighted_adv_loss(
             seg_logits, disc_logits, aux_logits, label=label, backend=backend, **self.weight_kw),
             grad_of=(disc_logits,))
         if not normalized:
@@ -71,11 +66,11 @@ class PaperAdversary(Adversary):
         # The weighting map is a constant (adapt.weight_grad = "detached"): seg and aux logits enter
         # the loss detached; the weighted loss takes D's map (and D_aux's with aux_at=feature) at native
         # resolution, upsampled in-kernel. "flowing" (CLAN) differentiates through w on the torch path.
-        weight_aux = a_low.detach() if a_low is not None else None
+        weight_aux = a_low.detach() if a_low is not None and self.aux_in_w else None
         weighted = self.weighting_on(step)
         if weighted and a.weight_grad == "flowing":
-            loss_adv = reference.weighted_adv_loss(main_t, z_t, a_low, label=SOURCE, detach_weights=False,
-                                                   **self.weight_kw)
+            loss_adv = reference.weighted_adv_loss(main_t, z_t, a_low if self.aux_in_w else None,
+                                                   label=SOURCE, detach_weights=False, **self.weight_kw)
         else:
             loss_adv = self._adv_loss(main_t.detach(), z_t, weight_aux, SOURCE, weighted)
         loss_g = a.lambda_adv * loss_adv

@@ -83,18 +83,21 @@ def _given(model_cfg, init: InitWeights | None) -> InitWeights | None:
     return init
 
 
-def paper_discriminators(model_cfg, feat_channels: int) -> tuple[nn.Module, nn.Module]:
+def paper_discriminators(model_cfg, feat_channels: int, kernels=None) -> tuple[nn.Module, nn.Module]:
     """The paper's D (AdaptSegNet's fully convolutional BCE D, model.disc_stride) and D_aux on the
-    generator's `feat_channels` features, fresh."""
+    generator's `feat_channels` features, fresh; D_aux upsamples with kernels.upsample (ops.Kernels;
+    None: "auto")."""
     return (OutputDiscriminator(model_cfg.num_classes, model_cfg.disc_width, model_cfg.disc_stride),
-            FeatureDiscriminator(feat_channels, model_cfg.aux_disc_width))
+            FeatureDiscriminator(feat_channels, model_cfg.aux_disc_width,
+                                 upsample=kernels.upsample if kernels is not None else None))
 
 
-def build_networks(model_cfg, init: InitWeights | None = None,
-                   discriminators=paper_discriminators) -> tuple[nn.Module, nn.Module, nn.Module]:
+def build_networks(model_cfg, init: InitWeights | None = None, discriminators=paper_discriminators,
+                   kernels=None) -> tuple[nn.Module, nn.Module, nn.Module]:
     """ModelConfig -> (generator, output discriminator D, feature discriminator D_aux); D and D_aux from
-    `discriminators(model_cfg, feat_channels)`: the paper's by default, an adversary's own
-    (adversaries.get(adapt.adversary).discriminators) in training.
+    `discriminators(model_cfg, feat_channels, kernels)`: the paper's by default, an adversary's own
+    (adversaries.get(adapt.adversary).discriminators) in training. kernels: the run's ops.Kernels
+    (None: every op on "auto"), for the networks that call a fused op.
 
     `init`: model.init_weights as the caller read it (required when model.init_weights is set).
     stride_on "auto" is resolved here from it (resolve_model); a caller that saves the config should
@@ -105,7 +108,7 @@ def build_networks(model_cfg, init: InitWeights | None = None,
     g = build_generator(m)
     if init is not None:
         load_init_weights(g, init)
-    return (g, *discriminators(m, g.feat_channels))
+    return (g, *discriminators(m, g.feat_channels, kernels))
 
 
 def build_generator(model) -> DilatedResNet:

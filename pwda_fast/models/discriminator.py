@@ -59,11 +59,12 @@ class FeatureDiscriminator(nn.Module):
     ReLU after it are one op (ops.upsample_leaky_relu: one pass forward, two backward on CUDA).
     """
 
-    def __init__(self, in_channels: int = 2048, width: int = 256, upsample_backend: str = "auto"):
+    def __init__(self, in_channels: int = 2048, width: int = 256, upsample: ops.FirstCall | None = None):
         super().__init__()
-        # Backend of the image-size path's leaky_relu(upsample(.)) (ops.upsample_leaky_relu): "auto" is
-        # the fused Triton kernels on CUDA, torch elsewhere; engine.build sets it from kernels.upsample.
-        self.upsample_backend = upsample_backend
+        # The image-size path's leaky_relu(upsample(.)) (ops.upsample_leaky_relu) as the run resolved it
+        # (ops.Kernels.upsample, from kernels.upsample); None: "auto", the fused Triton kernels on CUDA,
+        # torch elsewhere.
+        self.upsample = upsample or ops.FirstCall("auto", ops.UPSAMPLE.what)
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, width, 1), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width, width // 2, 1), nn.LeakyReLU(0.2, inplace=True),
@@ -74,14 +75,7 @@ class FeatureDiscriminator(nn.Module):
         if size is None or tuple(size) == tuple(x.shape[2:]):
             return self.net(x)
         low = self.net[0](x)
-        first = self._upsample(lambda backend: ops.upsample_leaky_relu(
+        first = self.upsample(lambda backend: ops.upsample_leaky_relu(
             low, size, slope=self.net[1].negative_slope, backend=backend), grad_of=(low,))
         return self.net[2:](first)
 
-    @property
-    def upsample_backend(self) -> str:
-        return self._upsample.backend
-
-    @upsample_backend.setter
-    def upsample_backend(self, backend: str) -> None:
-        self._upsample = ops.FirstCall(backend, "D_aux's fused upsample + leaky ReLU")

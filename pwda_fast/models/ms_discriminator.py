@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 SLOPE = 0.2  # Conv2dBlock's 'lrelu'
+STRIDES = (1, 2, 4, 8)  # model.ms_disc_stride
 INIT_STD = 0.02  # weights_init('gaussian')
 
 
@@ -46,12 +47,20 @@ class MultiScaleDiscriminator(nn.Module):
 
     (N, K, H, W) -> [(N, 1, H_s, W_s) for s in range(scales)] raw LSGAN scores (no sigmoid).
     Each scale's net: 3x3 convs K->w (stride 2), w->w, w->w (stride 2), w->w, w->2w (stride 2), each
-    with LeakyReLU 0.2; `res_blocks` residual blocks at 2w; a 1x1 conv to one channel.
+    with LeakyReLU 0.2; `res_blocks` residual blocks at 2w; a 1x1 conv to one channel. `stride` 8 is
+    MRNet's; 4, 2, 1 keep the first log2(stride) stride-2 convs and make the others 1x1 stride 1 (as
+    OutputDiscriminator does for the paper's D), so scale 0's field shrinks from 155 pixels (stride 8)
+    to 83, 43 and 21 (stride 1: the 155 of a 512x1024 crop shrunk 8x is 19). The layer indices, and so
+    the state_dict keys, are the same for every stride.
     """
 
-    def __init__(self, num_classes: int = 19, width: int = 32, scales: int = 3, res_blocks: int = 4):
+    def __init__(self, num_classes: int = 19, width: int = 32, scales: int = 3, res_blocks: int = 4,
+                 stride: int = 8):
         super().__init__()
-        self.nets = nn.ModuleList(self._scale_net(num_classes, width, res_blocks) for _ in range(scales))
+        if stride not in STRIDES:
+            raise ValueError(f"MultiScaleDiscriminator stride must be one of {STRIDES}; got {stride}")
+        self.nets = nn.ModuleList(self._scale_net(num_classes, width, res_blocks, stride)
+                                  for _ in range(scales))
         self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -59,11 +68,18 @@ class MultiScaleDiscriminator(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _scale_net(num_classes: int, width: int, res_blocks: int) -> nn.Sequential:
+    def _scale_net(num_classes: int, width: int, res_blocks: int, stride: int) -> nn.Sequential:
         wide = min(2 * width, 512)
+        down = stride.bit_length() - 1  # the first `down` of the three stride-2 convs stay; the rest are 1x1
+
+        def halving(cin: int, cout: int, k: int) -> nn.Module:
+            if k < down:
+                return _conv3x3(cin, cout, 2)
+            return nn.Sequential(nn.Conv2d(cin, cout, 1), nn.LeakyReLU(SLOPE, inplace=True))
+
         return nn.Sequential(
-            _conv3x3(num_classes, width, 2), _conv3x3(width, width, 1), _conv3x3(width, width, 2),
-            _conv3x3(width, width, 1), _conv3x3(width, wide, 2),
+            halving(num_classes, width, 0), _conv3x3(width, width, 1), halving(width, width, 1),
+            _conv3x3(width, width, 1), halving(width, wide, 2),
             *(ResidualBlock(wide) for _ in range(res_blocks)),
             nn.Conv2d(wide, 1, 1))
 
@@ -84,10 +100,10 @@ class MRNetDiscriminators(nn.Module):
     MultiScaleDiscriminator gives them. One call runs both, so DDP sees one forward per stage.
     """
 
-    def __init__(self, num_classes: int = 19):
+    def __init__(self, num_classes: int = 19, stride: int = 8):
         super().__init__()
-        self.d1 = MultiScaleDiscriminator(num_classes)
-        self.d2 = MultiScaleDiscriminator(num_classes)
+        self.d1 = MultiScaleDiscriminator(num_classes, stride=stride)
+        self.d2 = MultiScaleDiscriminator(num_classes, stride=stride)
 
     def forward(self, aux_probs: torch.Tensor, main_probs: torch.Tensor):
         return self.d1(aux_probs), self.d2(main_probs)
