@@ -491,6 +491,13 @@ def test_learning_rate_schedule_by_hand():
         assert [grp["lr"] for grp in adapter.opt.g.param_groups] == pytest.approx([base, 3 * base])
         assert adapter.opt.d.param_groups[0]["lr"] == pytest.approx(0.02 * (1 - step / 10) ** 0.7)
         assert adapter.opt.d_aux.param_groups[0]["lr"] == pytest.approx(0.02 * (1 - step / 10) ** 0.7)
+    # CLAN's preheat ramps D and D_aux with G (optim.warmup_d), from 0 here.
+    clan = engine.build(_cfg("gen+dis", False, **{"optim.warmup_d": True, "optim.warmup_start": 0.0}), CPU)
+    for step, factor in ((0, 0.0), (2, 2 / 4), (4, (1 - 4 / 10) ** 0.7)):
+        clan.adapter.set_lr(step)
+        assert clan.adapter.opt.g.param_groups[0]["lr"] == pytest.approx(0.05 * factor)
+        assert clan.adapter.opt.d.param_groups[0]["lr"] == pytest.approx(0.02 * factor)
+        assert clan.adapter.opt.d_aux.param_groups[0]["lr"] == pytest.approx(0.02 * factor)
     heads = {id(p) for m in (g.aux_head, g.main_head) for p in m.parameters()}
     assert {id(p) for p in adapter.opt.g.param_groups[1]["params"]} == heads
     assert not heads & {id(p) for p in adapter.opt.g.param_groups[0]["params"]}
