@@ -1,33 +1,45 @@
 """The paper's Table 3 ablation on the built-in toy pairs: which part of the pixel weighting helps.
 
-    pwda-ablate [--pair toy|toy_partial|both] [--seeds N | --seeds S1,S2,...]
-        [--iters N] [--config toy] [--out DIR] [--doc FILE] [--section.key=value ...]
+    pwda-ablate [--pair toy|toy_partial|both] [--seeds N | --seeds S1,S2,...] [--rows SLUG,...]
+        [--iters N] [--config toy] [--out DIR] [--records DIR] [--variant NAME] [--no-train]
+        [--doc FILE] [--summary-doc FILE] [--section.key=value ...]
 
-Rows (the paper's Table 3, its "DA without pixel-wise weighting" as two rows): source-only; MRNet as
-published (what the paper's row ran: MRNet's own LSGAN discriminators D1 + D2, adapt.adversary =
-mrnet); the paper's D without weighting (AdaptSegNet's BCE D, the setting the weighting rows add to);
-GenMap (T=1); GenMap (T=0.9); GenMap (T=0.9) + DisMap ("full"); then the full method with each
-choice the paper leaves open switched (docs/METHOD.md): w's gradient flowing in the generator stage
-(CLAN), D's target term unweighted or weighted by w / mean(w), CLAN's preheat. Each (pair, row,
-seed) is an ordinary `pwda_fast.train` run in OUT/<pair>/<row>-s<seed>, so rerunning resumes
-unfinished runs and re-evaluates finished ones.
+Rows (the paper's Table 3, its "DA without pixel-wise weighting" as three rows): source-only; MRNet
+as published (what the paper's row ran: MRNet's own LSGAN discriminators D1 + D2, adapt.adversary =
+mrnet), with its D's fields scaled to the crop as the preset scales the paper's D
+(model.ms_disc_stride) and unscaled; the paper's D without weighting (AdaptSegNet's BCE D, the
+setting the weighting rows add to); GenMap (T=1); GenMap (T=0.9); GenMap (T=0.9) with D_aux and its
+feature-level loss but no DisMap in w (adapt.weighting = gen+aux); GenMap (T=0.9) + DisMap ("full");
+then the full method with each choice the paper leaves open switched (docs/METHOD.md): w's gradient
+flowing in the generator stage (CLAN), D's target term unweighted or weighted by w / mean(w), CLAN's
+preheat (start and learning-rate ramp as CLAN_train.py runs them).
 
-Every row of a pair runs on the same seeds, so each row is compared with "the paper's D without
+A study grows by records: each (row, seed) is an ordinary `pwda_fast.train` run in
+OUT/<study>/<row>-s<seed> whose result (config, seed, source tree, mIoU, per-class IoU, the Fig. 2
+numbers, the evaluation curve) is written as one small JSON record to RECORDS/<study>/<row>-s<seed>.json
+as soon as it finishes. A (row, seed) whose record is stored with the same config (up to the keys
+that cannot change a result) is not rerun, so more seeds, more rows (--rows) or another pair extend a
+study without repeating it; a record made with another config is rerun. The tables, intervals and
+curves are made from every stored record of the study (--no-train: from the records alone). A study
+is a pair (toy, toy_partial), or <pair>-<variant> for one with other overrides (--variant s32
+--model.disc_stride=32).
+
+Every row of a study runs on the same seeds, so each row is compared with "the paper's D without
 weighting" (the weighting rows differ from it in the weighting alone) seed by seed: the mean paired
 difference in mIoU with its 95% Student t interval over the seeds, the same for the mean IoU of each
 class group (toy_partial: its aligned and its shifted classes; the toy: all its classes) and, without
 interval, per class. The Fig. 2 measurements of each run's last evaluation (pwda_fast.weight_stats: the
-fraction of target pixels with p* > T and the mean pixel weight per class group) are averaged over the
-seeds, beside D_aux's loss at the end of training for the rows with DisMap (at chance, 2 ln 2, DisMap
-is a constant).
+fraction of target pixels with p* > T and the mean pixel weight per class group, as the generator
+stage computes them) are averaged over the seeds, beside D_aux's loss at the end of training for the
+rows with D_aux (at chance, 2 ln 2, DisMap is a constant).
 
-Writes per pair OUT/<pair>/ablation.md (the tables, with the command and date), OUT/<pair>/ablation.json
-(the same numbers and every seed's), OUT/<pair>/curves.png (per row over training: target mIoU and the
-fraction of pixels with p* > T, mean and min-max band over seeds), and OUT/<pair>/ablation.png: one
-target-val image with each row's prediction (first seed), plus one OUT/<pair>/<row>-s<first seed>.png
-per row. With --doc FILE each pair's tables also replace the text between
-`<!-- ablation:<pair>:start -->` and `<!-- ablation:<pair>:end -->` in FILE (a marked section is
-appended when FILE has none).
+Writes per study OUT/<study>/ablation.md (the tables, with the command and date), ablation.json (the
+same numbers and every seed's), curves.png (per row over training: target mIoU and the fraction of
+pixels with p* > T, mean and min-max band over seeds) and, where the first seed's run folders are at
+hand, ablation.png: one target-val image with each row's prediction. With --doc FILE each study's
+tables also replace the text between `<!-- ablation:<study>:start -->` and `<!-- ablation:<study>:end -->`
+in FILE (a marked section is appended when FILE has none); --summary-doc FILE does the same with the
+main table between `<!-- study:<study>:... -->` markers.
 """
 
 from __future__ import annotations
@@ -36,7 +48,9 @@ import argparse
 import datetime
 import json
 import shlex
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,21 +66,34 @@ from pwda_fast.run_folder import RunFolder
 # own discriminators; the paper's weighting rows replace them with AdaptSegNet's D. Both are rows here,
 # named for what they run; the paired differences are taken against the second.
 FULL = ["--adapt.mode=adapt", "--adapt.weighting=gen+dis", "--adapt.threshold=0.9"]
+MRNET = ["--adapt.mode=adapt", "--adapt.weighting=none", "--adapt.adversary=mrnet"]
+# CLAN's preheat of P = 20 steps (5% of 400, its NUM_STEPS_STOP / 20): both learning rates ramp from 0
+# over steps 0..19, weighting from step 21 (CLAN_train.py: `i_iter > PREHEAT_STEPS`).
+CLAN_PREHEAT = ["--adapt.preheat_iters=21", "--optim.warmup_iters=20", "--optim.warmup_start=0",
+                "--optim.warmup_d=true"]
 ROWS = (
     ("source-only", "source-only", ["--adapt.mode=source_only"]),
-    ("mrnet-published", "MRNet as published (its D1 + D2)",
-     ["--adapt.mode=adapt", "--adapt.weighting=none", "--adapt.adversary=mrnet"]),
+    # MRNet's D as the preset scales it (the toy: model.ms_disc_stride 1, fields of 21 px beside the
+    # BCE D's 10), and as MRNet built it (stride 8: every scale-0 cell sees the whole toy crop).
+    ("mrnet-published", "MRNet as published (its D1 + D2, fields scaled)", MRNET),
+    ("mrnet-whole-crop", "MRNet as published, its D unscaled (whole-crop fields)",
+     [*MRNET, "--model.ms_disc_stride=8"]),
     ("no-weighting", "the paper's D without weighting", ["--adapt.mode=adapt", "--adapt.weighting=none"]),
     ("genmap-t1", "GenMap (T=1)", ["--adapt.mode=adapt", "--adapt.weighting=gen", "--adapt.threshold=1.0"]),
     ("genmap-t0.9", "GenMap (T=0.9)",
      ["--adapt.mode=adapt", "--adapt.weighting=gen", "--adapt.threshold=0.9"]),
+    # D_aux and F's feature-level term (lambda_aux, eq. 8) as the full method has them, sigmoid(a) out
+    # of w: what adding the feature-level adversary does, apart from weighting by it.
+    ("genmap-t0.9-aux", "GenMap (T=0.9) + D_aux's loss, no DisMap",
+     ["--adapt.mode=adapt", "--adapt.weighting=gen+aux", "--adapt.threshold=0.9"]),
     ("genmap-t0.9-dismap", "GenMap (T=0.9) + DisMap", FULL),
     # The choices the paper leaves open (docs/METHOD.md), each on top of the full method.
     ("full-flowing", "full, w's gradient flowing (CLAN)", [*FULL, "--adapt.weight_grad=flowing"]),
     ("full-d-unweighted", "full, D's target term unweighted", [*FULL, "--adapt.d_target=unweighted"]),
     ("full-d-normalized", "full, D's target term by w / mean(w)", [*FULL, "--adapt.d_target=normalized"]),
-    ("full-preheat", "full after CLAN's preheat (5% of 400 steps)", [*FULL, "--adapt.preheat_iters=20"]),
+    ("full-preheat", "full after CLAN's preheat (20 of 400 steps, LR ramp)", [*FULL, *CLAN_PREHEAT]),
 )
+SLUGS = [slug for slug, _, _ in ROWS]
 BASELINE = "the paper's D without weighting"
 PAIRS = ("toy", "toy_partial")
 LEVEL = 0.95
@@ -89,8 +116,24 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     add("--out", default="runs/ablation", help="folder of the runs and results (default runs/ablation)")
     add("--image", type=int, default=0, help="index of the target-val image to render (default 0)")
     add("--doc", default=None, help="also put each pair's tables between its markers in this Markdown file")
+    add("--rows", default=None, help="comma-separated row slugs to run, in this order (default: every "
+                                     "row); the tables show every stored row. Rows: " + ", ".join(SLUGS))
+    add("--records", default=None, help="folder of the per-run records the tables are made from "
+                                        "(default OUT/records); a run whose record is stored is not rerun")
+    add("--variant", default="", help="name of a study with other overrides than the preset's (e.g. s32 "
+                                      "for --model.disc_stride=32): its records and outputs go to "
+                                      "<pair>-<variant>")
+    add("--no-train", action="store_true", help="train nothing: make the tables from the stored records")
+    add("--summary-doc", default=None, help="also put each study's main table (rows, mean, interval "
+                                            "against the unweighted D) between its markers in this file")
     args, extra = parser.parse_known_args(argv)
     args.pairs = list(PAIRS) if args.pair == "both" else [args.pair]
+    args.row_list = SLUGS if args.rows is None else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.row_list if r not in SLUGS]
+    if unknown or not args.row_list:
+        parser.error(f"--rows names no row or unknown rows {unknown}; rows are {', '.join(SLUGS)}")
+    if args.variant and not args.variant.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--variant must be a short name of letters, digits, - and _; got {args.variant!r}")
     try:
         if "," in args.seeds:
             args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -245,31 +288,37 @@ def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> s
     return "\n".join(lines)
 
 
-def report(pair: str, summary: dict[str, dict], groups: dict[str, list[str]], seeds: list[int], iters: int,
+def report(study: str, summary: dict[str, dict], groups: dict[str, list[str]], seeds: list[int], iters,
            command: str, date: str) -> str:
-    """ablation.md of one pair: what was run, how the intervals are made, the tables, the command."""
+    """ablation.md of one study: what was run, how the intervals are made, the tables, the command."""
     group_text = "; ".join(f"{g}: {', '.join(names)}" for g, names in groups.items())
     by_group = " by ground-truth class group" if len(groups) > 1 else ""
-    return (f"Target-val mIoU (%) on the `{pair}` pair, {iters} iterations, {len(seeds)} seed(s) "
-            f"({', '.join(map(str, seeds))}), the same seeds in every row. sd: sample standard deviation "
-            f"over seeds. Δ: the paired difference to \"{BASELINE}\" on the same seed, mean over seeds "
-            f"[{LEVEL:.0%} Student t interval, n - 1 degrees of freedom]; sd of Δ: the sample standard "
-            f"deviation of the per-seed differences (what the number of seeds an interval needs depends "
-            f"on); a class group's Δ is the mean of its classes' IoU differences. Classes: {group_text}.\n\n"
+    uneven = len({tuple(sorted(r["seeds"])) for r in summary.values()}) > 1
+    return (f"Target-val mIoU (%) of the `{study}` study, {iters} iterations, {len(seeds)} seed(s) "
+            f"({', '.join(map(str, seeds))}), "
+            + ("not every row on every seed (the last table says which). " if uneven
+               else "the same seeds in every row. ")
+            + f"sd: sample standard deviation over seeds. Δ: the paired difference to \"{BASELINE}\" on "
+            f"the same seed, mean over the seeds both rows have [{LEVEL:.0%} Student t interval, n - 1 "
+            f"degrees of freedom]; sd of Δ: the sample standard deviation of the per-seed differences "
+            f"(what the number of seeds an interval needs depends on); a class group's Δ is the mean of "
+            f"its classes' IoU differences. Classes: {group_text}.\n\n"
             f"Second table: the Fig. 2 measurements of each run's last evaluation on the first target-val "
-            f"images (pwda_fast.weight_stats), mean over seeds: the fraction of pixels with p* > T (the "
-            f"row's T; T = 1 floors none) and the mean pixel weight w{by_group} (eq. 6 "
-            f"for GenMap + DisMap, eq. 4 otherwise; rows that do not weight show what their T would "
-            f"give), and for the rows with DisMap D_aux's logged loss over the last eighth of the steps "
+            f"images (pwda_fast.weight_stats: G and D_aux as the generator stage runs them, BatchNorm on "
+            f"the statistics of batches of data.batch_size images), mean over seeds: the fraction of "
+            f"pixels with p* > T (the row's T; T = 1 floors none) and the mean pixel weight w{by_group} "
+            f"(eq. 6 for GenMap + DisMap, eq. 4 otherwise; rows that do not weight show what their T "
+            f"would give), and for the rows with D_aux its logged loss over the last eighth of the steps "
             f"(BCE summed over source and target: 2 ln 2 = 1.386 is chance, where sigmoid(D_aux) is a "
             f"constant 0.5 and DisMap carries nothing). Third: mean Δ IoU per class. Last: mIoU per "
             f"seed.\n\n"
             f"{markdown_tables(summary, groups)}\n\nCommand: `{command}` ({date}).\n")
 
 
-def update_doc(path: Path, pair: str, text: str) -> None:
-    """Put `text` between the pair's markers in the Markdown file `path` (appended when it has none)."""
-    start, end = f"<!-- ablation:{pair}:start -->", f"<!-- ablation:{pair}:end -->"
+def update_doc(path: Path, pair: str, text: str, tag: str = "ablation") -> None:
+    """Put `text` between the study's markers `<!-- TAG:PAIR:start/end -->` in the Markdown file `path`
+    (appended when it has none)."""
+    start, end = f"<!-- {tag}:{pair}:start -->", f"<!-- {tag}:{pair}:end -->"
     old = path.read_text() if path.is_file() else ""
     block = f"{start}\n{text.rstrip()}\n{end}"
     if start in old and end in old.split(start, 1)[1]:
@@ -307,31 +356,146 @@ def render_rows(run_dirs: dict[str, Path], out: Path, image_index: int, zoom: in
     return out / "ablation.png"
 
 
-def run_pair(pair: str, args: argparse.Namespace, extra: list[str]) -> tuple[int, dict, dict, int]:
-    """Train (or resume, or re-evaluate) every row and seed of one pair.
+def study_name(pair: str, variant: str) -> str:
+    """The folder name of a study: the pair, or <pair>-<variant>."""
+    return f"{pair}-{variant}" if variant else pair
 
-    -> (exit code, {row: {seed: {"miou", "iou", "fig2"}}}, {panel title: first seed's run_dir},
-    train.iters of the runs).
-    """
-    raw, first_runs, iters = {}, {}, 0
-    for slug, name, flags in ROWS:
-        for seed in args.seed_list:
-            run_dir = Path(args.out) / pair / f"{slug}-s{seed}"
-            argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
-                        f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
-            argv_run += [f"--train.iters={args.iters}"] if args.iters else []
-            argv_run += extra
-            code, final = train.run_for_result(argv_run, f"{pair}: {name}, seed {seed}")
-            if code != 0:
-                return code, raw, first_runs, iters
-            iters = config.load(*config.parse_args(argv_run)).train.iters
-            curve = eval_series(run_dir)
-            fig2 = {**fig2_at_end(curve), **weight_stats.d_aux_at_end(run_dir)}
-            raw.setdefault(name, {})[seed] = {"miou": final["miou"], "iou": final["iou"], "fig2": fig2,
-                                              "curve": curve}
-            if seed == args.seed_list[0]:
-                first_runs[f"{name}: {final['miou']:.1f}"] = run_dir
-    return 0, raw, first_runs, iters
+
+def source_tree() -> str:
+    """The git commit the runs train from, "+dirty" with uncommitted changes ("unknown" outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def comparable(cfg_dict: dict) -> dict:
+    """A config dict without the keys that cannot change a result (config.RESULT_NEUTRAL)."""
+    return {f"{s}.{k}": v for s, keys in cfg_dict.items() for k, v in keys.items()
+            if f"{s}.{k}" not in config.RESULT_NEUTRAL}
+
+
+def read_record(path: Path, cfg_dict: dict | None = None) -> dict | None:
+    """A stored record, or None where there is none or (given the config the run would use now) where
+    it was made with another config: its result is not this row's any more."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if cfg_dict is not None and comparable(record["config"]) != comparable(cfg_dict):
+        old = comparable(record["config"])
+        changed = sorted(k for k, v in comparable(cfg_dict).items() if old.get(k) != v)
+        print(f"{path}: stored with another config ({', '.join(changed[:6])}); rerunning", flush=True)
+        return None
+    return record
+
+
+def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace, extra: list[str],
+            records: Path) -> tuple[int, dict | None]:
+    """One (row, seed) of a study: its stored record where it has one for the same config, else the run
+    (trained, resumed or re-evaluated in OUT/<study>/<slug>-s<seed>) made into a record and stored at
+    once, so that a stop loses nothing finished. -> (exit code, the record)."""
+    name, flags = dict((r[0], (r[1], r[2])) for r in ROWS)[slug]
+    study = study_name(pair, args.variant)
+    run_dir = Path(args.out) / study / f"{slug}-s{seed}"
+    argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
+                f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
+    argv_run += [f"--train.iters={args.iters}"] if args.iters else []
+    argv_run += extra
+    cfg = config.load(*config.parse_args(argv_run))
+    path = records / f"{slug}-s{seed}.json"
+    record = read_record(path, cfg.to_dict())
+    if record is not None or args.no_train:
+        return 0, record
+    start = time.monotonic()
+    code, final = train.run_for_result(argv_run, f"{study}: {name}, seed {seed}")
+    if code != 0:
+        return code, None
+    curve = eval_series(run_dir)
+    record = {"study": study, "pair": pair, "row": slug, "name": name, "seed": seed, "flags": flags,
+              "overrides": extra, "iters": cfg.train.iters, "tree": source_tree(),
+              "date": datetime.date.today().isoformat(), "minutes": round((time.monotonic() - start) / 60, 2),
+              "miou": final["miou"], "iou": final["iou"],
+              "fig2": {**fig2_at_end(curve), **weight_stats.d_aux_at_end(run_dir)},
+              "curve": {str(step): {k: v for k, v in line.items()
+                                    if k == "miou" or k.startswith(FIG2_PREFIXES)}
+                        for step, line in curve.items()},
+              "run_dir": str(run_dir), "config": cfg.to_dict()}
+    records.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    return 0, record
+
+
+def stored(records: Path) -> dict[str, dict[int, dict]]:
+    """{row name: {seed: record}} of every record in a study's folder, rows in ROWS order; a record of
+    a row this version no longer has is left out."""
+    names = {slug: name for slug, name, _ in ROWS}
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(records.glob("*.json")) if records.is_dir() else []:
+        record = json.loads(path.read_text())
+        if record.get("row") in names:
+            found.setdefault(record["row"], {})[record["seed"]] = record
+    return {names[slug]: dict(sorted(found[slug].items())) for slug in SLUGS if slug in found}
+
+
+def as_raw(by_row: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """Records -> analyse()'s input ({"miou", "iou", "fig2", "curve" with int steps})."""
+    return {row: {seed: {"miou": r["miou"], "iou": r["iou"], "fig2": r["fig2"],
+                         "curve": {int(step): line for step, line in r["curve"].items()}}
+                  for seed, r in seeds.items()} for row, seeds in by_row.items()}
+
+
+def main_table(summary: dict[str, dict]) -> str:
+    """The study's main table: each row's mean and its paired difference to the unweighted D."""
+    rows = [[row, f"{r['mean']:.2f}", "–" if row == BASELINE else _with_interval(r["diff"]),
+             str(len(r["seeds"]))] for row, r in summary.items()]
+    head = ["method", "mIoU", "Δ vs the paper's D without weighting [95% CI]", "seeds"]
+    return "\n".join(_table(head, rows))
+
+
+def report_study(pair: str, study: str, args, command: str, date: str) -> int:
+    """The tables, JSON, curves (and, where the first seeds' runs are at hand, the prediction panel) of
+    one study, from its stored records."""
+    records = Path(args.records) / study if args.records else Path(args.out) / "records" / study
+    raw_records = stored(records)
+    if BASELINE not in raw_records:
+        print(f"error: {records} holds no record of \"{BASELINE}\", the baseline of every difference; "
+              f"run --rows no-weighting first", file=sys.stderr)
+        return 1
+    raw = as_raw(raw_records)
+    groups = {g: [CLASSES[i] for i in ids] for g, ids in class_groups(pair).items()}
+    summary = analyse(raw, groups)
+    seeds = sorted({s for r in raw.values() for s in r})
+    iters = sorted({r["iters"] for seeds_ in raw_records.values() for r in seeds_.values()})
+    trees = sorted({r["tree"] for seeds_ in raw_records.values() for r in seeds_.values()})
+    out = Path(args.out) / study
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(study, summary, groups, seeds, iters[0] if len(iters) == 1 else iters, command, date)
+    text += f"\nFrom {sum(len(v) for v in raw.values())} records in `{records}` (trees {', '.join(trees)}).\n"
+    (out / "ablation.md").write_text(text)
+    (out / "ablation.json").write_text(json.dumps(
+        {"pair": pair, "study": study, "command": command, "date": date, "iters": iters, "seeds": seeds,
+         "level": LEVEL, "groups": groups, "trees": trees, "rows": summary}, indent=2))
+    print(f"\n{text}")
+    if args.doc:
+        update_doc(Path(args.doc), study, text)
+    if args.summary_doc:
+        update_doc(Path(args.summary_doc), study, main_table(summary) + "\n", tag="study")
+    plot_training(raw, out, study)
+    wrote = [out / "ablation.md", out / "ablation.json", out / "curves.png"]
+    first = {f"{row}: {seeds_[min(seeds_)]['miou']:.1f}": Path(seeds_[min(seeds_)]["run_dir"])
+             for row, seeds_ in raw_records.items()}
+    if all(checkpoint.latest(d) is not None for d in first.values() if d.is_dir()) and \
+            all(d.is_dir() for d in first.values()):
+        wrote.append(render_rows(first, out, args.image))
+    print("wrote " + ", ".join(map(str, wrote)) + (f", {args.doc}" if args.doc else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,23 +510,16 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "pwda_fast.ablate", *argv])
     date = datetime.date.today().isoformat()
     for pair in args.pairs:
-        code, raw, first_runs, iters = run_pair(pair, args, extra)
+        study = study_name(pair, args.variant)
+        records = Path(args.records) / study if args.records else Path(args.out) / "records" / study
+        for slug in args.row_list:
+            for seed in args.seed_list:
+                code, _ = run_row(pair, slug, seed, args, extra, records)
+                if code != 0:
+                    return code
+        code = report_study(pair, study, args, command, date)
         if code != 0:
             return code
-        groups = {g: [CLASSES[i] for i in ids] for g, ids in class_groups(pair).items()}
-        summary = analyse(raw, groups)
-        out = Path(args.out) / pair
-        text = report(pair, summary, groups, args.seed_list, iters, command, date)
-        (out / "ablation.md").write_text(text)
-        (out / "ablation.json").write_text(json.dumps(
-            {"pair": pair, "command": command, "date": date, "iters": iters, "seeds": args.seed_list,
-             "level": LEVEL, "groups": groups, "rows": summary}, indent=2))
-        print(f"\n{text}")
-        if args.doc:
-            update_doc(Path(args.doc), pair, text)
-        plot_training(raw, out, pair)
-        print(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'}, {out / 'curves.png'}"
-              + (f", {args.doc}" if args.doc else "") + f" and {render_rows(first_runs, out, args.image)}")
     return 0
 
 

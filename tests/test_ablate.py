@@ -34,8 +34,19 @@ def test_rows_are_the_papers_table_3_settings():
     assert (settings["genmap-t0.9"].weighting, settings["genmap-t0.9"].threshold) == ("gen", 0.9)
     last = settings["genmap-t0.9-dismap"]
     assert (last.mode, last.weighting, last.threshold) == ("adapt", "gen+dis", 0.9)
+    aux = settings["genmap-t0.9-aux"]  # D_aux and its loss as in the full method, DisMap out of w
+    assert (aux.weighting, aux.threshold) == ("gen+aux", 0.9)
     assert ablate.BASELINE == dict((slug, name) for slug, name, _ in ablate.ROWS)["no-weighting"]
-    assert all(s.adversary == "pwda" for slug, s in settings.items() if slug != "mrnet-published")
+    assert all(s.adversary == "pwda" for slug, s in settings.items() if not slug.startswith("mrnet"))
+    models = {slug: config.load("toy", dict(config.parse_args(flags)[1])).model
+              for slug, _, flags in ablate.ROWS}
+    assert settings["mrnet-whole-crop"].adversary == "mrnet"
+    assert (models["mrnet-published"].ms_disc_stride, models["mrnet-whole-crop"].ms_disc_stride) == (1, 8)
+    # CLAN_train.py: both rates ramp from 0 over PREHEAT_STEPS = 20, weighting from i_iter > 20.
+    flags = dict((r[0], r[2]) for r in ablate.ROWS)["full-preheat"]
+    clan = config.load("toy", dict(config.parse_args(flags)[1]))
+    assert (clan.adapt.preheat_iters, clan.optim.warmup_iters, clan.optim.warmup_start,
+            clan.optim.warmup_d) == (21, 20, 0.0, True)
 
 
 def test_options_pairs_seeds_and_iters():
@@ -175,6 +186,7 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         return out / "ablation.png"
 
     monkeypatch.setattr(ablate, "render_rows", fake_render)
+    monkeypatch.setattr(ablate.checkpoint, "latest", lambda run_dir: run_dir / "ckpt.pt")  # runs at hand
     monkeypatch.chdir(tmp_path)
     argv = ["--pair", "both", "--seeds", "1,2", "--iters", "10", "--out", "abl", "--doc", "R.md",
             "--train.log_every=5"]
@@ -188,7 +200,8 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
     out = capsys.readouterr().out
     for pair in ("toy", "toy_partial"):
         result = json.loads((tmp_path / "abl" / pair / "ablation.json").read_text())
-        assert (result["pair"], result["seeds"], result["iters"], result["level"]) == (pair, [1, 2], 10, 0.95)
+        assert (result["pair"], result["seeds"], result["iters"], result["level"]) == \
+            (pair, [1, 2], [10], 0.95)
         assert result["command"] == "python -m pwda_fast.ablate " + " ".join(argv)
         rows = result["rows"]
         assert list(rows) == [name for _, name, _ in ablate.ROWS]
@@ -200,7 +213,7 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
         groups = {"toy": ["all"], "toy_partial": ["aligned", "shifted"]}[pair]
         assert list(result["groups"]) == groups and list(rows["GenMap (T=1)"]["groups"]) == groups
         text = (tmp_path / "abl" / pair / "ablation.md").read_text()
-        assert f"on the `{pair}` pair, 10 iterations, 2 seed(s) (1, 2)" in text
+        assert f"of the `{pair}` study, 10 iterations, 2 seed(s) (1, 2), the same seeds in every row" in text
         assert "| GenMap (T=1) | 36.50 ± 0.71 | +5.00 [+5.00, +5.00]" in text
         assert text.strip() in out
         assert f"<!-- ablation:{pair}:start -->\n{text.rstrip()}\n<!-- ablation:{pair}:end -->" in \
@@ -212,6 +225,47 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
     for pair, runs in zip(("toy", "toy_partial"), rendered):
         assert [str(d) for d in runs.values()] == [f"abl/{pair}/{slug}-s1" for slug, _, _ in ablate.ROWS]
         assert list(runs)[[name for _, name, _ in ablate.ROWS].index("GenMap (T=1)")] == "GenMap (T=1): 36.0"
+
+
+@needs_matplotlib
+def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
+    """Each finished run is a record at once; a rerun trains only what is not stored, --rows runs the
+    named rows only, a record made with another config is rerun, --no-train makes the tables alone."""
+    asked = []
+    monkeypatch.setattr(train, "run_for_result", _fake_run_for_result(tmp_path, asked))
+    monkeypatch.chdir(tmp_path)
+    base = ["--pair", "toy_partial", "--iters", "10", "--out", "abl", "--records", "rec"]
+    assert ablate.main([*base, "--seeds", "1,", "--rows", "no-weighting,genmap-t1"]) == 0
+    assert [o["train.run_dir"] for o in asked] == ["abl/toy_partial/no-weighting-s1",
+                                                   "abl/toy_partial/genmap-t1-s1"]
+    record = json.loads((tmp_path / "rec" / "toy_partial" / "genmap-t1-s1.json").read_text())
+    assert (record["row"], record["seed"], record["miou"], record["iters"]) == ("genmap-t1", 1, 36.0, 10)
+    assert record["config"]["adapt"]["weighting"] == "gen" and record["tree"]
+    assert record["fig2"] == {"above_t": 0.25, "weight_toy_partial": 0.5}
+    assert set(record["curve"]) == {"5", "10"}
+    result = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())
+    assert list(result["rows"]) == [ablate.BASELINE, "GenMap (T=1)"]
+    asked.clear()  # a second seed: only its runs train; the first seed's come from the records
+    assert ablate.main([*base, "--seeds", "1,2", "--rows", "no-weighting,genmap-t1"]) == 0
+    assert [o["train.seed"] for o in asked] == [2, 2]
+    rows = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())["rows"]
+    assert rows["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 5.0, "2": 5.0}
+    asked.clear()  # another config for one row: its stored records are stale and rerun
+    (tmp_path / "abl" / "toy_partial" / "genmap-t1-s1").rename(tmp_path / "old")
+    (tmp_path / "abl" / "toy_partial" / "genmap-t1-s2").rename(tmp_path / "old2")
+    assert ablate.main([*base, "--seeds", "1,2", "--rows", "genmap-t1", "--adapt.floor=0.02"]) == 0
+    assert [o["train.seed"] for o in asked] == [1, 2]
+    asked.clear()
+    assert ablate.main([*base, "--seeds", "1,2,3", "--no-train"]) == 0
+    assert asked == []
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--rows", "genmap-t2"])
+
+
+def test_a_study_without_its_baseline_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert ablate.main(["--pair", "toy", "--no-train", "--out", "abl", "--records", "rec"]) == 1
+    assert "holds no record of" in capsys.readouterr().err
 
 
 def test_main_without_matplotlib_stops_before_any_run(tmp_path, monkeypatch, capsys):
@@ -265,8 +319,9 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
         fig2 = result["rows"][name]["fig2"]  # logged by the trainer at its last evaluation
         assert {"above_t", "above_t_aligned", "above_t_shifted", "weight_aligned", "weight_shifted"} \
             <= set(fig2)
-        assert ("d_aux_end" in fig2) == ("--adapt.weighting=gen+dis" in dict(
-            (slug, flags) for slug, _, flags in ablate.ROWS)[slug])
+        flags = dict((slug, flags) for slug, _, flags in ablate.ROWS)[slug]
+        assert ("d_aux_end" in fig2) == any(f in flags for f in ("--adapt.weighting=gen+dis",
+                                                                 "--adapt.weighting=gen+aux"))
     assert "Command: `python -m pwda_fast.ablate --pair toy_partial --seeds 1" in text
     assert text.strip() in capsys.readouterr().out
     picture = np.asarray(Image.open(pair_dir / "ablation.png"))

@@ -67,7 +67,8 @@ def test_fractions_and_group_means_by_hand(monkeypatch):
             "weight_shifted": 0.8}
     for batch, shapes in ((1, [(1, 3, 2, 3)] * 2), (2, [(2, 3, 2, 3)]), (4, [(2, 3, 2, 3)])):
         calls.clear()
-        assert weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=5, batch=batch) == pytest.approx(both)
+        got = weight_stats.measure(g, d_aux, val, adapt, GROUPS, images=5, batch=batch)
+        assert got == pytest.approx(both)
         assert calls == shapes, batch  # images=5: only 2 exist
     assert not g.training and not d_aux.training  # modes restored
     assert "weight_all" not in weight_stats.measure(g, d_aux, val[1:], adapt, {"all": (13,)})  # no car pixels
