@@ -417,7 +417,7 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace, extra: li
         return code, None
     curve = eval_series(run_dir)
     record = {"study": study, "pair": pair, "row": slug, "name": name, "seed": seed, "flags": flags,
-              "overrides": extra, "iters": cfg.train.iters, "tree": source_tree(),
+              "overrides": extra, "iters": cfg.train.iters, "tree": args.tree,
               "date": datetime.date.today().isoformat(), "minutes": round((time.monotonic() - start) / 60, 2),
               "miou": final["miou"], "iou": final["iou"],
               "fig2": {**fig2_at_end(curve), **weight_stats.d_aux_at_end(run_dir)},
@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     # Quoted so that it reruns as printed (list overrides such as --data.crop=[48, 96] hold spaces).
     command = shlex.join(["python", "-m", "pwda_fast.ablate", *argv])
     date = datetime.date.today().isoformat()
+    args.tree = source_tree()  # the code this process trains with, read once (the tree may change meanwhile)
     for pair in args.pairs:
         study = study_name(pair, args.variant)
         records = Path(args.records) / study if args.records else Path(args.out) / "records" / study
