@@ -380,33 +380,45 @@ def comparable(cfg_dict: dict) -> dict:
             if f"{s}.{k}" not in config.RESULT_NEUTRAL}
 
 
-def read_record(path: Path, cfg_dict: dict | None = None) -> dict | None:
-    """A stored record, or None where there is none or (given the config the run would use now) where
-    it was made with another config: its result is not this row's any more."""
+def read_record(path: Path, cfg_dict: dict) -> dict | None:
+    """A stored record, or None where there is none or where it was made with another config than
+    `cfg_dict` (the one its run would use now): its result is not this row's any more."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if cfg_dict is not None and comparable(record["config"]) != comparable(cfg_dict):
+    if comparable(record["config"]) != comparable(cfg_dict):
         old = comparable(record["config"])
         changed = sorted(k for k, v in comparable(cfg_dict).items() if old.get(k) != v)
-        print(f"{path}: stored with another config ({', '.join(changed[:6])}); rerunning", flush=True)
+        print(f"{path}: stored with another config ({', '.join(changed[:6])}): not this row's", flush=True)
         return None
     return record
 
 
-def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace, extra: list[str],
-            records: Path) -> tuple[int, dict | None]:
+def records_dir(args: argparse.Namespace, study: str) -> Path:
+    """Where a study's records are: RECORDS/<study>, by default OUT/records/<study>."""
+    return (Path(args.records) if args.records else Path(args.out) / "records") / study
+
+
+def row_run(pair: str, slug: str, seed: int, args: argparse.Namespace, extra: list[str]):
+    """-> (train's argv, run_dir, the config that run trains with) of one (row, seed) of a study."""
+    flags = dict((r[0], r[2]) for r in ROWS)[slug]
+    run_dir = Path(args.out) / study_name(pair, args.variant) / f"{slug}-s{seed}"
+    argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
+                f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
+    argv_run += [f"--train.iters={args.iters}"] if args.iters else []
+    argv_run += extra
+    return argv_run, run_dir, config.load(*config.parse_args(argv_run))
+
+
+def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
+            extra: list[str]) -> tuple[int, dict | None]:
     """One (row, seed) of a study: its stored record where it has one for the same config, else the run
     (trained, resumed or re-evaluated in OUT/<study>/<slug>-s<seed>) made into a record and stored at
     once, so that a stop loses nothing finished. -> (exit code, the record)."""
     name, flags = dict((r[0], (r[1], r[2])) for r in ROWS)[slug]
     study = study_name(pair, args.variant)
-    run_dir = Path(args.out) / study / f"{slug}-s{seed}"
-    argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
-                f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
-    argv_run += [f"--train.iters={args.iters}"] if args.iters else []
-    argv_run += extra
-    cfg = config.load(*config.parse_args(argv_run))
+    argv_run, run_dir, cfg = row_run(pair, slug, seed, args, extra)
+    records = records_dir(args, study)
     path = records / f"{slug}-s{seed}.json"
     record = read_record(path, cfg.to_dict())
     if record is not None or args.no_train:
@@ -459,11 +471,16 @@ def main_table(summary: dict[str, dict]) -> str:
     return "\n".join(_table(head, rows))
 
 
-def report_study(pair: str, study: str, args, command: str, date: str) -> int:
+def report_study(pair: str, study: str, args, extra: list[str], command: str, date: str) -> int:
     """The tables, JSON, curves (and, where the first seeds' runs are at hand, the prediction panel) of
-    one study, from its stored records."""
-    records = Path(args.records) / study if args.records else Path(args.out) / "records" / study
-    raw_records = stored(records)
+    one study, from its stored records: those made with the config this command gives their row and
+    seed (the others are named and left out)."""
+    records = records_dir(args, study)
+    raw_records = {row: {seed: r for seed, r in seeds.items()
+                         if read_record(records / f"{r['row']}-s{seed}.json",
+                                        row_run(pair, r["row"], seed, args, extra)[2].to_dict()) is not None}
+                   for row, seeds in stored(records).items()}
+    raw_records = {row: seeds for row, seeds in raw_records.items() if seeds}
     if BASELINE not in raw_records:
         print(f"error: {records} holds no record of \"{BASELINE}\", the baseline of every difference; "
               f"run --rows no-weighting first", file=sys.stderr)
@@ -491,8 +508,7 @@ def report_study(pair: str, study: str, args, command: str, date: str) -> int:
     wrote = [out / "ablation.md", out / "ablation.json", out / "curves.png"]
     first = {f"{row}: {seeds_[min(seeds_)]['miou']:.1f}": Path(seeds_[min(seeds_)]["run_dir"])
              for row, seeds_ in raw_records.items()}
-    if all(checkpoint.latest(d) is not None for d in first.values() if d.is_dir()) and \
-            all(d.is_dir() for d in first.values()):
+    if all(d.is_dir() and checkpoint.latest(d) is not None for d in first.values()):
         wrote.append(render_rows(first, out, args.image))
     print("wrote " + ", ".join(map(str, wrote)) + (f", {args.doc}" if args.doc else ""))
     return 0
@@ -511,14 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     args.tree = source_tree()  # the code this process trains with, read once (the tree may change meanwhile)
     for pair in args.pairs:
-        study = study_name(pair, args.variant)
-        records = Path(args.records) / study if args.records else Path(args.out) / "records" / study
         for slug in args.row_list:
             for seed in args.seed_list:
-                code, _ = run_row(pair, slug, seed, args, extra, records)
+                code, _ = run_row(pair, slug, seed, args, extra)
                 if code != 0:
                     return code
-        code = report_study(pair, study, args, command, date)
+        code = report_study(pair, study_name(pair, args.variant), args, extra, command, date)
         if code != 0:
             return code
     return 0

@@ -250,14 +250,19 @@ def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
     assert [o["train.seed"] for o in asked] == [2, 2]
     rows = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())["rows"]
     assert rows["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 5.0, "2": 5.0}
-    asked.clear()  # another config for one row: its stored records are stale and rerun
-    (tmp_path / "abl" / "toy_partial" / "genmap-t1-s1").rename(tmp_path / "old")
-    (tmp_path / "abl" / "toy_partial" / "genmap-t1-s2").rename(tmp_path / "old2")
-    assert ablate.main([*base, "--seeds", "1,2", "--rows", "genmap-t1", "--adapt.floor=0.02"]) == 0
-    assert [o["train.seed"] for o in asked] == [1, 2]
     asked.clear()
-    assert ablate.main([*base, "--seeds", "1,2,3", "--no-train"]) == 0
+    assert ablate.main([*base, "--seeds", "1,2,3", "--no-train"]) == 0  # the tables from the records
     assert asked == []
+    assert json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())["rows"] == rows
+    # Another config: the stored records are not its runs. The baseline is rerun; GenMap's records
+    # are left out of the tables (not mixed with runs of another setting).
+    for seed in (1, 2):
+        (tmp_path / "abl" / "toy_partial" / f"no-weighting-s{seed}").rename(tmp_path / f"old{seed}")
+    assert ablate.main([*base, "--seeds", "1,2", "--rows", "no-weighting", "--adapt.floor=0.02"]) == 0
+    assert [o["train.seed"] for o in asked] == [1, 2] and all(o["adapt.floor"] == 0.02 for o in asked)
+    result = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())
+    assert list(result["rows"]) == [ablate.BASELINE]
+    assert ablate.main([*base, "--no-train"]) == 1  # without the override the baseline's records are stale
     with pytest.raises(SystemExit):
         ablate.parse_args(["--rows", "genmap-t2"])
 
