@@ -375,8 +375,11 @@ def source_tree() -> str:
 
 
 def comparable(cfg_dict: dict) -> dict:
-    """A config dict without the keys that cannot change a result (config.RESULT_NEUTRAL)."""
-    return {f"{s}.{k}": v for s, keys in cfg_dict.items() for k, v in keys.items()
+    """A config dict as this version reads it (config.from_dict: a key added since the record was made
+    takes the value that means what the record ran), without the keys that cannot change a result
+    (config.RESULT_NEUTRAL)."""
+    full = config.from_dict(cfg_dict).to_dict()
+    return {f"{s}.{k}": v for s, keys in full.items() for k, v in keys.items()
             if f"{s}.{k}" not in config.RESULT_NEUTRAL}
 
 

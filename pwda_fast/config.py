@@ -59,6 +59,7 @@ RULES = {
     "model.disc_width": _positive,
     "model.disc_stride": (lambda v: v in (1, 2, 4, 8, 16, 32), "must be one of 1, 2, 4, 8, 16, 32"),
     "model.ms_disc_stride": (lambda v: v in (1, 2, 4, 8), "must be one of 1, 2, 4, 8"),
+    "model.ms_disc_width": _positive,
     "model.aux_disc_width": (lambda v: v >= 4, "must be >= 4 (its convs have width, width/2, width/4)"),
     "data.source_size": _size,
     "data.target_size": _size,

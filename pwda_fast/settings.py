@@ -56,6 +56,10 @@ class ModelConfig:
     keep that many halvings and make the remaining stride-2 convs 1x1, as model.disc_stride does for
     the paper's D (the toy: 1, MRNet's 64x128 cells on 64x128 crops, fields of 21 pixels, its 155
     shrunk 8x)."""
+    ms_disc_width: int = 32
+    """Width of MRNet's multi-scale discriminators (adapt.adversary = "mrnet"): 32 = MRNet's MsImageDis
+    dim (its residual blocks at twice that); the toy takes 8, MRNet's 32 / 4 as its BCE D's 16 is the
+    paper's 64 / 4."""
     aux_disc_width: int = 256
     """Hidden channels of D_aux's first 1x1 conv (then /2, /4); not given in the paper. D_aux runs at
     image size (adapt.aux_at), so its cost grows with this squared: see docs/METHOD.md."""

@@ -267,6 +267,18 @@ def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
         ablate.parse_args(["--rows", "genmap-t2"])
 
 
+def test_a_key_added_after_a_record_reads_as_config_from_dict_reads_it(tmp_path):
+    """A record made before a key existed stays fresh where the key's value means what the record ran
+    (config.from_dict's reading), and is stale where the config now sets it otherwise."""
+    cfg = config.load("toy").to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["kernels"]["upsample"], old["model"]["ms_disc_width"]
+    path = tmp_path / "row-s1.json"
+    path.write_text(json.dumps({"config": old}))
+    assert ablate.read_record(path, {**cfg, "model": {**cfg["model"], "ms_disc_width": 32}}) is not None
+    assert ablate.read_record(path, cfg) is None  # the toy's 8 is not the 32 a record without the key ran
+
+
 def test_a_study_without_its_baseline_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert ablate.main(["--pair", "toy", "--no-train", "--out", "abl", "--records", "rec"]) == 1

@@ -50,7 +50,7 @@ BAD_VALUES = {key: bad for key, bad in {
     "model.depth": 7, "model.width": 0, "model.num_classes": 5, "model.head_width": 0,
     "model.head_dropout": 1.0, "model.init_weights": "/nonexistent/w.pth", "model.disc_width": 0,
     "model.disc_stride": 3,
-    "model.ms_disc_stride": 16,
+    "model.ms_disc_stride": 16, "model.ms_disc_width": 0,
     "model.aux_disc_width": 2, "data.source_size": [0, 96], "data.target_size": [192], "data.crop": [0, 5],
     "data.scale": [1.2, 0.8], "data.batch_size": 0, "data.workers": -2, "data.max_bad_fraction": 1.5,
     "optim.lr": 0.0, "optim.momentum": 1.0, "optim.weight_decay": -1.0, "optim.power": -0.5,

@@ -106,7 +106,7 @@ def _mrnet_cfg(**extra) -> config.Config:
     # MRNet's own D geometry (the twin's), not the toy preset's scaled one.
     return config.load("toy", {"adapt.adversary": "mrnet", "adapt.weighting": "none", "model.depth": 14,
                                "model.width": 8, "model.head_width": 32, "model.bn": "frozen",
-                               "model.ms_disc_stride": 8,
+                               "model.ms_disc_stride": 8, "model.ms_disc_width": 32,
                                "kernels.loss": "torch", "train.iters": 10, **extra})
 
 

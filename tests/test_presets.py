@@ -35,6 +35,8 @@ GTA5 = {
     "model.disc_stride": (32, "paper §5.2 / AdaptSegNet model/discriminator.py: five 4x4 stride-2 convs"),
     "model.ms_disc_stride": (8, "adversary mrnet only: model/ms_discriminator.py MsImageDis, three "
                                 "stride-2 convs per scale (not used by the paper's rows)"),
+    "model.ms_disc_width": (32, "adversary mrnet only: trainer_ms.py MsImageDis dim 32 (not used by the "
+                                "paper's rows)"),
     "model.aux_disc_width": (256, "engine: the paper gives no D_aux widths; METHOD.md §2"),
     # --- data ---
     "data.source": ("gta5", "paper: GTA5 -> Cityscapes"),
@@ -143,6 +145,7 @@ TABLES = {"gta5_to_cityscapes": GTA5, "synthia_to_cityscapes": SYNTHIA}
 # Keys both preset files leave to the dataclass defaults; every other key is written in the file.
 DEFAULTED = {
     "model.num_classes", "model.init_weights", "model.disc_stride", "model.ms_disc_stride",
+    "model.ms_disc_width",
     "data.source_root", "data.target_root", "data.source_prepared", "data.target_prepared", "data.loader",
     "data.image_format", "data.skip_bad", "data.max_bad_fraction", "data.validate",
     "optim.impl", "optim.warmup_d",

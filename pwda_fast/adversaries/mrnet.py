@@ -20,7 +20,7 @@ class MRNetAdversary(Adversary):
     @staticmethod
     def discriminators(model_cfg, feat_channels: int, kernels=None) -> tuple[nn.Module, nn.Module]:
         # D_aux is built (the checkpoint keeps its key) but never called.
-        return (MRNetDiscriminators(model_cfg.num_classes, model_cfg.ms_disc_stride),
+        return (MRNetDiscriminators(model_cfg.num_classes, model_cfg.ms_disc_stride, model_cfg.ms_disc_width),
                 FeatureDiscriminator(feat_channels, model_cfg.aux_disc_width))
 
     @staticmethod

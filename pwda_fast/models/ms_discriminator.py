@@ -100,10 +100,10 @@ class MRNetDiscriminators(nn.Module):
     MultiScaleDiscriminator gives them. One call runs both, so DDP sees one forward per stage.
     """
 
-    def __init__(self, num_classes: int = 19, stride: int = 8):
+    def __init__(self, num_classes: int = 19, stride: int = 8, width: int = 32):
         super().__init__()
-        self.d1 = MultiScaleDiscriminator(num_classes, stride=stride)
-        self.d2 = MultiScaleDiscriminator(num_classes, stride=stride)
+        self.d1 = MultiScaleDiscriminator(num_classes, width, stride=stride)
+        self.d2 = MultiScaleDiscriminator(num_classes, width, stride=stride)
 
     def forward(self, aux_probs: torch.Tensor, main_probs: torch.Tensor):
         return self.d1(aux_probs), self.d2(main_probs)
