@@ -6,8 +6,10 @@
 Per target image two PNGs: <name>_pred.png (image | ground truth | source-only | adapted, as in the
 paper's Fig. 4) and <name>_maps.png (the three maps of Fig. 2: the generation-confidence map d of
 eq. 3, the discrimination-confidence map sigmoid(D_aux), and the weight w of eq. 6 the run trained
-with). `--curves` writes curves.png: every loss and the target mIoU over steps, from metrics.jsonl,
-drawn with matplotlib (pip install 'pwda_fast[plots]'). `--images N` takes the first N images of the
+with), computed as training computes them: each image in a batch of data.batch_size of the images
+asked for, BatchNorm on that batch's statistics (the predictions are evaluation's, in eval mode).
+`--curves` writes curves.png: every loss and the target mIoU over steps, from metrics.jsonl, drawn
+with matplotlib (pip install 'pwda_fast[plots]'). `--images N` takes the first N images of the
 checkpoint's target val set; paths of images from that set get their ground truth, other images are
 shown without it. The pictures are drawn with PIL alone.
 """
@@ -90,9 +92,15 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = dataclasses.replace(cfg, data=dataclasses.replace(
                     cfg.data, target_root=args.target_root, target_prepared=""))
             source = checkpoint.load_networks(args.source_only, device)[0].g if args.source_only else None
-            for name, item in target_images(cfg, args.images):
+            items = target_images(cfg, args.images)
+            for k, (name, item) in enumerate(items):
+                # The maps of each image in a batch of data.batch_size of the images asked for (it and
+                # the ones after it, wrapping round), as training weights a batch.
+                batch = min(cfg.data.batch_size, len(items))
+                others = [items[(k + j) % len(items)][1]["image"] for j in range(1, batch)]
                 pred_fig, maps_fig, _, _ = render_image(nets.g, nets.d_aux, cfg.adapt, item, source,
-                                                        args.zoom, normalize=cfg.data.normalize)
+                                                        args.zoom, normalize=cfg.data.normalize,
+                                                        batch_with=others)
                 pred_fig.save(out / f"{name}_pred.png")
                 maps_fig.save(out / f"{name}_maps.png")
                 print(f"wrote {out / f'{name}_pred.png'} and {name}_maps.png")
