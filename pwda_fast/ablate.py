@@ -94,6 +94,7 @@ ROWS = (
     ("full-preheat", "full after CLAN's preheat (20 of 400 steps, LR ramp)", [*FULL, *CLAN_PREHEAT]),
 )
 SLUGS = [slug for slug, _, _ in ROWS]
+BY_SLUG = {slug: (name, flags) for slug, name, flags in ROWS}
 BASELINE = "the paper's D without weighting"
 PAIRS = ("toy", "toy_partial")
 LEVEL = 0.95
@@ -374,27 +375,29 @@ def source_tree() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def comparable(cfg_dict: dict) -> dict:
-    """A config dict as this version reads it (config.from_dict: a key added since the record was made
-    takes the value that means what the record ran), without the keys that cannot change a result
-    (config.RESULT_NEUTRAL)."""
-    full = config.from_dict(cfg_dict).to_dict()
-    return {f"{s}.{k}": v for s, keys in full.items() for k, v in keys.items()
-            if f"{s}.{k}" not in config.RESULT_NEUTRAL}
+def changed_keys(saved: dict, cfg_dict: dict) -> list[str]:
+    """The keys that can change a result (not config.RESULT_NEUTRAL) in which the config dict of a
+    record differs from `cfg_dict`; both read by config.from_dict, so a key added since the record was
+    made takes the value that means what the record ran."""
+    diff = config.differences(config.from_dict(saved), config.from_dict(cfg_dict))
+    return sorted(k for k in diff if k not in config.RESULT_NEUTRAL)
+
+
+def fresh(record: dict, cfg_dict: dict, path: Path) -> bool:
+    """Whether a record was made with `cfg_dict` (the config its run would use now); where not, its
+    result is not this row's any more, and the keys that differ are printed."""
+    changed = changed_keys(record["config"], cfg_dict)
+    if changed:
+        print(f"{path}: stored with another config ({', '.join(changed[:6])}): not this row's", flush=True)
+    return not changed
 
 
 def read_record(path: Path, cfg_dict: dict) -> dict | None:
-    """A stored record, or None where there is none or where it was made with another config than
-    `cfg_dict` (the one its run would use now): its result is not this row's any more."""
+    """A stored record made with `cfg_dict`, or None where there is none or it is not fresh."""
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if comparable(record["config"]) != comparable(cfg_dict):
-        old = comparable(record["config"])
-        changed = sorted(k for k, v in comparable(cfg_dict).items() if old.get(k) != v)
-        print(f"{path}: stored with another config ({', '.join(changed[:6])}): not this row's", flush=True)
-        return None
-    return record
+    return record if fresh(record, cfg_dict, path) else None
 
 
 def records_dir(args: argparse.Namespace, study: str) -> Path:
@@ -404,7 +407,7 @@ def records_dir(args: argparse.Namespace, study: str) -> Path:
 
 def row_run(pair: str, slug: str, seed: int, args: argparse.Namespace, extra: list[str]):
     """-> (train's argv, run_dir, the config that run trains with) of one (row, seed) of a study."""
-    flags = dict((r[0], r[2]) for r in ROWS)[slug]
+    flags = BY_SLUG[slug][1]
     run_dir = Path(args.out) / study_name(pair, args.variant) / f"{slug}-s{seed}"
     argv_run = ["--config", args.config, f"--data.source={pair}", f"--data.target={pair}",
                 f"--train.seed={seed}", f"--train.run_dir={run_dir}", *flags]
@@ -418,7 +421,7 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
     """One (row, seed) of a study: its stored record where it has one for the same config, else the run
     (trained, resumed or re-evaluated in OUT/<study>/<slug>-s<seed>) made into a record and stored at
     once, so that a stop loses nothing finished. -> (exit code, the record)."""
-    name, flags = dict((r[0], (r[1], r[2])) for r in ROWS)[slug]
+    name, flags = BY_SLUG[slug]
     study = study_name(pair, args.variant)
     argv_run, run_dir, cfg = row_run(pair, slug, seed, args, extra)
     records = records_dir(args, study)
@@ -441,22 +444,19 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
                         for step, line in curve.items()},
               "run_dir": str(run_dir), "config": cfg.to_dict()}
     records.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    checkpoint.atomic_write(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
     return 0, record
 
 
 def stored(records: Path) -> dict[str, dict[int, dict]]:
     """{row name: {seed: record}} of every record in a study's folder, rows in ROWS order; a record of
     a row this version no longer has is left out."""
-    names = {slug: name for slug, name, _ in ROWS}
     found: dict[str, dict[int, dict]] = {}
     for path in sorted(records.glob("*.json")) if records.is_dir() else []:
         record = json.loads(path.read_text())
-        if record.get("row") in names:
+        if record.get("row") in BY_SLUG:
             found.setdefault(record["row"], {})[record["seed"]] = record
-    return {names[slug]: dict(sorted(found[slug].items())) for slug in SLUGS if slug in found}
+    return {BY_SLUG[slug][0]: dict(sorted(found[slug].items())) for slug in SLUGS if slug in found}
 
 
 def as_raw(by_row: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
@@ -480,8 +480,8 @@ def report_study(pair: str, study: str, args, extra: list[str], command: str, da
     seed (the others are named and left out)."""
     records = records_dir(args, study)
     raw_records = {row: {seed: r for seed, r in seeds.items()
-                         if read_record(records / f"{r['row']}-s{seed}.json",
-                                        row_run(pair, r["row"], seed, args, extra)[2].to_dict()) is not None}
+                         if fresh(r, row_run(pair, r["row"], seed, args, extra)[2].to_dict(),
+                                  records / f"{r['row']}-s{seed}.json")}
                    for row, seeds in stored(records).items()}
     raw_records = {row: seeds for row, seeds in raw_records.items() if seeds}
     if BASELINE not in raw_records:

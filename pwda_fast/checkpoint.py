@@ -33,7 +33,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through `write(file)` into a temp file, fsync, and rename it into place."""
     tmp = path.parent / f".tmp-{path.name}.{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)
@@ -56,8 +57,8 @@ def save(run_dir: str | Path, step: int, state: dict, keep_last: int = 3) -> Pat
     folder = RunFolder(run_dir)
     folder.path.mkdir(parents=True, exist_ok=True)
     path = folder.checkpoint(step)
-    _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(folder.latest, lambda f: f.write(path.name.encode()))
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(folder.latest, lambda f: f.write(path.name.encode()))
     ckpts = folder.checkpoints()
     for old in ckpts[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
@@ -140,9 +141,9 @@ def save_best(run_dir: str | Path, step: int, result: dict, state: dict) -> bool
     if best is not None and result["miou"] <= best["miou"]:
         return False
     scores = {k: result[k] for k in metrics.SCORES if k in result}
-    _atomic_write(folder.best, lambda f: torch.save({**state, "best": scores}, f))
+    atomic_write(folder.best, lambda f: torch.save({**state, "best": scores}, f))
     record = {"step": step, **scores, "checkpoint": RunFolder.BEST}
-    _atomic_write(folder.best_record, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    atomic_write(folder.best_record, lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
     return True
 
 

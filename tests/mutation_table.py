@@ -84,10 +84,10 @@ MUTATIONS = [
      'tmp = path.parent / f".tmp-{path.name}.{os.getpid()}"', "tmp = path"),
     ("keep_last keeps one more", "pwda_fast/checkpoint.py", "ckpts[:-keep_last]", "ckpts[:-keep_last - 1]"),
     ("latest pointer written before the checkpoint", "pwda_fast/checkpoint.py",
-     '    _atomic_write(path, lambda f: torch.save(state, f))\n'
-     '    _atomic_write(folder.latest, lambda f: f.write(path.name.encode()))\n',
-     '    _atomic_write(folder.latest, lambda f: f.write(path.name.encode()))\n'
-     '    _atomic_write(path, lambda f: torch.save(state, f))\n'),
+     '    atomic_write(path, lambda f: torch.save(state, f))\n'
+     '    atomic_write(folder.latest, lambda f: f.write(path.name.encode()))\n',
+     '    atomic_write(folder.latest, lambda f: f.write(path.name.encode()))\n'
+     '    atomic_write(path, lambda f: torch.save(state, f))\n'),
     ("IoU union off by one", "pwda_fast/metrics.py", "union = conf.sum(0) + conf.sum(1) - tp",
      "union = conf.sum(0) + conf.sum(1) - tp + 1"),
     ("layer3 built without dilation (2 -> 1)", "pwda_fast/models/backbone.py",
