@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pwda_fast import stats, weighting
+from pwda_fast import config, stats, weighting
 from pwda_fast.run_folder import RunFolder
 
 CHANCE = 2 * math.log(2)  # D_aux's BCE summed over source and target when it cannot tell them apart
@@ -80,18 +80,18 @@ def measure(g, d_aux, val_dataset, adapt_cfg, groups: dict[str, tuple[int, ...]]
 
 
 def d_aux_at_end(run_dir: str | Path) -> dict[str, float]:
-    """{"d_aux_end": D_aux's logged loss averaged over the last eighth of training} for a run with the
-    paper's D_aux (weighting gen+dis or gen+aux, adversary pwda: BCE summed over source and target, CHANCE =
+    """{"d_aux_end": D_aux's logged loss averaged over the last eighth of training} for a run that trains
+    the paper's D_aux (weighting.trains_aux, adversary pwda: BCE summed over source and target, CHANCE =
     2 ln 2 when it cannot tell them apart, where sigmoid(a) is a constant 0.5 and DisMap carries no
     information); {} for other runs and for runs without a config.json or a logged d_aux."""
     folder = RunFolder(run_dir)
-    cfg = folder.read_config()
-    if cfg is None:
+    saved = folder.read_config()
+    if saved is None:
         return {}
-    adapt = cfg["adapt"]
-    adversary = adapt.get("adversary", "pwda")  # runs from before MRNet's adversary existed lack the key
-    if adapt["mode"] != "adapt" or adapt["weighting"] not in ("gen+dis", "gen+aux") or adversary != "pwda":
+    cfg = config.from_dict(saved)  # a run from before a key existed reads as what it ran
+    a = cfg.adapt
+    if a.mode != "adapt" or not weighting.trains_aux(a) or a.adversary != "pwda":
         return {}
     lines, _ = folder.read_metrics()
-    tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > cfg["train"]["iters"] * 7 / 8]
+    tail = [r["d_aux"] for r in lines if "d_aux" in r and r["step"] > cfg.train.iters * 7 / 8]
     return {"d_aux_end": stats.mean(tail)} if tail else {}

@@ -129,6 +129,7 @@ def test_every_evaluation_logs_them(tmp_path):
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"adapt.weighting": "gen+dis"}, {"d_aux_end": 0.9}),  # steps 8 and 9 of 9 (the last eighth): 1.0, 0.8
+    ({"adapt.weighting": "gen+aux"}, {"d_aux_end": 0.9}),  # D_aux trains, out of w
     ({"adapt.weighting": "gen"}, {}),  # no D_aux
     ({"adapt.weighting": "none", "adapt.adversary": "mrnet"}, {}),  # its "d_aux" is D1's LSGAN loss
     ({"adapt.mode": "source_only"}, {}),
