@@ -34,16 +34,17 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # The fused loss and the train step as pytest-benchmark suites, on the GPU when one is visible, else
-# the CPU; JSON into bench/results/<suite>-<device>.json, then their tables written into BENCHMARKS.md
-# between their markers (BENCHMARKS.md says how they are measured). Publish from a quiet machine only.
+# the CPU; each row into bench/results/<device>.jsonl as it is measured (bench/rows.py), then the tables
+# written into BENCHMARKS.md between their markers, also when a provider failed (its row says why; the
+# exit status is pytest's). BENCHMARKS.md says how they are measured. Publish from a quiet machine only.
 # Extra pytest arguments: make bench BENCH_ARGS="--bench-threads 1"
 BENCH_ARGS ?=
-BENCH_PYTEST = $(PY) -m pytest --benchmark-columns=median,iqr,min,max,rounds $(BENCH_ARGS)
 bench: setup
 	dev=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')") && \
-	$(BENCH_PYTEST) bench/test_bench_loss.py --bench-device=$$dev --benchmark-json=bench/results/loss-$$dev.json && \
-	$(BENCH_PYTEST) bench/test_bench_step.py --bench-device=$$dev --benchmark-json=bench/results/step-$$dev.json && \
-	$(PY) bench/tables.py --write BENCHMARKS.md bench/results/loss-$$dev.json bench/results/step-$$dev.json
+	rm -f bench/results/$$dev.jsonl && \
+	{ $(PY) -m pytest --benchmark-columns=median,iqr,min,max,rounds $(BENCH_ARGS) bench/test_bench_loss.py \
+	  bench/test_bench_step.py --bench-device=$$dev --bench-rows=bench/results/$$dev.jsonl; rc=$$?; } && \
+	$(PY) bench/rows.py write BENCHMARKS.md bench/results/$$dev.jsonl && exit $$rc
 
 # Mutation testing of the method's core (docs/TESTING.md; not part of CI): first the hand-written table
 # (a few minutes), then mutmut over reference/adapt/metrics/checkpoint against the fast tests.

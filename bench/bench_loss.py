@@ -1,37 +1,20 @@
-"""Forward and forward+backward time of weighted_adv_loss: eager reference, torch.compile, ext, triton.
+"""The fused loss's benchmark cases and providers: weighted_adv_loss forward and forward+backward.
 
-    python bench/bench_loss.py --device cpu [--shapes tiny|small|default|full|lowres|production|gpu]
-                               [--json FILE]
-
-Providers run interleaved (each provider's calls once per round), so a busy machine slows them alike.
-Each sample is `--calls` back-to-back calls timed together on the host, ending with a device sync:
-the wall time a caller waits, host and device together (bench/common.time_calls). On CUDA each
-(provider, mode) is then profiled once over `--calls` calls for its device time (the sum of its
-kernels' durations) and its device operations per call: a call whose wall time is several times its
-device time is host-bound. The table gives the wall median and p20/p80 over rounds (bench/common.py's
-quantile rule), the device time, and the achieved bandwidth from the minimal byte count over the
-device time (the wall time on CPU) with its fraction of the measured copy bandwidth. Minimal bytes:
-read seg, disc and aux once; for fwd+bwd also write dL/dz once, at disc's size in disc's dtype. "fwd"
-is the loss call as training makes it (autograd recording, no backward); the fused kernels compute
-dL/dz there already, so their backward is only the scaling. The `host` case (1x19x8x8) moves almost
-no data: its wall time is the per-call host cost of each provider (checks, dispatch, autograd).
-
-`--shapes production` is the call the training loop makes (docs/METHOD.md §1, paper presets: batch 2,
+The suite is bench/test_bench_loss.py (`make bench`, bench/gpu_check.sh); this module holds what it
+times. Providers: eager = reference.py, compile = torch.compile(reference), ext / ext_v2 = the C++ or
+CUDA ops, triton = the Triton kernel (CUDA only). Cases (SHAPES, the suite's --bench-shapes):
+`production` is the call the training loop makes (docs/METHOD.md §1, paper presets: batch 2,
 512x1024 crops): fp32 channels_last seg logits (2, 19, 512, 1024), D's map at its native 16x32,
-upsampled inside the fused kernels, and D_aux's at image size; the eager and compiled references
-upsample with F.interpolate. `--shapes gpu` runs it first, then the `bandwidth` rows (full-size
-maps). `lowres` adds "ext+up" (F.interpolate both maps, then ext: the path before in-kernel
-upsampling). The JSON is rewritten after every case, so a run cut short keeps the rows it finished.
-
-`make bench` times the same providers and cases as a pytest-benchmark suite (bench/test_bench_loss.py,
-built on this module's cases, providers and timing); this script remains the entry point of
-bench/gpu_check.sh, whose table (bench/gpu_summary.py) reads its JSON, and of the lowres comparison.
+upsampled inside the fused kernels, and D_aux's at image size (the eager and compiled references
+upsample with F.interpolate); `bandwidth` the target shape 4x19x512x1024 with full-size maps and full
+Cityscapes size; `host` (1x19x8x8) moves almost no data, so its wall time is each provider's host cost
+per call. Minimal bytes: read seg, disc and aux once; for fwd+bwd also write dL/dz once, at disc's
+size in disc's dtype. "fwd" is the loss call as training makes it (autograd recording, no backward);
+the fused kernels compute dL/dz there already, so their backward is only the scaling.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import NamedTuple
 
 import common
@@ -56,16 +39,12 @@ SHAPES = {
     "host": [HOST],
     "tiny": [Case((1, 19, 16, 32)),  # gpu_check.sh --cpu-dry-run: also a tiny production-like call
              Case((1, 19, 16, 32), (2, 4), (3, 5), channels_last=True, dtypes=("fp32",))],
-    "small": [Case((1, 19, 64, 128)), Case((2, 19, 256, 512))],
-    "default": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512))],
-    "full": [Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), Case((4, 19, 512, 1024))],
     "production": [PRODUCTION],
     # The CPU suite (bench/test_bench_loss.py): BENCHMARKS.md's CPU shapes, then the training call.
     "cpu": [HOST, Case((1, 19, 128, 256)), Case((2, 19, 256, 512)), PRODUCTION],
     # The bandwidth target (4x19x512x1024 bf16, full-size maps) and full Cityscapes size.
     "bandwidth": [Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
     "gpu": [PRODUCTION, HOST, Case((4, 19, 512, 1024)), Case((4, 19, 1024, 2048), dtypes=("bf16",))],
-    "lowres": [Case((4, 19, 512, 1024), (16, 32), (65, 129)), Case((4, 19, 512, 1024))],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -103,12 +82,6 @@ def provider(name: str):
         compiled = torch.compile(reference.weighted_adv_loss, dynamic=False)
         return lambda s, d, a: compiled(s, d, a, label=1.0)
     return lambda s, d, a: ops.weighted_adv_loss(s, d, a, label=1.0, backend=name)
-
-
-def providers(device: str, compile_reference: bool) -> dict:
-    """name -> provider(name), for every provider that can run on `device`."""
-    return {name: provider(name) for name in PROVIDERS
-            if (compile_reference or name != "compile") and provider_problem(name, device) is None}
 
 
 def make_inputs(case: Case, dtype, device: str):
@@ -150,101 +123,11 @@ def case_id(case: Case) -> str:
     return text
 
 
-def label_of(case: Case) -> str:
-    text = str(tuple(case.shape)) + (" CL" if case.channels_last else "")
+def group(case: Case, dtype_name: str, mode: str) -> str:
+    """A comparison's label in the tables, e.g. "(4, 19, 512, 1024) bf16 fwd+bwd",
+    "production: (2, 19, 512, 1024) channels_last, D 16x32, D_aux full size fp32 fwd"."""
+    text = str(tuple(case.shape)) + (" channels_last" if case.channels_last else "")
     if case.disc_hw or case.aux_hw:
-        text += f" D{case.disc_hw or 'full'} Daux{case.aux_hw or 'full'}"
-    return text
-
-
-def case_fields(case: Case, dtype_name: str, name: str, mode: str, device: str) -> dict:
-    """What names a row: the case, dtype, mode and provider."""
-    return dict(shape=list(case.shape), disc_hw=list(case.disc_hw or case.shape[2:]),
-                aux_hw=list(case.aux_hw or case.shape[2:]), channels_last=case.channels_last,
-                production=case == PRODUCTION, host=case == HOST, dtype=dtype_name, mode=mode, provider=name,
-                device=device)
-
-
-def make_row(case: Case, dtype_name: str, name: str, mode: str, samples, eager_samples, dev, device: str,
-             copy_gbs: float, graph=(None, None)) -> dict:
-    """One JSON row: wall spread from the samples, device time and operations when measured (`dev`:
-    common.device_time's pair or None), the graph-replay device time (`graph`: common.graph_time's
-    pair), bandwidth from the device time (else the wall median)."""
-    st = common.spread(samples)
-    dev_s, dev_ops = dev if dev else (None, None)
-    gbs = minimal_bytes(case, DTYPES[dtype_name], mode) / (dev_s or st["median"]) / 1e9
-    eager = common.spread(eager_samples)["median"] if eager_samples else None
-    return dict(case_fields(case, dtype_name, name, mode, device),
-                median_ms=st["median"] * 1e3, p20_ms=st["p20"] * 1e3, p80_ms=st["p80"] * 1e3,
-                device_ms=None if dev_s is None else dev_s * 1e3, device_ops_per_call=dev_ops, gb_per_s=gbs,
-                graph_ms=None if graph[0] is None else graph[0] * 1e3, graph_error=graph[1],
-                speedup_vs_eager=eager / st["median"] if eager else None, fraction_of_copy=gbs / copy_gbs)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="default")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 15 cpu, 20 cuda)")
-    parser.add_argument("--calls", type=int, default=None,
-                        help="back-to-back calls per timed sample (default: 1 cpu, 20 cuda)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (CPU; 1 is steadier on a shared machine)")
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON (after every case)")
-    args = parser.parse_args()
-    device = args.device
-    cuda = device == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds = args.rounds or (20 if cuda else 15)
-    calls = args.calls or (20 if cuda else 1)
-    fns = providers(device, compile_reference=not args.no_compile)
-    copy_gbs = common.copy_bandwidth(device)
-    result = {"device": device, "machine": common.machine(device), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "rounds": rounds, "calls": calls,
-              "copy_gb_per_s": copy_gbs, "rows": []}
-
-    print(f"device={device} ({result['machine']}) torch={torch.__version__} rounds={rounds} "
-          f"calls/sample={calls} copy_GB/s={copy_gbs:.1f}")
-    print(f"{'case':>42} {'dtype':>5} {'mode':>7} {'provider':>9} {'wall ms':>9} {'p20 ms':>8} "
-          f"{'p80 ms':>8} {'dev ms':>8} {'ops':>5} {'GB/s':>7} {'x eager':>8} {'of copy':>8}")
-    for case in SHAPES[args.shapes]:
-        for dtype_name in case.dtypes or args.dtypes.split(","):
-            dtype = DTYPES[dtype_name]
-            seg, disc, aux = make_inputs(case, dtype, device)
-            case_fns = dict(fns)
-            if "ext" in fns and args.shapes == "lowres" and (case.disc_hw or case.aux_hw):
-                case_fns["ext+up"] = lambda s, d, a: ops.weighted_adv_loss(
-                    s, reference.upsample_to(d, s.shape[2:]), reference.upsample_to(a, s.shape[2:]),
-                    label=1.0, backend="ext")
-            errors = {}
-            times, calls_of = time_case(case_fns, seg, disc, aux, device, rounds, calls, warmup=2,
-                                        errors=errors)
-            for (name, mode), ts in times.items():
-                if not ts:
-                    continue
-                dev = common.device_time(calls_of[(name, mode)], device, calls)
-                graph = common.graph_time(calls_of[(name, mode)], device, calls)
-                row = make_row(case, dtype_name, name, mode, ts, times.get(("eager", mode)), dev, device,
-                               copy_gbs, graph)
-                result["rows"].append(row)
-                dev_text = f"{row['device_ms']:>8.3f} {dev[1]:>5.1f}" if dev else f"{'-':>8} {'-':>5}"
-                graph_text = f" graph {row['graph_ms']:.3f} ms" if row["graph_ms"] else ""
-                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} {row['median_ms']:>9.3f} "
-                      f"{row['p20_ms']:>8.3f} {row['p80_ms']:>8.3f} {dev_text} {row['gb_per_s']:>7.2f} "
-                      f"{row['speedup_vs_eager'] or 0:>8.2f} {row['fraction_of_copy']:>8.1%}{graph_text}"
-                      + (f" (graph capture failed: {graph[1]})" if graph[1] else ""), flush=True)
-            for (name, mode), error in errors.items():
-                result["rows"].append(dict(case_fields(case, dtype_name, name, mode, device), error=error))
-                print(f"{label_of(case):>42} {dtype_name:>5} {mode:>7} {name:>9} FAILED: {error}", flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()
+        text += "".join(f", {name} " + (f"{hw[0]}x{hw[1]}" if hw else "full size")
+                        for name, hw in (("D", case.disc_hw), ("D_aux", case.aux_hw)))
+    return ("production: " if case == PRODUCTION else "") + f"{text} {dtype_name} {mode}"

@@ -1,39 +1,28 @@
-"""Train step: images/s of the whole three-stage PWDA iteration, engine vs the eager AdaptSegNet loop.
+"""The train step's benchmark providers: the whole three-stage PWDA iteration, engine vs the eager
+AdaptSegNet loop, on the same networks, initial weights and random batches.
 
-    python bench/bench_step.py --device cpu --preset toy                  # toy networks, CPU
-    python bench/bench_step.py --device cuda --preset paper [--compile]   # DeepLab-v2 R101, 512x1024
-
-Providers, same networks, same initial weights, same random batches, measured in one run and
-interleaved round by round so a noisy machine slows each of them alike:
+The suite is bench/test_bench_step.py (`make bench`, bench/gpu_check.sh); step_profile.py builds the
+same providers one at a time. Providers:
   eager   the AdaptSegNet way: fp32, NCHW, a separate forward and backward per loss (D and D_aux
           see source and target in separate calls), the unfused reference loss, plain torch.optim
           with foreach=False.
   engine  pwda_fast.adapt.Adapter as training runs it: channels_last, the fused loss through
-          ops (backend auto), foreach (CPU) / fused (CUDA) optimizers; fp32 and bf16 autocast.
-  engine+compile (--compile)  the same with the generator under torch.compile.
+          ops (backend auto), foreach (CPU) / fused (CUDA) optimizers; fp32 and bf16 autocast; on
+          CUDA also bf16 with train.cuda_graphs.
+  engine+compile  the same with the generator under torch.compile (opt-in: minutes of warm-up).
 An iteration reads `batch` source and `batch` target images: images/s counts both.
-
-`make bench` times the same providers as a pytest-benchmark suite (bench/test_bench_step.py, built on
-this module's providers and timing); this script remains the entry point of bench/gpu_check.sh,
-whose table (bench/gpu_summary.py) reads its JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import itertools
-import json
 import math
-import statistics
-import sys
 import warnings
-from pathlib import Path
 
 import common
 import torch
 
-from pwda_fast import config, engine, ops, reference
+from pwda_fast import config, engine, reference
 from pwda_fast.adversaries.base import SOURCE, TARGET, set_requires_grad
 from pwda_fast.models import build_networks
 from pwda_fast.reference import upsample_to
@@ -175,7 +164,7 @@ def providers(preset: str, device, *, batch: int | None = None, crop=None, bf16:
 
 
 def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: int,
-                      errors: dict | None = None, on_round=None) -> dict:
+                      errors: dict | None = None) -> dict:
     """label -> seconds per iteration: `warmup` untimed iterations each, then per round each provider
     runs one iteration per batch back to back, timed together up to one final device sync (one sample
     per round): as the training loop runs them, where the host queues the next iteration while the
@@ -190,7 +179,7 @@ def interleaved_steps(provs: dict, batches: list, device, rounds: int, warmup: i
         return step
 
     return common.interleave({name: stepper(prov) for name, prov in provs.items()}, device, rounds,
-                             warmup, calls_per_sample=len(batches), errors=errors, on_round=on_round)
+                             warmup, calls_per_sample=len(batches), errors=errors)
 
 
 GRAPHS_AGREE_REL = 2e-2  # graph replay vs eager, first steps' losses (bf16; atomics in some backward kernels)
@@ -217,102 +206,3 @@ def graphs_agreement(provs: dict, batches: list, steps: int = 6) -> dict | None:
     captured = getattr(provs[graphed].adapter, "captured", None) is not None
     return {**out, "max_rel_diff": worst, "agree": worst <= GRAPHS_AGREE_REL, "captured": captured,
             "capture_failed": getattr(provs[graphed].adapter, "failed", None)}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--preset", default="toy", choices=sorted(PRESETS))
-    p.add_argument("--batch", type=int, default=None, help="images per domain (default: the preset's)")
-    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--iters", type=int, default=4, help="timed iterations per provider per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    p.add_argument("--compile", action="store_true", help="also time the engine with torch.compile(G)")
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 engine rows")
-    p.add_argument("--fail", default=None, metavar="PROVIDER",
-                   help="make this provider raise on its first step (the dry run of gpu_check shows that "
-                        "a failing provider leaves the other rows)")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible; run on a GPU machine or use --device cpu",
-              file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    base, ctors = providers(args.preset, device, batch=args.batch, crop=args.crop, bf16=not args.no_bf16,
-                            compile_g=args.compile)
-    b, (h, w), machine = base.data.batch_size, base.data.crop, common.machine(device)
-    head = {"date": datetime.date.today().isoformat(), "machine": machine, "device": device.type,
-            "torch": torch.__version__, "preset": args.preset, "batch": b, "crop": [h, w],
-            "threads": torch.get_num_threads()}
-    errors, provs = {}, {}
-    for name, ctor in ctors.items():  # every provider is built, each failure kept as its row
-        try:
-            provs[name] = ctor()
-            if name == args.fail:
-                provs[name].step = _injected_failure
-        except Exception as e:
-            errors[name] = common.error_text(e)
-    batches = make_batches(base, args.iters, device)
-    agreement = graphs_agreement(provs, batches)
-
-    def write(times: dict) -> list[dict]:
-        """The rows measured so far, in provider order, written to --json at once (a crash keeps them)."""
-        rows = step_rows(list(ctors), times, errors, b)
-        if args.json:
-            args.json.write_text(json.dumps({**head, "rows": rows, "graphs_agreement": agreement}, indent=2))
-        return rows
-
-    times = interleaved_steps(provs, batches, device, args.rounds, args.warmup, errors, write)
-    rows = write(times)
-    print(f"train step, preset {args.preset} (depth {base.model.depth}, width {base.model.width}), "
-          f"batch {b}+{b}, crop {h}x{w}, {device.type} ({machine}), threads {torch.get_num_threads()}, "
-          f"weighted-loss backend {ops.LOSS.resolve('auto', device)!r}, "
-          f"{args.rounds} samples of {args.iters} iterations back to back each")
-    print(f"{'provider':<40} {'median ms':>10} {'p10-p90 ms':>16} {'images/s':>9} {'speedup':>8}")
-    for r in rows:
-        if "median_s" not in r:
-            print(f"{r['provider']:<40} FAILED: {r['error']}")
-            continue
-        spread = f"{1e3 * r['p10_s']:.0f}-{1e3 * r['p90_s']:.0f}"
-        speedup = f"{r['speedup']:>7.2f}x" if r.get("speedup") else "      -"
-        print(f"{r['provider']:<40} {1e3 * r['median_s']:>10.1f} {spread:>16} {r['images_per_s']:>9.2f} "
-              f"{speedup}" + (f"  (then failed: {r['error']})" if r.get("error") else ""))
-    if agreement:
-        print(f"graphs vs eager, first {agreement['steps']} steps: " + (
-            f"FAILED: {agreement['error']}" if "error" in agreement else
-            f"max relative loss difference {agreement['max_rel_diff']:.2e} (tolerance {GRAPHS_AGREE_REL}), "
-            f"captured {agreement['captured']}, capture failure {agreement['capture_failed']}"))
-    return 1 if set(errors) - {args.fail} else 0  # the injected failure is the dry run's point
-
-
-def _injected_failure(*args):
-    raise RuntimeError("injected failure (--fail): this provider raises on its first step")
-
-
-def step_rows(order: list[str], times: dict, errors: dict, batch: int) -> list[dict]:
-    """One row per provider in `order`: its timing (median, p10, p90, images/s, speedup over the eager
-    loop when that was measured) where it has samples, its error text where it failed, or both."""
-    medians = {name: statistics.median(ts) for name, ts in times.items() if ts}
-    eager = medians.get(order[0])
-    rows = []
-    for name in order:
-        row = {"provider": name}
-        if name in medians:
-            ts, med = times[name], medians[name]
-            row.update(median_s=med, p10_s=common.quantile(ts, 0.1), p90_s=common.quantile(ts, 0.9),
-                       images_per_s=2 * batch / med, speedup=eager / med if eager else None)
-        if name in errors:
-            row["error"] = errors[name]
-        if len(row) > 1:
-            rows.append(row)
-    return rows
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """What every bench script and suite shares: device sync, interleaved wall timing, device time from
-the profiler, the quantile rule, the machine's description.
+the profiler, the machine's description (the quantile rule and the tables: rows.py).
 
 Scripts in bench/ import it as `common` (Python puts the script's own folder first on sys.path, and
 pytest does the same for the suites, bench/ having no __init__.py); the package itself comes from the
@@ -21,18 +21,6 @@ def sync(device: torch.device | str) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def quantile(xs, q: float) -> float:
-    """The q-quantile of xs by nearest rank on the sorted samples: the one rule of every bench table
-    (p10/p20/p80/p90 columns); needs no interpolation, so each reported value is a measured sample."""
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def spread(xs) -> dict:
-    """median, p20 and p80 of xs (same units)."""
-    return {"median": statistics.median(xs), "p20": quantile(xs, 0.2), "p80": quantile(xs, 0.8)}
 
 
 def time_calls(fn: Callable[[], object], device: torch.device | str, calls: int) -> float:
@@ -108,8 +96,13 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
+def injected_failure(*args, **kwargs):
+    """A provider made to fail (the suites' --bench-fail): the GPU check's dry run shows its row."""
+    raise RuntimeError("injected failure (--bench-fail): this provider raises on its first call")
+
+
 def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int, calls_per_sample: int = 1,
-               samples_per_turn: int = 1, errors: dict | None = None, on_round=None) -> dict:
+               samples_per_turn: int = 1, errors: dict | None = None) -> dict:
     """Seconds per call of each of `calls` (key -> zero-argument function), the providers interleaved.
 
     Each function is first called `warmup` times untimed (compilation, caches, allocator); then every
@@ -117,8 +110,7 @@ def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int
     back-to-back calls timed together (time_calls). A machine that gets busier or quieter during the
     run slows every provider of the round alike, not whichever happened to run at that moment.
     errors: given, a key whose call raises gets errors[key] = its error text and leaves the rounds
-    while the others go on (a crash loses no one else's numbers). on_round(times): called after the
-    warm-up and after each round, so that a caller can write what is measured so far.
+    while the others go on (a crash loses no one else's numbers).
     -> {key: [rounds * samples_per_turn seconds]}
     """
     calls = dict(calls)
@@ -142,14 +134,10 @@ def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int
     for key, call in list(calls.items()):
         turn(key, lambda call=call: warm(call))
     times = {key: [] for key in calls}
-    if on_round:
-        on_round(times)
     for _ in range(rounds):
         for key, call in list(calls.items()):
             times[key].extend(turn(key, lambda call=call: [time_calls(call, device, calls_per_sample)
                                                            for _ in range(samples_per_turn)]))
-        if on_round:
-            on_round(times)
     return times
 
 

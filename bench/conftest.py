@@ -1,4 +1,5 @@
-"""pytest-benchmark plumbing of the bench suites (bench/test_bench_*.py, run by `make bench`).
+"""pytest-benchmark plumbing of the bench suites (bench/test_bench_*.py): `make bench` and
+bench/gpu_check.sh run the same suites.
 
 pytest-benchmark times each test's rounds back to back, one test after the other, so providers
 compared in separate tests would be measured at different moments of a shared machine's load. Here
@@ -6,28 +7,34 @@ the providers of one comparison (one loss case, or the train step) are timed tog
 round-robin, by `round_robin` (common.interleave: every round gives each provider its turn). Each
 provider's test then hands its own samples to pytest-benchmark through pedantic mode, whose clock is
 the documented per-test `timer` option, here a ReplayClock that makes each round read exactly one
-interleaved sample. pytest-benchmark's statistics (median, quartiles), terminal table and JSON
-therefore describe the interleaved samples, and nothing is timed twice.
+interleaved sample; nothing is timed twice.
+
+With --bench-rows FILE every test also appends its row to FILE as soon as it is measured (the
+schema and the tables: bench/rows.py): a time row, a failed row with the provider's error text (the
+other providers of its comparison still run and are written), or a skipped row with the reason. A
+crash keeps every row written before it. --bench-fail PROVIDER makes that provider raise on its
+first call (the GPU check's dry run shows a failure's row beside the others).
 
 Options (pytest bench/... --help lists them under "bench"): --bench-device, --bench-threads,
 --bench-rounds, --bench-warmup, --bench-calls, --bench-shapes (loss), --bench-iters, --bench-preset
-and --bench-step-compile (train step). The JSON's machine_info["pwda_fast"] holds the device, the
-machine, torch, the thread count, the load average at the start and end and the command line; its
-"not_measured" list holds each skipped test with its reason.
+and --bench-step-compile (train step), --bench-rows, --bench-fail.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import shlex
+import subprocess
 from pathlib import Path
 
 import common
 import pytest
+import rows
 import torch
 
-_LOAD_AT_START = pytest.StashKey[float]()
-_NOT_MEASURED = pytest.StashKey[list]()
+_RUN = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser):
@@ -49,6 +56,10 @@ def pytest_addoption(parser):
                     help="step: networks and crop (default: toy on cpu, paper on cuda)")
     group.addoption("--bench-step-compile", action="store_true",
                     help="step: also time the engine with torch.compile(G) (minutes of warm-up)")
+    group.addoption("--bench-rows", default=None, metavar="FILE",
+                    help="append each row to this JSON-lines file as it is measured (bench/rows.py)")
+    group.addoption("--bench-fail", default=None, metavar="PROVIDER",
+                    help="make this provider raise on its first call (shows a failure's row)")
 
 
 def pytest_configure(config):
@@ -60,16 +71,37 @@ def pytest_configure(config):
         "cuda" if torch.cuda.is_available() else "cpu")
     if config.getoption("bench_threads"):
         torch.set_num_threads(config.getoption("bench_threads"))
-    # pytest-benchmark opens --benchmark-json only after the last test: a missing folder would lose
-    # the whole run's measurements there.
-    json_path = config.getoption("benchmark_json", None)
-    if isinstance(json_path, (str, os.PathLike)):
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    config.stash[_NOT_MEASURED] = []
+    config.stash[_RUN] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" with uncommitted changes" if dirty else "")
 
 
 def pytest_sessionstart(session):
-    session.config.stash[_LOAD_AT_START] = os.getloadavg()[0]
+    config = session.config
+    device = config.getoption("bench_device")
+    rows.append(config.getoption("bench_rows"), {
+        "kind": "run", "id": config.stash[_RUN], "device": device, "machine": common.machine(device),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "command": shlex.join(["python", "-m", "pytest", *config.invocation_params.args]),
+        "rows_file": config.getoption("bench_rows"), "commit": _commit(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": os.getloadavg()[0]})
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    rows.append(config.getoption("bench_rows"), {"kind": "run", "id": config.stash[_RUN],
+                                                 "load_end": os.getloadavg()[0]})
 
 
 class ReplayClock:
@@ -103,13 +135,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.benchmark(timer=REPLAY))
 
 
+@pytest.fixture(scope="session")
+def write_row(pytestconfig):
+    """write_row(row): append a row (bench/rows.py) to --bench-rows, tagged with this session's run."""
+    path, run = pytestconfig.getoption("bench_rows"), pytestconfig.stash[_RUN]
+    return lambda row: rows.append(path, {**row, "run": run})
+
+
 @pytest.fixture
-def record(benchmark):
-    """record(samples, group, **extra_info): give pytest-benchmark this test's interleaved samples
-    (seconds per call) as its rounds, in `group` (the comparison), with extra_info for bench/tables.py."""
-    def record(samples, group: str, **extra_info) -> None:
+def record(benchmark, write_row, request):
+    """record(samples, group, provider, **info): give pytest-benchmark this test's interleaved samples
+    (seconds per call) as its rounds, in `group` (the comparison), and write its time row."""
+    def record(samples, group: str, provider: str, **info) -> None:
+        write_row({"kind": "time", "suite": request.module.SUITE, "group": group, "provider": provider,
+                   "samples_s": list(samples), **info})
         benchmark.group = group
-        benchmark.extra_info.update(extra_info)
+        benchmark.extra_info.update(provider=provider)
         REPLAY.load(samples)
         benchmark.pedantic(lambda: None, rounds=len(samples), iterations=1)
         if benchmark.enabled and not REPLAY.drained():
@@ -119,8 +160,12 @@ def record(benchmark):
     return record
 
 
+class ProviderFailed(Exception):
+    """A provider raised while its comparison was timed; the others were timed without it."""
+
+
 class RoundRobin:
-    """Each comparison timed once, all its providers together; every test of it gets its own samples.
+    """Each comparison timed once, all its providers together; every test of it gets its own result.
 
     A comparison is the set of selected tests of one test function that share every parameter but
     the `members` ones (e.g. the loss: same case and dtype, any provider and mode), so deselecting
@@ -129,9 +174,10 @@ class RoundRobin:
     def __init__(self):
         self._done = {}
 
-    def samples(self, request, members: tuple[str, ...], measure) -> list[float]:
-        """This test's samples; measure([member values of every test of the comparison]) -> {member
-        values: [seconds]} runs once per comparison (members it cannot run it leaves out)."""
+    def result(self, request, members: tuple[str, ...], measure):
+        """This test's result; measure([member values of every test of the comparison]) -> {member
+        values: its result, or the error text of a member that raised} runs once per comparison
+        (members it cannot run it leaves out). A member's error raises ProviderFailed in its test."""
         item = request.node
         params = _params(item)
         shared = tuple((k, v) for k, v in params.items() if k not in members)
@@ -148,7 +194,12 @@ class RoundRobin:
         done = self._done[comparison]
         if isinstance(done, Exception):
             raise RuntimeError(f"the comparison this test belongs to failed: {done!r}") from done
-        return done[tuple(params[k] for k in members)]
+        mine = done[tuple(params[k] for k in members)]
+        if isinstance(mine, str):
+            if params.get("provider") == item.config.getoption("bench_fail"):
+                pytest.xfail(mine)  # the failure asked for: its row is written, the run still passes
+            raise ProviderFailed(mine)
+        return mine
 
 
 def _params(item) -> dict:
@@ -162,23 +213,22 @@ def round_robin():
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """A provider's test that fails or skips writes its row (failed: the error text; skipped: why)."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and isinstance(report.longrepr, tuple):
-        reason = report.longrepr[2].removeprefix("Skipped: ")
-        item.config.stash[_NOT_MEASURED].append(
-            {"test": item.name, "provider": _params(item).get("provider"), "reason": reason})
-
-
-def pytest_benchmark_update_machine_info(config, machine_info):
-    device = config.getoption("bench_device")
-    machine_info["pwda_fast"] = {
-        "device": device, "machine": common.machine(device), "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": {"start": config.stash.get(_LOAD_AT_START, None), "end": os.getloadavg()[0]},
-        "command": shlex.join(["python", "-m", "pytest", *config.invocation_params.args]),
-    }
-
-
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["not_measured"] = config.stash.get(_NOT_MEASURED, [])
+    provider = _params(item).get("provider")
+    path = item.config.getoption("bench_rows")
+    if provider is None or path is None or not (report.failed or report.skipped):
+        return
+    row = {"suite": getattr(item.module, "SUITE", None), "provider": provider, "test": item.name,
+           "run": item.config.stash[_RUN]}
+    if hasattr(report, "wasxfail"):  # --bench-fail's provider
+        rows.append(path, {**row, "kind": "failed", "error": report.wasxfail.removeprefix("reason: ")})
+    elif report.skipped and isinstance(report.longrepr, tuple):
+        rows.append(path, {**row, "kind": "skipped", "reason": report.longrepr[2].removeprefix("Skipped: ")})
+    elif report.failed:
+        if call.excinfo and call.excinfo.errisinstance(ProviderFailed):
+            error = str(call.excinfo.value)  # the provider's own error text
+        else:
+            error = call.excinfo.exconly() if call.excinfo else str(report.longrepr)
+        rows.append(path, {**row, "kind": "failed", "error": " ".join(error.split())[:400]})

@@ -10,9 +10,9 @@ once per worker count: bf16 autocast, channels_last, the MRNet evaluation protoc
 at the end, a checkpoint; `model.bn=train` because no init weights are given (the preset's frozen-affine
 BatchNorm needs them; the arithmetic per step is the same). Training images/s is read from the run's
 metrics.jsonl between the 20th step and the last (warm-up excluded) and set against the bench step's
-images/s (`--bench-step bench_step.json`, the engine bf16 row) when given: a ratio near 1 means the
-loader keeps up at that worker count. Prints one line "@@real_size {json}" (gpu_check.sh's table reads
-it) and a short table.
+images/s (the step suite's engine bf16 row in `--rows`) when given: a ratio near 1 means the
+loader keeps up at that worker count. Appends its result to `--rows` as a "real_size" fact row
+(bench/rows.py; gpu_check.sh's summary reads it) and prints a line per run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import rows
 from PIL import Image
 
 from pwda_fast.run_folder import RunFolder
@@ -87,12 +88,10 @@ def images_per_s(lines: list[dict], batch: int, skip: int = 20) -> float | None:
 
 
 def bench_step_images_per_s(path: Path | None) -> float | None:
-    if path is None or not path.exists():
-        return None
-    rows = json.loads(path.read_text()).get("rows", [])
-    engine = [r for r in rows if r["provider"].startswith("engine bf16") and "compile" not in r["provider"]
-              and "images_per_s" in r]  # a provider that failed has an error and no timing
-    return engine[0]["images_per_s"] if engine else None
+    """images/s of the step suite's "engine bf16 channels_last" row in a rows file (bench/rows.py)."""
+    timed = [r for r in rows.read(path) if r.get("kind") == "time" and r.get("suite") == "step"
+             and r["provider"] == "engine bf16 channels_last"] if path else []
+    return timed[-1]["images_per_step"] / rows.median(timed[-1]) if timed else None
 
 
 def main(argv=None) -> int:
@@ -102,7 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=[4, 8],
                    help="loader workers, one run each (default 4 8)")
     p.add_argument("--images", type=int, default=24, help="source and target train images (default 24)")
-    p.add_argument("--bench-step", type=Path, default=None, help="bench_step.json to compare with")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="rows file (bench/rows.py): the step suite's engine bf16 row to compare with is read "
+                        "from it, and this run's result is appended to it")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="tiny model and crop, 3 iterations, 4 images: checks the script, measures nothing")
     args = p.parse_args(argv)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
                       "--model.aux_disc_width=16", "--data.crop=[64,128]", "--train.amp=none",
                       "--train.channels_last=false", "--data.source_size=[320,176]",
                       "--data.target_size=[256,128]"]
-    bench = bench_step_images_per_s(args.bench_step)
+    bench = bench_step_images_per_s(args.rows)
     result = {"iters": iters, "images": n, "runs": [], "bench_step_images_per_s": bench}
     for workers in [1] if args.cpu_dry_run else args.workers:
         run_dir = args.out / f"run_w{workers}"
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
                 run["of_bench_step"] = run["images_per_s"] / bench
         result["runs"].append(run)
         print(f"workers {workers}: {json.dumps(run)}", flush=True)
-    print("@@real_size " + json.dumps(result), flush=True)
+    rows.append(args.rows, {"kind": "fact", "name": "real_size", **result})
     return 0 if all(r["rc"] == 0 for r in result["runs"]) else 1
 
 

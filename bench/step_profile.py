@@ -1,6 +1,6 @@
 """Peak memory, model FLOPs and where the time goes in one train step, per bench_step.py provider.
 
-    python bench/step_profile.py --device cuda --preset paper --json step_profile.json
+    python bench/step_profile.py --device cuda --preset paper --rows rows.jsonl
 
 bench_step.py times the providers interleaved, all built at once, so its process cannot tell one
 provider's peak memory from another's. Here each provider is built alone, steps once (so optimizer
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import bench_step  # bench/ is on sys.path: it is this script's folder
 import common
+import rows
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=float(os.environ.get("PWDA_PEAK_TFLOPS", 0)) or None)
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per provider (default 3)")
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--rows", type=Path, required=True,
+                   help="append one \"profile\" fact row per provider to this rows file (bench/rows.py)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -112,42 +114,37 @@ def main(argv=None) -> int:
     base, ctors = bench_step.providers(args.preset, device, batch=args.batch, crop=args.crop)
     batches = bench_step.make_batches(base, 2, device)
     peak, peak_note = peak_flops(device, args.peak_tflops)
-    result = {"device": device.type, "preset": args.preset, "batch": base.data.batch_size,
-              "crop": list(base.data.crop), "peak_flops": peak, "peak_note": peak_note,
-              "flops_per_iter": None, "peak_memory_bytes": {}, "breakdown": {}}
-
+    flops, failed = None, False
     for i, (name, ctor) in enumerate(ctors.items()):
-        prov = ctor()
-        prov.step(0, *batches[0])  # optimizer state, cudnn plans, lazy inits
-        common.sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        if i == 0:  # the eager loop: count its FLOPs on this step
-            with FlopCounterMode(display=False) as counter:
+        row = {"kind": "fact", "name": "profile", "provider": name, "preset": args.preset,
+               "peak_flops": peak, "peak_note": peak_note}
+        try:
+            prov = ctor()
+            prov.step(0, *batches[0])  # optimizer state, cudnn plans, lazy inits
+            common.sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            if i == 0:  # the eager loop: count its FLOPs on this step (the engine does the same arithmetic)
+                with FlopCounterMode(display=False) as counter:
+                    prov.step(1, *batches[1])
+                flops = counter.get_total_flops()
+            else:
                 prov.step(1, *batches[1])
-            result["flops_per_iter"] = counter.get_total_flops()
-        else:
-            prov.step(1, *batches[1])
-        for _ in range(3 if "CUDA graphs" in name else 0):  # its eager steps and the capture: not profiled
-            prov.step(1, *batches[1])
-        common.sync(device)
-        peak_mem = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        result["peak_memory_bytes"][name] = peak_mem
-        print(f"{name:<40} peak memory "
-              + (f"{peak_mem / 2**30:.2f} GiB" if peak_mem is not None else "n/a (cpu)"), flush=True)
-        b = result["breakdown"][name] = breakdown(prov, batches, device, args.profile_steps)
-        busy = (f", device busy {b['device_busy_ms_per_step']:.1f} ms ({b['busy_fraction']:.0%})"
-                if "busy_fraction" in b else "")
-        print(f"{name:<40} {b['wall_ms_per_step']:.1f} ms/step{busy}; {b['time_kind']} by category: "
-              + ", ".join(f"{cat} {ms:.1f}" for cat, ms in b["ms_per_step"].items()), flush=True)
-        args.json.write_text(json.dumps(result, indent=1))  # a cut-short run keeps what it measured
-        del prov
+            for _ in range(3 if "CUDA graphs" in name else 0):  # its eager steps, its capture: not profiled
+                prov.step(1, *batches[1])
+            common.sync(device)
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            row["breakdown"] = breakdown(prov, batches, device, args.profile_steps)
+            row["flops_per_iter"] = flops
+            del prov
+        except Exception as e:  # one provider's failure is its row; the others are still profiled
+            row["error"], failed = common.error_text(e), True
+        rows.append(args.rows, row)  # written at once: a cut-short run keeps what it measured
+        print(json.dumps(row), flush=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"model FLOPs per iteration: {result['flops_per_iter'] / 1e9:.1f} GFLOP; peak: {peak_note}")
-    args.json.write_text(json.dumps(result, indent=1))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """pytest-benchmark suite: weighted_adv_loss forward and forward+backward, the providers side by side.
 
-    python -m pytest bench/test_bench_loss.py --benchmark-json=bench/results/loss-cpu.json  # make bench
+    python -m pytest bench/test_bench_loss.py --bench-rows=bench/results/cpu.jsonl   # (make bench)
 
-Providers (bench_loss.py): eager = reference.py, compile = torch.compile(reference), ext = the C++ or
-CUDA op, triton = the Triton kernel (CUDA only; on CPU its tests skip with the reason). Cases
-(bench_loss.SHAPES, --bench-shapes): on CPU "cpu", BENCHMARKS.md's (1, 19, 128, 256) and
-(2, 19, 256, 512) in fp32 and bf16, then the training loop's call (fp32 channels_last
-(2, 19, 512, 1024), D's map at 16x32); on CUDA "gpu", that call, then N=4, C=19, 512x1024 in fp32
-and bf16 and 4x19x1024x2048 in bf16, all maps full size. Every provider and mode of one case and
-dtype is timed in the same rounds (conftest.py); each test records its own samples. Lives in bench/,
-not tests/: `make test` never runs it, and its timings are measurements, not pass/fail checks.
+Providers and cases: bench_loss.py (--bench-shapes: "cpu" on CPU, "gpu" on CUDA; bench/gpu_check.sh
+runs "production" then "bandwidth"). Every provider and mode of one case and dtype is timed in the
+same rounds (conftest.py); each test records its own samples, and a provider that raises is recorded
+with its error while the others are timed. On CUDA each (provider, mode) is then profiled once over
+`calls` calls for its device time (the sum of its kernels' durations) and device operations per
+call, and its `calls` calls are captured in one CUDA graph whose replays are timed by events (device
+time with no host in the way; a capture that fails costs that column only). Lives in bench/, not
+tests/: `make test` never runs it, and its timings are measurements, not pass/fail checks.
 """
 
 import os
@@ -19,8 +19,10 @@ import common
 import pytest
 import torch
 
-# --bench-rounds / --bench-calls when not given (bench_loss.py's defaults): on CUDA each sample is 20
-# back-to-back calls ending with a device sync (wall time; bench_loss.py also reports device time).
+SUITE = "loss"
+
+# --bench-rounds / --bench-calls when not given: on CUDA each sample is 20 back-to-back calls ending
+# with a device sync (wall time; device time and graph replay time are measured beside it).
 DEFAULTS = {"cpu": {"rounds": 15, "calls": 1}, "cuda": {"rounds": 20, "calls": 20}}
 
 
@@ -65,15 +67,29 @@ def test_weighted_adv_loss(record, round_robin, request, copy_gb_per_s, case, dt
         if "compile" in names:
             torch._dynamo.reset()  # a fresh cache per case: the recompile limit never falls back to eager
         fns = {name: bench_loss.provider(name) for name in names}
+        if config.getoption("bench_fail") in fns:
+            fns[config.getoption("bench_fail")] = common.injected_failure
         seg, disc, aux = bench_loss.make_inputs(case, bench_loss.DTYPES[dtype], device)
-        return bench_loss.time_case(fns, seg, disc, aux, device, rounds, calls, warmup, keys=keys)[0]
+        errors = {}
+        times, calls_of = bench_loss.time_case(fns, seg, disc, aux, device, rounds, calls, warmup, keys=keys,
+                                               errors=errors)
+        out = dict(errors)
+        for key, samples in times.items():
+            if key in errors:
+                continue
+            out[key] = {"samples_s": samples}
+            dev = common.device_time(calls_of[key], device, calls)
+            if dev is not None:
+                out[key].update(device_s=dev[0], device_ops=dev[1])
+                graph_s, graph_error = common.graph_time(calls_of[key], device, calls)
+                out[key].update(graph_s=graph_s, graph_error=graph_error)
+        return out
 
-    samples = round_robin.samples(request, ("provider", "mode"), measure)
-    n, _, h, w = case.shape
-    record(samples, f"loss {bench_loss.case_id(case)} {dtype} {mode}",
-           suite="loss", device=device, provider=provider, shape=list(case.shape),
-           disc_hw=list(case.disc_hw or (h, w)), aux_hw=list(case.aux_hw or (h, w)),
-           channels_last=case.channels_last, production=case == bench_loss.PRODUCTION, dtype=dtype,
-           mode=mode, bytes=bench_loss.minimal_bytes(case, bench_loss.DTYPES[dtype], mode),
-           copy_gb_per_s=copy_gb_per_s, calls_per_sample=calls, warmup=warmup)
-
+    result = dict(round_robin.result(request, ("provider", "mode"), measure))
+    record(result.pop("samples_s"), bench_loss.group(case, dtype, mode), provider, **result,
+           bytes=bench_loss.minimal_bytes(case, bench_loss.DTYPES[dtype], mode), copy_gb_per_s=copy_gb_per_s,
+           note=f"Every provider and mode of a case timed in the same {rounds} rounds, after {warmup} "
+                f"untimed call(s) each; {calls} back-to-back call(s) per sample (wall time up to a device "
+                f"sync). Copy bandwidth (fp32 copy, read + write): {copy_gb_per_s:.1f} GB/s; GB/s = minimal "
+                "bytes (seg, disc, aux read once; fwd+bwd also dL/dz written once) / device time where "
+                "measured, else / median; of copy = GB/s / copy bandwidth.")

@@ -27,3 +27,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Under bench/gpu_check.sh (PWDA_BENCH_ROWS set): this test step's counts and the failures' first
+    lines as one "pytest" fact row of its rows file (bench/rows.py), which its summary shows."""
+    path = os.environ.get("PWDA_BENCH_ROWS")
+    if not path:
+        return
+    import json
+
+    stats = terminalreporter.stats
+    kinds = ("passed", "failed", "error", "skipped", "deselected")
+    counts = {k: len(v) for k, v in stats.items() if k in kinds}
+    failures = [f"{r.nodeid}: {' '.join(str(getattr(r.longrepr, 'reprcrash', r.longrepr)).split())[:200]}"
+                for r in stats.get("failed", []) + stats.get("error", [])]
+    with open(path, "a") as f:
+        f.write(json.dumps({"kind": "fact", "name": "pytest", "step": os.environ.get("PWDA_BENCH_STEP"),
+                            "counts": counts, "failures": failures[:20]}) + "\n")
