@@ -26,13 +26,13 @@ import datetime
 import os
 import platform
 import shlex
-import subprocess
-from pathlib import Path
 
 import common
 import pytest
 import rows
 import torch
+
+from pwda_fast.ablate import source_tree
 
 _RUN = pytest.StashKey[str]()
 
@@ -74,18 +74,6 @@ def pytest_configure(config):
     config.stash[_RUN] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + (" with uncommitted changes" if dirty else "")
-
-
 def pytest_sessionstart(session):
     config = session.config
     device = config.getoption("bench_device")
@@ -93,7 +81,7 @@ def pytest_sessionstart(session):
         "kind": "run", "id": config.stash[_RUN], "device": device, "machine": common.machine(device),
         "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "command": shlex.join(["python", "-m", "pytest", *config.invocation_params.args]),
-        "rows_file": config.getoption("bench_rows"), "commit": _commit(),
+        "rows_file": config.getoption("bench_rows"), "commit": source_tree(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "load_start": os.getloadavg()[0]})
 

@@ -140,10 +140,13 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def _not_timed(rows: list[dict]) -> list[str]:
-    """Lines for the providers that failed (their error) or could not run here (why)."""
+    """Lines for the providers that failed (their error), whose graph capture failed (its error), or
+    that could not run here (why)."""
     lines, seen = [], set()
     for r in rows:
-        if r.get("kind") == "failed":
+        if r.get("kind") == "time" and r.get("graph_error"):
+            lines.append(f"Graph replay failed: {r['provider']} ({r['group']}): {r['graph_error']}")
+        elif r.get("kind") == "failed":
             lines.append(f"FAILED: {r['provider']} ({r.get('group') or r.get('test')}): {r['error']}")
         elif r.get("kind") == "skipped" and r["provider"] not in seen:
             seen.add(r["provider"])
@@ -304,7 +307,8 @@ def target_lines(rows: list[dict], gpu: bool) -> list[str]:
 
 
 def summary(rows: list[dict], gpu: bool) -> str:
-    """The GPU check's summary: environment, steps, targets, failures, then every suite's table."""
+    """The GPU check's summary: environment, steps, targets, then every suite's block (its failures,
+    with their errors, and its table)."""
     probe = next(iter(_facts(rows, "probe")), {})
     env = (f"python {probe.get('python')}, torch {probe.get('torch')} (CUDA {probe.get('cuda')}), "
            f"triton {probe.get('triton')}, device {probe.get('device_name') or 'cpu only'}"
@@ -315,11 +319,7 @@ def summary(rows: list[dict], gpu: bool) -> str:
              "Backends: " + "; ".join(f"{b} " + ", ".join(f"{d} " + ("ok" if why is None else f"NO ({why})")
                                                           for d, why in devs.items())
                                       for b, devs in backends["problems"].items()) + "." if backends else "",
-             "", *step_lines(rows), "", *target_lines(rows, gpu), ""]
-    graph_failures = [f"graph replay failed: {r['provider']} ({r['group']}): {r['graph_error']}"
-                      for r in rows if r.get("kind") == "time" and r.get("graph_error")]
-    for line in _not_timed(rows) + graph_failures:
-        parts.append(f"- {line}")
+             "", *step_lines(rows), "", *target_lines(rows, gpu)]
     for name, text in blocks(rows).items():
         parts += ["", f"### {name}", "", text]
     return "\n".join(parts).rstrip("\n") + "\n"

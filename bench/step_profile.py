@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     for i, (name, ctor) in enumerate(ctors.items()):
         row = {"kind": "fact", "name": "profile", "provider": name, "preset": args.preset,
                "peak_flops": peak, "peak_note": peak_note}
+        prov = None
         try:
             prov = ctor()
             prov.step(0, *batches[0])  # optimizer state, cudnn plans, lazy inits
@@ -136,9 +137,9 @@ def main(argv=None) -> int:
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
             row["breakdown"] = breakdown(prov, batches, device, args.profile_steps)
             row["flops_per_iter"] = flops
-            del prov
         except Exception as e:  # one provider's failure is its row; the others are still profiled
             row["error"], failed = common.error_text(e), True
+        del prov  # a failed provider's networks go too, before the next one is built
         rows.append(args.rows, row)  # written at once: a cut-short run keeps what it measured
         print(json.dumps(row), flush=True)
         gc.collect()

@@ -1,9 +1,8 @@
 """Pictures of predictions and of the paper's weighting maps, drawn with PIL alone (no matplotlib).
 
-compose() lays out Panels (an RGB array, a title, a colour bar for floats); weighting_maps() runs G and
-D_aux on target images and takes the maps of the paper's Fig. 2 from weighting.py, as training computes
-them; render_image() draws one target image's prediction row (Fig. 4) and maps row; training_figures()
-gives TensorBoard its pictures.
+compose() lays out Panels (an RGB array, a title, a colour bar for floats); the maps of the paper's
+Fig. 2 come from weighting.target_maps, as training computes them; render_image() draws one target
+image's prediction row (Fig. 4) and maps row; training_figures() gives TensorBoard its pictures.
 """
 
 from __future__ import annotations
@@ -97,16 +96,8 @@ def label_at(label: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(ids.resize((size[1], size[0]), Image.NEAREST))
 
 
-def weighting_maps(g, d_aux, image: torch.Tensor, adapt_cfg) -> dict[str, torch.Tensor]:
-    """The maps of the paper's Fig. 2 for a batch of target images: image (N, 3, H, W) -> weighting.maps
-    of G's main head and of D_aux where adapt.aux_at has training run it ("logits", "aux", "gen", "dis",
-    "weight" at image size), computed as the generator stage computes them (weighting.target_maps:
-    BatchNorm on this batch's statistics, nothing in the networks changed)."""
-    return weighting.target_maps(g, d_aux, image, adapt_cfg)
-
-
 def map_panels(maps: dict[str, torch.Tensor], adapt_cfg, index: int = 0) -> list[Panel]:
-    """Fig. 2's three panels for image `index` of `maps` (from weighting_maps)."""
+    """Fig. 2's three panels for image `index` of `maps` (from weighting.target_maps)."""
     a = adapt_cfg
     gen, dis, weight = (maps[k][index].cpu().numpy() for k in ("gen", "dis", "weight"))
     if weighting.uses_dis(a):
@@ -151,13 +142,13 @@ def render_image(g, d_aux, adapt_cfg, item: dict, source_only=None, zoom: int = 
     item: {"image": (3, H, W) normalised by `normalize` (the run's data.normalize), "label": (h0, w0)
     trainIds or None}; zoom 0 = auto_zoom. The predictions are the networks' in eval mode (what
     evaluation scores); the maps are the image's in a batch with the (3, H, W) images `batch_with`, as
-    training weights a batch (weighting_maps; with none, a batch of one).
+    training weights a batch (weighting.target_maps; with none, a batch of one).
     """
     device = next(g.parameters()).device
     image = item["image"][None].to(device)
     size = tuple(image.shape[2:])
     others = [x[None].to(device) for x in batch_with if x.shape == item["image"].shape]
-    maps = weighting_maps(g, d_aux, torch.cat([image, *others]), adapt_cfg)
+    maps = weighting.target_maps(g, d_aux, torch.cat([image, *others]), adapt_cfg)
     maps = {k: v[:1] for k, v in maps.items()}
     adapted = predict_ids(g, image)[0]
     label = label_at(item["label"], size) if item["label"] is not None else None

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pwda_fast import checkpoint, curves, ops, pictures, reference, train, visualize
 from pwda_fast.data.labels import PALETTE, colorize
+from pwda_fast.weighting import target_maps
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -45,7 +46,7 @@ def test_prediction_figure_has_palette_colours_exactly_where_predicted(loaded):
     g, d_aux, cfg, item = loaded
     image = item["image"][None]
     h, w = image.shape[2:]
-    maps = pictures.weighting_maps(g, d_aux, image, cfg.adapt)
+    maps = target_maps(g, d_aux, image, cfg.adapt)
     adapted = maps["logits"].argmax(1)[0].numpy().astype(np.uint8)
     label = pictures.label_at(item["label"], (h, w))
     source = pictures.predict_ids(g, image)[0]
@@ -70,7 +71,7 @@ def test_weighting_maps_equal_ops_pixel_weights(loaded, weighting, aux_at):
     a.weighting, a.aux_at = weighting, aux_at
     image = item["image"][None]
     size = tuple(image.shape[2:])
-    maps = pictures.weighting_maps(g, d_aux, image, a)
+    maps = target_maps(g, d_aux, image, a)
     g, d_aux = copy.deepcopy(g).train(), copy.deepcopy(d_aux).train()  # as the generator stage runs them
     for m in g.modules():
         if isinstance(m, torch.nn.Dropout | torch.nn.Dropout2d):
