@@ -15,14 +15,16 @@ flowing in the generator stage (CLAN), D's target term unweighted or weighted by
 preheat (start and learning-rate ramp as CLAN_train.py runs them).
 
 A study grows by records: each (row, seed) is an ordinary `pwda_fast.train` run in
-OUT/<study>/<row>-s<seed> whose result (config, seed, source tree, mIoU, per-class IoU, the Fig. 2
-numbers, the evaluation curve) is written as one small JSON record to RECORDS/<study>/<row>-s<seed>.json
-as soon as it finishes. A (row, seed) whose record is stored with the same config (up to the keys
-that cannot change a result) is not rerun, so more seeds, more rows (--rows) or another pair extend a
-study without repeating it; a record made with another config is rerun. The tables, intervals and
-curves are made from every stored record of the study (--no-train: from the records alone). A study
-is a pair (toy, toy_partial), or <pair>-<variant> for one with other overrides (--variant s32
---model.disc_stride=32).
+OUT/<study>/<row>-s<seed> whose result (config, seed, source tree, build, mIoU, per-class IoU, the
+Fig. 2 numbers, the evaluation curve) is written as one small JSON record to
+RECORDS/<study>/<row>-s<seed>.json as soon as it finishes. A (row, seed) whose record is stored with
+the same config (up to the keys that keep the method, config.SAME_METHOD) is not rerun, so more
+seeds, more rows (--rows) or another pair extend a study without repeating it; a record made with
+another config is rerun. The tables, intervals and curves are made from every stored record of the
+study (--no-train: from the records alone), and name the builds the records ran with (the extension,
+loss kernel, torch, threads, CPU kernels): a weighted run is chaotic in the loss kernel's last bits,
+so one seed's result moves with the build. A study is a pair (toy, toy_partial), or <pair>-<variant>
+for one with other overrides (--variant s32 --model.disc_stride=32).
 
 Every row of a study runs on the same seeds, so each row is compared with "the paper's D without
 weighting" (the weighting rows differ from it in the weighting alone) seed by seed: the mean paired
@@ -376,11 +378,11 @@ def source_tree() -> str:
 
 
 def changed_keys(saved: dict, cfg_dict: dict) -> list[str]:
-    """The keys that can change a result (not config.RESULT_NEUTRAL) in which the config dict of a
+    """The keys that can change a result (not config.SAME_METHOD) in which the config dict of a
     record differs from `cfg_dict`; both read by config.from_dict, so a key added since the record was
     made takes the value that means what the record ran."""
     diff = config.differences(config.from_dict(saved), config.from_dict(cfg_dict))
-    return sorted(k for k in diff if k not in config.RESULT_NEUTRAL)
+    return sorted(k for k in diff if k not in config.SAME_METHOD)
 
 
 def fresh(record: dict, cfg_dict: dict, path: Path) -> bool:
@@ -435,7 +437,7 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
         return code, None
     curve = eval_series(run_dir)
     record = {"study": study, "pair": pair, "row": slug, "name": name, "seed": seed, "flags": flags,
-              "overrides": extra, "iters": cfg.train.iters, "tree": args.tree,
+              "overrides": extra, "iters": cfg.train.iters, "tree": args.tree, "build": final.get("build"),
               "date": datetime.date.today().isoformat(), "minutes": round((time.monotonic() - start) / 60, 2),
               "miou": final["miou"], "iou": final["iou"],
               "fig2": {**fig2_at_end(curve), **weight_stats.d_aux_at_end(run_dir)},
@@ -464,6 +466,30 @@ def as_raw(by_row: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
     return {row: {seed: {"miou": r["miou"], "iou": r["iou"], "fig2": r["fig2"],
                          "curve": {int(step): line for step, line in r["curve"].items()}}
                   for seed, r in seeds.items()} for row, seeds in by_row.items()}
+
+
+def build_label(build: dict | None) -> str:
+    """A record's build (Engine.build) in a few words; records made before builds were stored say so."""
+    if not build:
+        return "build not recorded"
+    return (f"extension {build['ext'] or 'absent'}, loss kernel {build['kernels']['loss']}, torch "
+            f"{build['torch']}, {build['device']} with {build['threads']} threads, {build['cpu_capability']}")
+
+
+def builds_note(by_row: dict[str, dict[int, dict]]) -> str:
+    """The builds a study's records ran with (how many records each) and, where more than one, what
+    that means for reading them."""
+    counts: dict[str, int] = {}
+    for seeds in by_row.values():
+        for r in seeds.values():
+            label = build_label(r.get("build"))
+            counts[label] = counts.get(label, 0) + 1
+    text = "Builds: " + "; ".join(f"{label} ({n} records)" for label, n in counts.items()) + ".\n"
+    if len(counts) > 1:
+        text += ("These records come from more than one build. A weighted run is chaotic in the loss "
+                 "kernel's last bits, so one seed's result moves with the build; compare rows as means "
+                 "over seeds only.\n")
+    return text
 
 
 def main_table(summary: dict[str, dict]) -> str:
@@ -498,6 +524,7 @@ def report_study(pair: str, study: str, args, extra: list[str], command: str, da
     out.mkdir(parents=True, exist_ok=True)
     text = report(study, summary, groups, seeds, iters[0] if len(iters) == 1 else iters, command, date)
     text += f"\nFrom {sum(len(v) for v in raw.values())} records in `{records}` (trees {', '.join(trees)}).\n"
+    text += builds_note(raw_records)
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps(
         {"pair": pair, "study": study, "command": command, "date": date, "iters": iters, "seeds": seeds,

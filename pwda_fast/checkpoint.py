@@ -92,7 +92,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
 
 def networks_state(engine, step: int, cfg) -> dict:
     """What evaluation, export and a warm start need: G, D and D_aux weights and the config."""
-    return {"step": step, **engine.nets.state_dict(), "config": cfg.to_dict(), "backend": engine.backend}
+    return {"step": step, **engine.nets.state_dict(), "config": cfg.to_dict(), "backend": engine.backend,
+            "build": engine.build()}
 
 
 def training_state(engine, step: int, cfg, world_size: int, skipped: int,
@@ -178,7 +179,8 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
 
     Refused (ConfigError) when it was written by another number of processes (unless
     train.allow_world_size_change) or with a config that differs in a key that changes results
-    (unless train.resume = "force"); differences in result-neutral keys are logged. Rank 0 takes the
+    (unless train.resume = "force"); differences in config.SAME_METHOD keys and in the build (Engine.build:
+    backends, extension, threads, CPU kernels) are logged. Rank 0 takes the
     saved random streams; the other ranks reseed from (seed, rank, step), distinct and reproducible.
     """
     found = _newest_loadable(Path(run_dir), dist.main, log)
@@ -191,6 +193,12 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
             "the data order would change. Relaunch with the same number of processes, or pass "
             "--train.allow_world_size_change=true to continue anyway")
     _check_same_run(path, state, cfg, log)
+    build = engine.build()
+    if "build" in state and state["build"] != build:
+        changed = {k: (state["build"].get(k), v) for k, v in build.items() if state["build"].get(k) != v}
+        log("resuming with another build: " + ", ".join(f"{k}: {old!r} -> {new!r}"
+                                                         for k, (old, new) in changed.items())
+            + " (the same method; the result's last bits differ from an uninterrupted run's)")
     try:
         engine.nets.load_state_dict(state)
     except KeyError as e:
@@ -218,11 +226,11 @@ def _check_same_run(path: Path, state: dict, cfg, log) -> None:
         raise CheckpointError(f"{path} holds a config this version cannot read ({e}); "
                               "use another train.run_dir") from None
     diff = config.differences(saved, cfg)
-    changed = {k: v for k, v in diff.items() if k not in config.RESULT_NEUTRAL}
-    neutral = {k: v for k, v in diff.items() if k in config.RESULT_NEUTRAL}
+    changed = {k: v for k, v in diff.items() if k not in config.SAME_METHOD}
+    neutral = {k: v for k, v in diff.items() if k in config.SAME_METHOD}
     listing = lambda d: ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())  # noqa: E731
     if neutral:
-        log(f"resuming with changed settings that do not change results: {listing(neutral)}")
+        log(f"resuming with changed settings that keep the method: {listing(neutral)}")
     if not changed:
         return
     if cfg.train.resume != "force":

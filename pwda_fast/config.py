@@ -104,9 +104,12 @@ RULES = {
     "log.images": _non_negative,
 }
 
-# Keys that cannot change what a run computes: a resumed run may differ from its checkpoint in these
-# (logged); any other difference is refused unless train.resume = "force".
-RESULT_NEUTRAL = {
+# Keys that keep the method a run computes (its equations, data, schedule and seeds) and change only how
+# or where it runs: a resumed run may differ from its checkpoint in these (logged); any other difference
+# is refused unless train.resume = "force". Some (train.threads, train.compile, kernels.loss,
+# train.device) can move a result's last bits, and a weighted run is chaotic in them (docs/RESULTS.md):
+# Engine.build() records what ran, in checkpoints, final.json and study records.
+SAME_METHOD = {
     "train.run_dir", "train.eval_every", "train.ckpt_every", "train.keep_last", "train.log_every",
     "train.stop_at", "train.max_skips", "train.eval_images", "train.eval_protocol", "train.device",
     "train.allow_world_size_change", "train.resume", "train.threads", "train.compile",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,16 @@ class Engine:
         """The weighted-loss backend the step uses now: kernels.loss resolved on this device, or "torch"
         after a fused kernel failed on its first call (ops.FirstCall)."""
         return self.kernels.loss.backend
+
+    def build(self) -> dict:
+        """What decides a run's last bits beyond its config (config.SAME_METHOD keys choose some of it):
+        each op's backend as the calls use it now, the compiled extension's file (sha256), torch, the
+        thread count and the CPU's kernels. A weighted run is chaotic in those bits (docs/RESULTS.md),
+        so checkpoints, final.json and study records carry this."""
+        return {"kernels": self.kernels.names(), "ext": ops.ext_digest(), "torch": str(torch.__version__),
+                "device": next(self.nets.g.parameters()).device.type,
+                "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 
 def _wrap(cfg: config.Config, nets: Nets, device: torch.device, dist: distributed.Dist, log) -> Nets:

@@ -85,7 +85,8 @@ class RunFolder:
         return train, evals
 
     def write_final(self, result: dict) -> None:
-        """The last evaluation's scores (inference.evaluate_model's result) -> final.json."""
+        """The last evaluation's scores (inference.evaluate_model's result, with the "build" that ran:
+        Engine.build) -> final.json."""
         self.final.write_text(json.dumps(result, indent=2))
 
     def read_final(self) -> dict:

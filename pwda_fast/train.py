@@ -260,7 +260,7 @@ class Trainer:
     def finish(self, step: int) -> None:
         result = self.evaluate(step)
         if self.dist.main:
-            RunFolder(self.run_dir).write_final(result)
+            RunFolder(self.run_dir).write_final({**result, "build": self.engine.build()})
             a = self.cfg.adapt
             self.log(metrics.format_result(
                 result, f"target val after {step} iterations ({a.mode}, weighting {a.weighting})"))

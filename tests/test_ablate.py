@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from helpers import tiny_overrides
 from PIL import Image
 
-from pwda_fast import ablate, config, curves, pictures, stats, train
+from pwda_fast import ablate, config, curves, ops, pictures, stats, train
 
 # main draws curves.png with matplotlib (the plots extra) and stops before any run without it
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -154,7 +155,8 @@ def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
 
 def _fake_run_for_result(tmp_path, asked: list):
     """A stand-in for train.run_for_result: records the overrides in `asked`, writes a metrics.jsonl and
-    returns a made-up result (mIoU 30 + seed, 5 more with adapt.weighting=gen)."""
+    returns a made-up result (mIoU 30 + seed, 5 more with adapt.weighting=gen) and build (an extension
+    digest per seed)."""
 
     def fake_run(argv, title):
         overrides = config.parse_args(argv)[1]
@@ -169,7 +171,9 @@ def _fake_run_for_result(tmp_path, asked: list):
                    {"step": 10, "seg": 0.5},
                    {"step": 10, "eval": True, "miou": miou, "above_t": 0.25, f"weight_{pair}": 0.5}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return 0, {"miou": miou, "iou": iou, "protocol": "single"}
+        build = {"kernels": {"loss": "cpp", "upsample": "torch"}, "ext": f"ext{seed}", "torch": "2.x",
+                 "device": "cpu", "threads": 2, "cpu_capability": "AVX2", "onednn_max_cpu_isa": ""}
+        return 0, {"miou": miou, "iou": iou, "protocol": "single", "build": build}
 
     return fake_run
 
@@ -243,13 +247,19 @@ def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
     assert record["config"]["adapt"]["weighting"] == "gen" and record["tree"]
     assert record["fig2"] == {"above_t": 0.25, "weight_toy_partial": 0.5}
     assert set(record["curve"]) == {"5", "10"}
+    assert record["build"]["ext"] == "ext1"  # what the run reported it ran with (final.json's build)
     result = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())
     assert list(result["rows"]) == [ablate.BASELINE, "GenMap (T=1)"]
+    text = (tmp_path / "abl" / "toy_partial" / "ablation.md").read_text()
+    assert "Builds: extension ext1, loss kernel cpp, torch 2.x, cpu with 2 threads, AVX2 (2 records)" in text
+    assert "more than one build" not in text
     asked.clear()  # a second seed: only its runs train; the first seed's come from the records
     assert ablate.main([*base, "--seeds", "1,2", "--rows", "no-weighting,genmap-t1"]) == 0
     assert [o["train.seed"] for o in asked] == [2, 2]
     rows = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())["rows"]
     assert rows["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 5.0, "2": 5.0}
+    text = (tmp_path / "abl" / "toy_partial" / "ablation.md").read_text()  # seed 2 ran with another build
+    assert "(2 records); extension ext2" in text and "more than one build" in text
     asked.clear()
     assert ablate.main([*base, "--seeds", "1,2,3", "--no-train"]) == 0  # the tables from the records
     assert asked == []
@@ -333,6 +343,11 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
     for slug, name, _ in ablate.ROWS:
         final = json.loads((pair_dir / f"{slug}-s1234" / "final.json").read_text())
         assert result["rows"][name]["seeds"]["1234"] == final["miou"]
+        build = final["build"]  # what ran, beside the config: the loss kernel after any fallback
+        assert build["kernels"]["loss"] in ops.LOSS.names and build["threads"] == torch.get_num_threads()
+        assert build["ext"] == ops.ext_digest() and build["device"] == "cpu"
+        record = json.loads((out / "records" / "toy_partial" / f"{slug}-s1234.json").read_text())
+        assert record["build"] == build
         fig2 = result["rows"][name]["fig2"]  # logged by the trainer at its last evaluation
         assert {"above_t", "above_t_aligned", "above_t_shifted", "weight_aligned", "weight_shifted"} \
             <= set(fig2)
@@ -340,6 +355,7 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
         assert ("d_aux_end" in fig2) == any(f in flags for f in ("--adapt.weighting=gen+dis",
                                                                  "--adapt.weighting=gen+aux"))
     assert "Command: `python -m pwda_fast.ablate --pair toy_partial --seeds 1" in text
+    assert text.count("Builds: extension") == 1 and "more than one build" not in text
     assert text.strip() in capsys.readouterr().out
     picture = np.asarray(Image.open(pair_dir / "ablation.png"))
     panels = 2 + len(ablate.ROWS)  # image, ground truth, one prediction per row

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import as_argv, tiny_overrides
 
-from pwda_fast import checkpoint, config, evaluate, train
+from pwda_fast import checkpoint, config, evaluate, ops, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +99,20 @@ def test_resume_refuses_a_changed_config_and_force_continues(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "train.resume=force: continuing" in out and "resumed from" in out
     assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 3
+
+
+def test_a_resume_with_another_build_is_logged_and_final_json_names_the_build(tmp_path, monkeypatch, capsys):
+    """Checkpoints and final.json carry Engine.build(); a resume under another one (here another
+    extension file) says what changed: the result's last bits then differ from an uninterrupted run's."""
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 3, "train.stop_at": 2}))) == 0
+    first = checkpoint.load(checkpoint.latest(tmp_path))["build"]
+    assert first["ext"] == ops.ext_digest() and first["threads"] == torch.get_num_threads()
+    capsys.readouterr()
+    monkeypatch.setattr(ops, "ext_digest", lambda: "0123456789ab")
+    assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 3}))) == 0
+    out = capsys.readouterr().out
+    assert f"resuming with another build: ext: {first['ext']!r} -> '0123456789ab' (the same method" in out
+    assert json.loads((tmp_path / "final.json").read_text())["build"]["ext"] == "0123456789ab"
 
 
 def test_a_different_model_in_the_run_folder_is_refused_without_a_traceback(tmp_path, capsys):

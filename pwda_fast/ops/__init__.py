@@ -6,6 +6,7 @@
     ops.LOSS, ops.UPSAMPLE       the ops' backend tables: .names, .problem(backend, device_type),
                                  .available(), .resolve(backend, device), .first_call(backend, device)
     ops.resolve_kernels(kernels_cfg, device)  -> Kernels: every op's backend resolved once, as FirstCall
+    ops.ext_digest()                          the compiled extension's sha256 (12 hex digits)
 
 An explicit backend that cannot run raises with the reason; only "auto" falls back. Training resolves
 the config's kernels.* once (resolve_kernels) and hands each FirstCall to what calls the op: a fused
@@ -22,12 +23,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from pwda_fast.ops.backends import OPS, FirstCall, OpBackends
+from pwda_fast.ops.backends import OPS, FirstCall, OpBackends, ext_digest
 from pwda_fast.ops.loss import LOSS, check_inputs, pixel_weights, weighted_adv_loss
 from pwda_fast.ops.upsample import UPSAMPLE, upsample_leaky_relu
 
-__all__ = ["LOSS", "OPS", "UPSAMPLE", "FirstCall", "Kernels", "OpBackends", "check_inputs", "pixel_weights",
-           "resolve_kernels", "upsample_leaky_relu", "weighted_adv_loss"]
+__all__ = ["LOSS", "OPS", "UPSAMPLE", "FirstCall", "Kernels", "OpBackends", "check_inputs", "ext_digest",
+           "pixel_weights", "resolve_kernels", "upsample_leaky_relu", "weighted_adv_loss"]
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ everywhere; "auto" takes the first backend of the op's preference for the device
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,6 +84,21 @@ def _resolve(op: str, backend: str, device_type: str) -> str:
     if problem is not None:
         raise RuntimeError(problem)
     return backend
+
+
+def ext_digest() -> str:
+    """The first 12 hex digits of the sha256 of the compiled extension pwda_fast._C's file ("" where it
+    does not load): two builds of the same source can differ in a result's last bits."""
+    try:
+        import pwda_fast._C as ext
+    except ImportError:
+        return ""
+    return _file_digest(ext.__file__)
+
+
+@functools.cache
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 # -- the checks the op tables share ---------------------------------------------------------------------
