@@ -31,13 +31,14 @@ def test_few_iterations_write_metrics_checkpoint_and_final(tmp_path, capsys):
     assert {"seg", "adv", "adv_aux", "d", "d_aux", "lr", "it_s"} <= set(lines[0])
     assert checkpoint.latest(tmp_path).name == "ckpt_00000004.pt"
     final = json.loads((tmp_path / "final.json").read_text())
-    assert set(final) == {"miou", "iou", "protocol"} and 0.0 <= final["miou"] <= 100.0
+    assert set(final) == {"miou", "iou", "protocol", "build"} and 0.0 <= final["miou"] <= 100.0
     assert final["protocol"] == "single"
     assert "road" in final["iou"]
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["iters"] == 4
     state = checkpoint.load(checkpoint.latest(tmp_path))
     assert state["backend"] in ops.LOSS.available() and state["world_size"] == 1
+    assert state["build"] == final["build"] and state["build"]["kernels"]["loss"] == state["backend"]
     assert config.from_dict(state["config"]).train.iters == 4
     assert "mIoU" in capsys.readouterr().out
 
@@ -140,6 +141,7 @@ def test_source_only_mode_and_evaluate_cli(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(checkpoint.latest(tmp_path)), "--json", str(out_json)]) == 0
     printed = capsys.readouterr().out
     final = json.loads((tmp_path / "final.json").read_text())
+    assert final.pop("build")["kernels"]["loss"] in ops.LOSS.names  # the run's build beside its scores
     assert json.loads(out_json.read_text()) == final
     assert f"{final['miou']:6.2f}" in printed
 
