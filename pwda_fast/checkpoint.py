@@ -178,10 +178,10 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
     ({role: [position per rank]}, see training_state).
 
     Refused (ConfigError) when it was written by another number of processes (unless
-    train.allow_world_size_change) or with a config that differs in a key that changes results
-    (unless train.resume = "force"); differences in config.SAME_METHOD keys and in the build (Engine.build:
-    backends, extension, threads, CPU kernels) are logged. Rank 0 takes the
-    saved random streams; the other ranks reseed from (seed, rank, step), distinct and reproducible.
+    train.allow_world_size_change) or with a config that differs in a key of the method (unless
+    train.resume = "force"); differences in config.SAME_METHOD keys and in the build (Engine.build:
+    backends, extension, threads, CPU kernels) are logged. Rank 0 takes the saved random streams; the
+    other ranks reseed from (seed, rank, step), distinct and reproducible.
     """
     found = _newest_loadable(Path(run_dir), dist.main, log)
     if found is None:

@@ -262,8 +262,9 @@ class TrainConfig:
     allow_world_size_change: bool = False
     """Allow resuming a checkpoint written with a different number of processes."""
     resume: Literal["auto", "force"] = "auto"
-    """"auto": resume run_dir's latest checkpoint only if the config matches it in every key that
-    changes results; "force": resume whatever the differences (they are logged)."""
+    """"auto": resume run_dir's latest checkpoint only if the config matches it in every key of the
+    method (keys that only choose how it runs, such as threads, kernels or logging, may differ; they and
+    another build are logged); "force": resume whatever the differences (they are logged)."""
     threads: int = 0
     """Intra-op CPU threads of each process (0 = the cores available to it, divided among local ranks)."""
     eval_images: int = 0

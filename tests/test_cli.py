@@ -93,7 +93,7 @@ def test_resume_refuses_a_changed_config_and_force_continues(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "adapt.mu: 0.1 -> 0.3" in err and "--train.resume=force" in err
     assert "another --train.run_dir" in err
-    assert "log_every" not in err  # result-neutral keys are allowed
+    assert "log_every" not in err  # keys that keep the method are allowed
     assert (tmp_path / "config.json").read_text() == before  # the refused run changed nothing
     assert train.main(as_argv({**changed, "train.resume": "force"})) == 0
     out = capsys.readouterr().out
