@@ -378,7 +378,7 @@ def source_tree() -> str:
 
 
 def changed_keys(saved: dict, cfg_dict: dict) -> list[str]:
-    """The keys that can change a result (not config.SAME_METHOD) in which the config dict of a
+    """The keys of the method (those not in config.SAME_METHOD) in which the config dict of a
     record differs from `cfg_dict`; both read by config.from_dict, so a key added since the record was
     made takes the value that means what the record ran."""
     diff = config.differences(config.from_dict(saved), config.from_dict(cfg_dict))

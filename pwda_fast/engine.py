@@ -124,11 +124,14 @@ class Engine:
 
     def build(self) -> dict:
         """What decides a run's last bits beyond its config (config.SAME_METHOD keys choose some of it):
-        each op's backend as the calls use it now, the compiled extension's file (sha256), torch, the
-        thread count and the CPU's kernels. A weighted run is chaotic in those bits (docs/RESULTS.md),
-        so checkpoints, final.json and study records carry this."""
+        each op's backend as the calls use it now, the compiled extension's file (sha256), torch and its
+        CUDA, the device (the GPU's name on CUDA), the thread count and the CPU's kernels. A weighted
+        run is chaotic in those bits (docs/RESULTS.md), so checkpoints, final.json and study records
+        carry this."""
+        device = next(self.nets.g.parameters()).device
         return {"kernels": self.kernels.names(), "ext": ops.ext_digest(), "torch": str(torch.__version__),
-                "device": next(self.nets.g.parameters()).device.type,
+                "cuda": torch.version.cuda or "",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                 "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
