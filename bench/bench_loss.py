@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import common
 import torch
 
 from pwda_fast import ops, reference
@@ -94,11 +93,9 @@ def make_inputs(case: Case, dtype, device: str):
     return seg, disc.requires_grad_(), aux
 
 
-def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, warmup: int,
-              keys=None, errors: dict | None = None) -> dict:
-    """-> ({(provider, mode): wall seconds per call, one sample per round}, {(provider, mode): the
-    zero-argument call timed}), every (provider, mode) of `keys` (default: all of fns x MODES)
-    interleaved in each round (common.interleave)."""
+def case_calls(fns: dict, seg, disc, aux, keys) -> dict:
+    """{(provider, mode): the zero-argument call timed} for every (provider, mode) of `keys`: "fwd" the
+    loss call, "fwd+bwd" the call and its backward (disc's gradient cleared first)."""
     def fwd(fn):
         return lambda: fn(seg, disc, aux)
 
@@ -108,10 +105,7 @@ def time_case(fns: dict, seg, disc, aux, device: str, rounds: int, calls: int, w
             fn(seg, disc, aux).backward()
         return run
 
-    keys = keys or [(name, mode) for name in fns for mode in MODES]
-    calls_of = {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fns[name]) for name, mode in keys}
-    times = common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls, errors=errors)
-    return times, calls_of
+    return {(name, mode): (fwd if mode == "fwd" else fwd_bwd)(fns[name]) for name, mode in keys}
 
 
 def case_id(case: Case) -> str:

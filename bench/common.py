@@ -141,6 +141,29 @@ def interleave(calls: dict, device: torch.device | str, rounds: int, warmup: int
     return times
 
 
+def measure(calls_of: dict, device: torch.device | str, rounds: int, warmup: int, calls: int,
+            graph: bool = False) -> dict:
+    """One comparison of a suite: every call of `calls_of` (key -> zero-argument call) interleaved
+    (interleave, `calls` back-to-back calls per sample), then on CUDA each one's device time and
+    operations per call (device_time) and, with `graph`, its graph-replay time (graph_time).
+    -> {key: {"samples_s", and on CUDA "device_s", "device_ops"[, "graph_s", "graph_error"]}, or the
+    error text of a key whose call raised}."""
+    errors = {}
+    times = interleave(calls_of, device, rounds, warmup, calls_per_sample=calls, errors=errors)
+    out = {}
+    for key, samples in times.items():
+        if key in errors:
+            continue
+        out[key] = {"samples_s": samples}
+        dev = device_time(calls_of[key], device, calls)
+        if dev is not None:
+            out[key].update(device_s=dev[0], device_ops=dev[1])
+            if graph:
+                graph_s, graph_error = graph_time(calls_of[key], device, calls)
+                out[key].update(graph_s=graph_s, graph_error=graph_error)
+    return {**out, **errors}
+
+
 def copy_bandwidth(device: torch.device | str, numel: int | None = None, rounds: int = 10) -> float:
     """Copy bandwidth in GB/s: read + write of a fp32 clone (1 GiB on CUDA, 256 MiB on CPU), median of
     `rounds` after 2 warm-up copies; the yardstick for a memory-bound kernel's achieved bandwidth."""

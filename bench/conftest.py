@@ -195,6 +195,13 @@ def _params(item) -> dict:
 
 
 @pytest.fixture(scope="session")
+def copy_gb_per_s(pytestconfig):
+    """The device's copy bandwidth (GB/s), measured once per session: the yardstick of the "of copy"
+    column of every suite."""
+    return common.copy_bandwidth(pytestconfig.getoption("bench_device"))
+
+
+@pytest.fixture(scope="session")
 def round_robin():
     return RoundRobin()
 

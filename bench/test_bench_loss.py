@@ -41,12 +41,6 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("case,dtype,mode,provider", params)
 
 
-@pytest.fixture(scope="session")
-def copy_gb_per_s(pytestconfig):
-    """The device's copy bandwidth (GB/s), measured once: the yardstick of the "of copy" column."""
-    return common.copy_bandwidth(pytestconfig.getoption("bench_device"))
-
-
 def test_weighted_adv_loss(record, round_robin, request, copy_gb_per_s, case, dtype, mode, provider):
     config = request.config
     device = config.getoption("bench_device")
@@ -70,20 +64,8 @@ def test_weighted_adv_loss(record, round_robin, request, copy_gb_per_s, case, dt
         if config.getoption("bench_fail") in fns:
             fns[config.getoption("bench_fail")] = common.injected_failure
         seg, disc, aux = bench_loss.make_inputs(case, bench_loss.DTYPES[dtype], device)
-        errors = {}
-        times, calls_of = bench_loss.time_case(fns, seg, disc, aux, device, rounds, calls, warmup, keys=keys,
-                                               errors=errors)
-        out = dict(errors)
-        for key, samples in times.items():
-            if key in errors:
-                continue
-            out[key] = {"samples_s": samples}
-            dev = common.device_time(calls_of[key], device, calls)
-            if dev is not None:
-                out[key].update(device_s=dev[0], device_ops=dev[1])
-                graph_s, graph_error = common.graph_time(calls_of[key], device, calls)
-                out[key].update(graph_s=graph_s, graph_error=graph_error)
-        return out
+        return common.measure(bench_loss.case_calls(fns, seg, disc, aux, keys), device, rounds, warmup, calls,
+                              graph=True)
 
     result = dict(round_robin.result(request, ("provider", "mode"), measure))
     record(result.pop("samples_s"), bench_loss.group(case, dtype, mode), provider, **result,

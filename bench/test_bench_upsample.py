@@ -48,11 +48,6 @@ def problem(name: str, device: str) -> str | None:
     return ops.UPSAMPLE.problem("triton", device)
 
 
-@pytest.fixture(scope="session")
-def copy_gb_per_s(pytestconfig):
-    return common.copy_bandwidth(pytestconfig.getoption("bench_device"))
-
-
 @pytest.mark.parametrize("mode", ("fwd", "fwd+bwd"))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_upsample_leaky_relu(record, round_robin, request, copy_gb_per_s, provider, mode):
@@ -81,15 +76,7 @@ def test_upsample_leaky_relu(record, round_robin, request, copy_gb_per_s, provid
             return run
 
         calls_of = {key: call(*key) for key in selected if key[0] in provider_fn}
-        errors = {}
-        times = common.interleave(calls_of, device, rounds, warmup, calls_per_sample=calls, errors=errors)
-        out = {key: {"samples_s": ts} for key, ts in times.items()}
-        for key in out:
-            dev = common.device_time(calls_of[key], device, calls)
-            if dev is not None:
-                out[key].update(device_s=dev[0], device_ops=dev[1])
-        out.update(errors)
-        return out
+        return common.measure(calls_of, device, rounds, warmup, calls)
 
     result = dict(round_robin.result(request, ("provider", "mode"), measure))
     group = f"{shape} -> {size} {str(dtype).removeprefix('torch.')} channels_last {mode}"
