@@ -193,12 +193,7 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
             "the data order would change. Relaunch with the same number of processes, or pass "
             "--train.allow_world_size_change=true to continue anyway")
     _check_same_run(path, state, cfg, log)
-    build = engine.build()
-    if "build" in state and state["build"] != build:
-        changed = {k: (state["build"].get(k), v) for k, v in build.items() if state["build"].get(k) != v}
-        log("resuming with another build: " + ", ".join(f"{k}: {old!r} -> {new!r}"
-                                                         for k, (old, new) in changed.items())
-            + " (the same method; the result's last bits differ from an uninterrupted run's)")
+    _log_other_build(state, engine.build(), log)
     try:
         engine.nets.load_state_dict(state)
     except KeyError as e:
@@ -219,6 +214,21 @@ def resume(run_dir: str | Path, engine, cfg, dist, log=print, loaders: dict | No
     return state["step"], state.get("skipped", 0)
 
 
+def _listing(diff: dict) -> str:
+    """{key: (old, new)} -> "key: old -> new, ..."."""
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
+
+
+def _log_other_build(state: dict, build: dict, log) -> None:
+    """Logs how the checkpoint's build (Engine.build) differs from this run's `build`, if it does
+    (checkpoints written before builds were stored have none)."""
+    saved = state.get("build")
+    if saved is not None and saved != build:
+        log("resuming with another build: "
+            + _listing({k: (saved.get(k), v) for k, v in build.items() if saved.get(k) != v})
+            + " (the same method; the result's last bits differ from an uninterrupted run's)")
+
+
 def _check_same_run(path: Path, state: dict, cfg, log) -> None:
     try:
         saved = config.from_dict(state["config"])
@@ -228,17 +238,16 @@ def _check_same_run(path: Path, state: dict, cfg, log) -> None:
     diff = config.differences(saved, cfg)
     changed = {k: v for k, v in diff.items() if k not in config.SAME_METHOD}
     neutral = {k: v for k, v in diff.items() if k in config.SAME_METHOD}
-    listing = lambda d: ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in d.items())  # noqa: E731
     if neutral:
-        log(f"resuming with changed settings that keep the method: {listing(neutral)}")
+        log(f"resuming with changed settings that keep the method: {_listing(neutral)}")
     if not changed:
         return
     if cfg.train.resume != "force":
         raise config.ConfigError(
-            f"{path.parent} holds a run trained with a different config ({listing(changed)}). "
+            f"{path.parent} holds a run trained with a different config ({_listing(changed)}). "
             "To start a new run pass another --train.run_dir; to continue this one with the new values "
             "pass --train.resume=force")
-    log(f"warning: train.resume=force: continuing {path} with changed settings: {listing(changed)}")
+    log(f"warning: train.resume=force: continuing {path} with changed settings: {_listing(changed)}")
 
 
 def load_networks(path: str | Path, device: torch.device):
