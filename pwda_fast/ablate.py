@@ -422,7 +422,8 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
             extra: list[str]) -> tuple[int, dict | None]:
     """One (row, seed) of a study: its stored record where it has one for the same config, else the run
     (trained, resumed or re-evaluated in OUT/<study>/<slug>-s<seed>) made into a record and stored at
-    once, so that a stop loses nothing finished. -> (exit code, the record)."""
+    once, so that a stop loses nothing finished. -> (exit code, the record: None where the run failed or
+    stopped before its end, or under --no-train where none is stored)."""
     name, flags = BY_SLUG[slug]
     study = study_name(pair, args.variant)
     argv_run, run_dir, cfg = row_run(pair, slug, seed, args, extra)
@@ -433,7 +434,7 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
         return 0, record
     start = time.monotonic()
     code, final = train.run_for_result(argv_run, f"{study}: {name}, seed {seed}")
-    if code != 0:
+    if final is None:
         return code, None
     curve = eval_series(run_dir)
     record = {"study": study, "pair": pair, "row": slug, "name": name, "seed": seed, "flags": flags,
@@ -559,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     for pair in args.pairs:
         for slug in args.row_list:
             for seed in args.seed_list:
-                code, _ = run_row(pair, slug, seed, args, extra)
-                if code != 0:
+                code, record = run_row(pair, slug, seed, args, extra)
+                if record is None and not args.no_train:  # failed, or stopped before its end
                     return code
         code = report_study(pair, study_name(pair, args.variant), args, extra, command, date)
         if code != 0:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_run = ["--config", "toy", f"--train.seed={args.seed}", f"--train.run_dir={run_dir}", *flags]
         argv_run += [f"--train.iters={args.iters}"] if args.iters else []
         code, results[name] = train.run_for_result(argv_run + extra, name)
-        if code != 0:
+        if results[name] is None:  # failed, or stopped before its end
             return code
     names = list(results)
     print(f"\ntarget-val IoU (%) on the toy domains, seed {args.seed}")

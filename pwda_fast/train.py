@@ -270,13 +270,19 @@ def run_for_result(argv: list[str], title: str) -> tuple[int, dict | None]:
     """One run in this process, announced with its command line -> (exit code, its final.json or None).
 
     The driver of `compare` and `ablate`: rerunning resumes an unfinished run and re-evaluates a finished one.
+    None with code 0 is a run stopped cleanly before its end (SIGTERM, train.stop_at): the driver stops too,
+    and rerunning its command goes on from the checkpoint.
     """
     print(f"\n=== {title}: {shlex.join(['python', '-m', 'pwda_fast.train', *argv])}", flush=True)
     code = main(argv)
     if code != 0:
         return code, None
-    run_dir = config.load(*config.parse_args(argv)).train.run_dir
-    return 0, RunFolder(run_dir).read_final()
+    folder = RunFolder(config.load(*config.parse_args(argv)).train.run_dir)
+    if not folder.final.exists():
+        print(f"{title}: stopped before its end; rerun the same command to go on from {folder.path}",
+              flush=True)
+        return 0, None
+    return 0, folder.read_final()
 
 
 def main(argv: list[str] | None = None) -> int:

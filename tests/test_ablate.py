@@ -277,6 +277,34 @@ def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
         ablate.parse_args(["--rows", "genmap-t2"])
 
 
+def test_a_run_stopped_before_its_end_stops_the_study_and_stores_no_record(tmp_path, monkeypatch, capsys):
+    """SIGTERM or train.stop_at inside a study: the stopped run writes a checkpoint but no final.json, so
+    run_for_result gives no result; the study stops there (no traceback, no later row started, no report),
+    keeps the records finished before it, and the same command goes on."""
+    asked = []
+    finish = _fake_run_for_result(tmp_path, asked)
+
+    def the_second_run_stops(argv, title):
+        if len(asked) != 1:
+            return finish(argv, title)
+        asked.append(config.parse_args(argv)[1])
+        return 0, None  # what run_for_result gives for a run stopped before its end
+
+    monkeypatch.setattr(train, "run_for_result", the_second_run_stops)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--pair", "toy_partial", "--iters", "10", "--out", "abl", "--records", "rec", "--seeds", "1,",
+            "--rows", "no-weighting,genmap-t1,genmap-t0.9"]
+    assert ablate.main(argv) == 0
+    assert len(asked) == 2  # the baseline ran, GenMap (T=1) stopped, GenMap (T=0.9) never started
+    assert sorted(p.name for p in (tmp_path / "rec" / "toy_partial").iterdir()) == ["no-weighting-s1.json"]
+    assert not (tmp_path / "abl" / "toy_partial" / "ablation.md").exists()
+    asked.clear()
+    monkeypatch.setattr(train, "run_for_result", finish)
+    assert ablate.main(argv) == 0  # the rerun: the stored baseline is not run again
+    assert [o["train.run_dir"] for o in asked] == ["abl/toy_partial/genmap-t1-s1",
+                                                   "abl/toy_partial/genmap-t0.9-s1"]
+
+
 def test_a_key_added_after_a_record_reads_as_config_from_dict_reads_it(tmp_path):
     """A record made before a key existed stays fresh where the key's value means what the record ran
     (config.from_dict's reading), and is stale where the config now sets it otherwise."""

@@ -115,6 +115,18 @@ def test_a_resume_with_another_build_is_logged_and_final_json_names_the_build(tm
     assert json.loads((tmp_path / "final.json").read_text())["build"]["ext"] == "0123456789ab"
 
 
+def test_the_drivers_run_gives_no_result_for_a_run_stopped_before_its_end(tmp_path, capsys):
+    """run_for_result (compare's and ablate's driver) reads final.json only where the run finished: a run
+    stopped by train.stop_at (or SIGTERM) is (0, None) with a line saying how to go on, and the rerun
+    finishes it."""
+    overrides = tiny_overrides(tmp_path, **{"train.iters": 3})
+    assert train.run_for_result(as_argv({**overrides, "train.stop_at": 2}), "tiny") == (0, None)
+    out = capsys.readouterr().out
+    assert f"tiny: stopped before its end; rerun the same command to go on from {tmp_path}" in out
+    code, final = train.run_for_result(as_argv(overrides), "tiny")
+    assert code == 0 and final == json.loads((tmp_path / "final.json").read_text())
+
+
 def test_a_different_model_in_the_run_folder_is_refused_without_a_traceback(tmp_path, capsys):
     assert train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 2}))) == 0
     code = train.main(as_argv(tiny_overrides(tmp_path, **{"train.iters": 2, "model.width": 8})))
