@@ -220,12 +220,13 @@ def _listing(diff: dict) -> str:
 
 
 def _log_other_build(state: dict, build: dict, log) -> None:
-    """Logs how the checkpoint's build (Engine.build) differs from this run's `build`, if it does
-    (checkpoints written before builds were stored have none)."""
-    saved = state.get("build")
-    if saved is not None and saved != build:
-        log("resuming with another build: "
-            + _listing({k: (saved.get(k), v) for k, v in build.items() if saved.get(k) != v})
+    """Logs how the checkpoint's build (Engine.build) differs from this run's `build`, if it does.
+    Only what both record is compared: checkpoints written before builds were stored have none, and a
+    key Engine.build gained later (for example torch's CUDA version) says nothing of what ran before."""
+    saved = state.get("build") or {}
+    diff = {k: (saved[k], v) for k, v in build.items() if k in saved and saved[k] != v}
+    if diff:
+        log("resuming with another build: " + _listing(diff)
             + " (the same method; the result's last bits differ from an uninterrupted run's)")
 
 

@@ -113,6 +113,16 @@ def test_a_resume_with_another_build_is_logged_and_final_json_names_the_build(tm
     out = capsys.readouterr().out
     assert f"resuming with another build: ext: {first['ext']!r} -> '0123456789ab' (the same method" in out
     assert json.loads((tmp_path / "final.json").read_text())["build"]["ext"] == "0123456789ab"
+    # A key the checkpoint's build lacks (Engine.build gained it later) is not another build.
+    older = tmp_path / "older"
+    assert train.main(as_argv(tiny_overrides(older, **{"train.iters": 3, "train.stop_at": 2}))) == 0
+    state = checkpoint.load(checkpoint.latest(older))
+    del state["build"]["cuda"]
+    torch.save(state, checkpoint.latest(older))
+    capsys.readouterr()
+    assert train.main(as_argv(tiny_overrides(older, **{"train.iters": 3}))) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "another build" not in out
 
 
 def test_the_drivers_run_gives_no_result_for_a_run_stopped_before_its_end(tmp_path, capsys):
