@@ -33,7 +33,11 @@ class group (toy_partial: its aligned and its shifted classes; the toy: all its 
 interval, per class. The Fig. 2 measurements of each run's last evaluation (pwda_fast.weight_stats: the
 fraction of target pixels with p* > T and the mean pixel weight per class group, as the generator
 stage computes them) are averaged over the seeds, beside D_aux's loss at the end of training for the
-rows with D_aux (at chance, 2 ln 2, DisMap is a constant).
+rows with D_aux (at chance, 2 ln 2, DisMap is a constant). Beside the differences to the unweighted D,
+"one change at a time" pairs the rows that differ in one part (STEPS: T = 0.9 against 1, adding D_aux's
+loss, weighting by DisMap, MRNet's D unscaled against scaled). A variant study is also compared row by
+row with its pair's study (the same row and seed without the variant's overrides: what, say, D's
+stride 32 does to each row), from the pair's records that differ from it in those overrides alone.
 
 Writes per study OUT/<study>/ablation.md (the tables, with the command and date), ablation.json (the
 same numbers and every seed's), curves.png (per row over training: target mIoU and the fraction of
@@ -98,6 +102,16 @@ ROWS = (
 SLUGS = [slug for slug, _, _ in ROWS]
 BY_SLUG = {slug: (name, flags) for slug, name, flags in ROWS}
 BASELINE = "the paper's D without weighting"
+# One change at a time, beside the differences to BASELINE: (row slug, the row it is compared with, what
+# the paired difference measures).
+STEPS = (
+    ("genmap-t0.9", "genmap-t1", "GenMap's threshold: T = 0.9 against T = 1"),
+    ("genmap-t0.9-aux", "genmap-t0.9", "adding D_aux and F's feature-level loss (eq. 8), w without DisMap"),
+    ("genmap-t0.9-dismap", "genmap-t0.9-aux", "weighting by DisMap: the full method against the row "
+                                              "with D_aux's loss and no DisMap"),
+    ("genmap-t0.9-dismap", "genmap-t0.9", "DisMap with D_aux's loss: the full method against GenMap (T=0.9)"),
+    ("mrnet-whole-crop", "mrnet-published", "MRNet's D unscaled (whole-crop fields) against scaled"),
+)
 PAIRS = ("toy", "toy_partial")
 LEVEL = 0.95
 FIG2_PREFIXES = ("above_t", "weight_")  # the keys pwda_fast.weight_stats logs at each evaluation
@@ -218,23 +232,51 @@ def analyse(raw: dict[str, dict[int, dict]], groups: dict[str, list[str]]) -> di
                    "fig2": {k: stats.mean(r["fig2"][k] for r in per_seed.values() if k in r.get("fig2", {}))
                             for k in keys}}
         if row != BASELINE:
-            paired = [s for s in per_seed if s in base]
-            diff = {s: per_seed[s]["miou"] - base[s]["miou"] for s in paired}
-            summary["diff"] = _interval(diff)
-            summary["groups"] = {}
-            for group, names in groups.items():
-                per = {s: d for s in paired
-                       if (d := _group_mean_diff(per_seed[s]["iou"], base[s]["iou"], names)) is not None}
-                if per:
-                    summary["groups"][group] = _interval(per)
-            summary["classes"] = {}
-            for name in (c for names in groups.values() for c in names):
-                diffs = [per_seed[s]["iou"][name] - base[s]["iou"][name] for s in paired
-                         if name in per_seed[s]["iou"] and name in base[s]["iou"]]
-                if diffs:
-                    summary["classes"][name] = stats.mean(diffs)
+            summary.update(paired(per_seed, base, groups))
         out[row] = summary
     return out
+
+
+def paired(runs: dict[int, dict], base: dict[int, dict], groups: dict[str, list[str]]) -> dict:
+    """The paired differences of `runs` to `base` ({seed: {"miou", "iou"}} each) over the seeds both
+    have -> {"diff": t interval of the mIoU differences with "per_seed" (None without common seeds),
+    "groups": {group: t interval of the group-mean IoU differences}, "classes": {class: mean
+    difference}}."""
+    seeds = [s for s in runs if s in base]
+    out = {"diff": _interval({s: runs[s]["miou"] - base[s]["miou"] for s in seeds}), "groups": {},
+           "classes": {}}
+    for group, names in groups.items():
+        per = {s: d for s in seeds
+               if (d := _group_mean_diff(runs[s]["iou"], base[s]["iou"], names)) is not None}
+        if per:
+            out["groups"][group] = _interval(per)
+    for name in (c for names in groups.values() for c in names):
+        diffs = [runs[s]["iou"][name] - base[s]["iou"][name] for s in seeds
+                 if name in runs[s]["iou"] and name in base[s]["iou"]]
+        if diffs:
+            out["classes"][name] = stats.mean(diffs)
+    return out
+
+
+def steps(raw: dict[str, dict[int, dict]], groups: dict[str, list[str]]) -> dict[str, dict]:
+    """{what the step measures: paired(row, the row it is compared with)} for each of STEPS whose two
+    rows are in `raw` (analyse's input) with a seed in common."""
+    out = {}
+    for slug, against, label in STEPS:
+        row, other = BY_SLUG[slug][0], BY_SLUG[against][0]
+        if row in raw and other in raw and (diff := paired(raw[row], raw[other], groups))["diff"]:
+            out[label] = diff
+    return out
+
+
+def steps_table(diffs: dict[str, dict], groups: dict[str, list[str]], head: str) -> str:
+    """Markdown: one line per paired difference (paired()'s output) named by its key."""
+    shown = list(groups) if len(groups) > 1 else []
+    rows = [[name, _with_interval(d["diff"]), "–" if d["diff"]["sd"] is None else f"{d['diff']['sd']:.2f}"]
+            + [_with_interval(d["groups"].get(g)) for g in shown] + [str(d["diff"]["n"])]
+            for name, d in diffs.items()]
+    return "\n".join(_table([head, "Δ mIoU [95% CI]", "sd of Δ"] + [f"Δ {g} classes [95% CI]" for g in shown]
+                            + ["seeds"], rows))
 
 
 def _with_interval(interval: dict | None) -> str:
@@ -292,8 +334,9 @@ def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> s
 
 
 def report(study: str, summary: dict[str, dict], groups: dict[str, list[str]], seeds: list[int], iters,
-           command: str, date: str) -> str:
-    """ablation.md of one study: what was run, how the intervals are made, the tables, the command."""
+           command: str, date: str, changes: dict[str, dict] | None = None) -> str:
+    """ablation.md of one study: what was run, how the intervals are made, the tables (with `changes`,
+    steps()' output, one change at a time), the command."""
     group_text = "; ".join(f"{g}: {', '.join(names)}" for g, names in groups.items())
     by_group = " by ground-truth class group" if len(groups) > 1 else ""
     uneven = len({tuple(sorted(r["seeds"])) for r in summary.values()}) > 1
@@ -315,7 +358,11 @@ def report(study: str, summary: dict[str, dict], groups: dict[str, list[str]], s
             f"(BCE summed over source and target: 2 ln 2 = 1.386 is chance, where sigmoid(D_aux) is a "
             f"constant 0.5 and DisMap carries nothing). Third: mean Δ IoU per class. Last: mIoU per "
             f"seed.\n\n"
-            f"{markdown_tables(summary, groups)}\n\nCommand: `{command}` ({date}).\n")
+            f"{markdown_tables(summary, groups)}\n\n"
+            + (f"One change at a time: the paired difference between two rows that differ in one part "
+               f"(same seeds, same interval as above).\n\n{steps_table(changes, groups, 'change')}\n\n"
+               if changes else "")
+            + f"Command: `{command}` ({date}).\n")
 
 
 def update_doc(path: Path, pair: str, text: str, tag: str = "ablation") -> None:
@@ -501,6 +548,32 @@ def main_table(summary: dict[str, dict]) -> str:
     return "\n".join(_table(head, rows))
 
 
+def against_pair(pair: str, by_row: dict[str, dict[int, dict]], args, extra: list[str],
+                 groups: dict[str, list[str]]) -> dict[str, dict]:
+    """A variant study's rows against the pair's own study: {row: paired(variant's records, the pair's)}
+    over the seeds both have, for the rows whose stored `pair` records differ from the variant's config in
+    the variant's overrides alone (another record of the pair is named and left out)."""
+    overridden = set(config.parse_args(extra)[1])
+    base_dir = records_dir(args, pair)
+    out = {}
+    for row, base_seeds in stored(base_dir).items():
+        if row not in by_row:
+            continue
+        base = {}
+        for seed, r in base_seeds.items():
+            if seed not in by_row[row]:
+                continue
+            changed = set(changed_keys(r["config"], by_row[row][seed]["config"]))
+            if changed <= overridden:
+                base[seed] = r
+            else:
+                print(f"{base_dir / (r['row'] + f'-s{seed}.json')}: differs from the variant's run in "
+                      f"{', '.join(sorted(changed - overridden)[:6])} too: left out of the comparison")
+        if base:
+            out[row] = paired(by_row[row], base, groups)
+    return out
+
+
 def report_study(pair: str, study: str, args, extra: list[str], command: str, date: str) -> int:
     """The tables, JSON, curves (and, where the first seeds' runs are at hand, the prediction panel) of
     one study, from its stored records: those made with the config this command gives their row and
@@ -518,18 +591,27 @@ def report_study(pair: str, study: str, args, extra: list[str], command: str, da
     raw = as_raw(raw_records)
     groups = {g: [CLASSES[i] for i in ids] for g, ids in class_groups(pair).items()}
     summary = analyse(raw, groups)
+    changes = steps(raw, groups)
     seeds = sorted({s for r in raw.values() for s in r})
     iters = sorted({r["iters"] for seeds_ in raw_records.values() for r in seeds_.values()})
     trees = sorted({r["tree"] for seeds_ in raw_records.values() for r in seeds_.values()})
     out = Path(args.out) / study
     out.mkdir(parents=True, exist_ok=True)
-    text = report(study, summary, groups, seeds, iters[0] if len(iters) == 1 else iters, command, date)
+    text = report(study, summary, groups, seeds, iters[0] if len(iters) == 1 else iters, command, date,
+                  changes)
+    against = against_pair(pair, raw_records, args, extra, groups) if args.variant else {}
+    if against:
+        text += (f"\nAgainst the `{pair}` study: each row of this study minus the same row of `{pair}` on "
+                 f"the same seed, from `{pair}`'s records made with the config this study's runs have but "
+                 f"for its overrides ({' '.join(extra)}).\n\n"
+                 f"{steps_table(against, groups, f'row: {study} - {pair}')}\n")
     text += f"\nFrom {sum(len(v) for v in raw.values())} records in `{records}` (trees {', '.join(trees)}).\n"
     text += builds_note(raw_records)
     (out / "ablation.md").write_text(text)
     (out / "ablation.json").write_text(json.dumps(
         {"pair": pair, "study": study, "command": command, "date": date, "iters": iters, "seeds": seeds,
-         "level": LEVEL, "groups": groups, "trees": trees, "rows": summary}, indent=2))
+         "level": LEVEL, "groups": groups, "trees": trees, "rows": summary, "steps": changes,
+         "against_pair": against}, indent=2))
     print(f"\n{text}")
     if args.doc:
         update_doc(Path(args.doc), study, text)

@@ -105,6 +105,27 @@ def test_paired_differences_and_their_intervals_by_hand():
     assert summary["source-only"]["diff"]["mean"] == pytest.approx(-17.0)
 
 
+def test_one_change_at_a_time_pairs_the_rows_that_differ_in_one_part():
+    """steps(): GenMap + D_aux's loss 44, 45, 49 against GenMap (T=0.9) 42, 44, 45 -> +2, +1, +4, mean
+    7/3; the full method 43, 45, 46 against the row without DisMap -> -1, 0, -3; a step whose other row
+    is missing (GenMap T=1, MRNet) is left out; the table names each step with its interval and seeds."""
+    raw = _fake({ablate.BASELINE: [40.0, 42.0, 44.0], "GenMap (T=0.9)": [42.0, 44.0, 45.0],
+                 "GenMap (T=0.9) + D_aux's loss, no DisMap": [44.0, 45.0, 49.0],
+                 "GenMap (T=0.9) + DisMap": [43.0, 45.0, 46.0]})
+    changes = ablate.steps(raw, GROUPS)
+    step = {(slug, against): label for slug, against, label in ablate.STEPS}
+    aux, dismap = step["genmap-t0.9-aux", "genmap-t0.9"], step["genmap-t0.9-dismap", "genmap-t0.9-aux"]
+    assert list(changes) == [aux, dismap, step["genmap-t0.9-dismap", "genmap-t0.9"]]
+    assert changes[aux]["diff"]["per_seed"] == {1: 2.0, 2: 1.0, 3: 4.0}
+    assert changes[dismap]["diff"]["per_seed"] == {1: -1.0, 2: 0.0, 3: -3.0}
+    assert changes[step["genmap-t0.9-dismap", "genmap-t0.9"]]["diff"]["per_seed"] == {1: 1.0, 2: 1.0, 3: 1.0}
+    table = ablate.steps_table(changes, GROUPS, "change")
+    assert table.splitlines()[0] == ("| change | Δ mIoU [95% CI] | sd of Δ | Δ aligned classes [95% CI] | "
+                                     "Δ shifted classes [95% CI] | seeds |")
+    half = stats.t_interval([2.0, 1.0, 4.0]).half_width
+    assert f"| {aux} | +2.33 [{7 / 3 - half:+.2f}, {7 / 3 + half:+.2f}] | 1.53 |" in table
+
+
 def test_a_class_missing_from_a_run_is_left_out_of_its_differences():
     raw = _fake({ablate.BASELINE: [40.0, 42.0], "GenMap (T=1)": [41.0, 45.0]}, seeds=(1, 2))
     del raw["GenMap (T=1)"][2]["iou"]["car"]  # never predicted nor present: no IoU
@@ -155,8 +176,8 @@ def test_doc_section_per_pair_is_replaced_not_repeated(tmp_path):
 
 def _fake_run_for_result(tmp_path, asked: list):
     """A stand-in for train.run_for_result: records the overrides in `asked`, writes a metrics.jsonl and
-    returns a made-up result (mIoU 30 + seed, 5 more with adapt.weighting=gen) and build (an extension
-    digest per seed)."""
+    returns a made-up result (mIoU 30 + seed, 5 more with adapt.weighting=gen, 2 more with
+    model.disc_stride=32) and build (an extension digest per seed)."""
 
     def fake_run(argv, title):
         overrides = config.parse_args(argv)[1]
@@ -164,7 +185,8 @@ def _fake_run_for_result(tmp_path, asked: list):
         run_dir = tmp_path / overrides["train.run_dir"]
         run_dir.mkdir(parents=True)
         seed, pair = overrides["train.seed"], overrides["data.source"]
-        miou = 30.0 + seed + (5.0 if overrides.get("adapt.weighting") == "gen" else 0.0)
+        miou = (30.0 + seed + (5.0 if overrides.get("adapt.weighting") == "gen" else 0.0)
+                + (2.0 if overrides.get("model.disc_stride") == 32 else 0.0))
         iou = {"road": miou, "sidewalk": miou, "car": miou}
         records = [{"step": 5, "eval": True, "miou": 1.0, "above_t": 0.9},
                    {"step": 10, "eval": True, "miou": miou},  # before the measurements existed
@@ -303,6 +325,41 @@ def test_a_run_stopped_before_its_end_stops_the_study_and_stores_no_record(tmp_p
     assert ablate.main(argv) == 0  # the rerun: the stored baseline is not run again
     assert [o["train.run_dir"] for o in asked] == ["abl/toy_partial/genmap-t1-s1",
                                                    "abl/toy_partial/genmap-t0.9-s1"]
+
+
+@needs_matplotlib
+def test_a_variant_study_is_compared_row_by_row_with_its_pairs_study(tmp_path, monkeypatch, capsys):
+    """--variant s32 --model.disc_stride=32: its own records and tables, and each row minus the same row
+    and seed of the pair's study, from the pair's records that differ from the variant's runs in the
+    variant's overrides alone (one made with another adapt.floor is named and left out)."""
+    asked = []
+    monkeypatch.setattr(train, "run_for_result", _fake_run_for_result(tmp_path, asked))
+    monkeypatch.chdir(tmp_path)
+    base = ["--pair", "toy_partial", "--iters", "10", "--out", "abl", "--records", "rec", "--seeds", "1,2",
+            "--rows", "no-weighting,genmap-t1"]
+    assert ablate.main(base) == 0
+    other = tmp_path / "rec" / "toy_partial" / "genmap-t1-s2.json"
+    record = json.loads(other.read_text())
+    record["config"]["adapt"]["floor"] = 0.02
+    other.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert ablate.main([*base, "--variant", "s32", "--model.disc_stride=32"]) == 0
+    assert [o["train.run_dir"] for o in asked[4:]] == [
+        f"abl/toy_partial-s32/{row}-s{seed}" for row in ("no-weighting", "genmap-t1") for seed in (1, 2)]
+    assert sorted(p.name for p in (tmp_path / "rec" / "toy_partial-s32").iterdir()) == [
+        "genmap-t1-s1.json", "genmap-t1-s2.json", "no-weighting-s1.json", "no-weighting-s2.json"]
+    out = capsys.readouterr().out
+    assert "rec/toy_partial/genmap-t1-s2.json: differs from the variant's run in adapt.floor too" in out
+    result = json.loads((tmp_path / "abl" / "toy_partial-s32" / "ablation.json").read_text())
+    against = result["against_pair"]
+    assert against[ablate.BASELINE]["diff"]["per_seed"] == {"1": 2.0, "2": 2.0}
+    assert against["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 2.0}  # seed 2's pair record left out
+    assert result["rows"]["GenMap (T=1)"]["diff"]["mean"] == 5.0  # within the variant: as in the pair
+    text = (tmp_path / "abl" / "toy_partial-s32" / "ablation.md").read_text()
+    assert "Against the `toy_partial` study" in text and "(--model.disc_stride=32)" in text
+    assert f"| {ablate.BASELINE} | +2.00 [+2.00, +2.00] | 0.00 |" in text
+    assert "| GenMap (T=1) | +2.00 | – |" in text
+    assert "Against" not in (tmp_path / "abl" / "toy_partial" / "ablation.md").read_text()
 
 
 def test_a_key_added_after_a_record_reads_as_config_from_dict_reads_it(tmp_path):
