@@ -271,12 +271,22 @@ def steps(raw: dict[str, dict[int, dict]], groups: dict[str, list[str]]) -> dict
 
 def steps_table(diffs: dict[str, dict], groups: dict[str, list[str]], head: str) -> str:
     """Markdown: one line per paired difference (paired()'s output) named by its key."""
-    shown = list(groups) if len(groups) > 1 else []
-    rows = [[name, _with_interval(d["diff"]), "–" if d["diff"]["sd"] is None else f"{d['diff']['sd']:.2f}"]
+    shown = _group_columns(groups)
+    rows = [[name, _with_interval(d["diff"]), _sd(d["diff"])]
             + [_with_interval(d["groups"].get(g)) for g in shown] + [str(d["diff"]["n"])]
             for name, d in diffs.items()]
     return "\n".join(_table([head, "Δ mIoU [95% CI]", "sd of Δ"] + [f"Δ {g} classes [95% CI]" for g in shown]
                             + ["seeds"], rows))
+
+
+def _group_columns(groups: dict[str, list[str]]) -> list[str]:
+    """The class groups that get their own column: none where one group ("all") would repeat the mIoU's."""
+    return list(groups) if len(groups) > 1 else []
+
+
+def _sd(interval: dict | None) -> str:
+    """The sample sd of an interval's values, "–" without one (no interval, or one seed)."""
+    return "–" if not interval or interval["sd"] is None else f"{interval['sd']:.2f}"
 
 
 def _with_interval(interval: dict | None) -> str:
@@ -295,14 +305,14 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown_tables(summary: dict[str, dict], groups: dict[str, list[str]]) -> str:
     """The tables of one pair: rows with paired differences; Fig. 2 measurements; per class; per seed."""
-    shown = list(groups) if len(groups) > 1 else []  # one group "all" would repeat the mIoU column
+    shown = _group_columns(groups)
     rows = []
     for row, r in summary.items():
         spread = f" ± {r['std']:.2f}" if r["std"] is not None else ""
         base = row == BASELINE
         diff = None if base else r["diff"]
         rows.append([row, f"{r['mean']:.2f}{spread}", "–" if base else _with_interval(diff),
-                     "–" if not diff or diff["sd"] is None else f"{diff['sd']:.2f}"]
+                     _sd(diff)]
                     + ["–" if base else _with_interval(r["groups"].get(g)) for g in shown])
     lines = _table(["method", "mIoU mean ± sd", "Δ mIoU vs no weighting [95% CI]", "sd of Δ"]
                    + [f"Δ {g} classes [95% CI]" for g in shown], rows)
@@ -449,6 +459,11 @@ def read_record(path: Path, cfg_dict: dict) -> dict | None:
     return record if fresh(record, cfg_dict, path) else None
 
 
+def record_path(records: Path, slug: str, seed: int) -> Path:
+    """The record of one (row, seed) in a study's records folder."""
+    return records / f"{slug}-s{seed}.json"
+
+
 def records_dir(args: argparse.Namespace, study: str) -> Path:
     """Where a study's records are: RECORDS/<study>, by default OUT/records/<study>."""
     return (Path(args.records) if args.records else Path(args.out) / "records") / study
@@ -475,7 +490,7 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
     study = study_name(pair, args.variant)
     argv_run, run_dir, cfg = row_run(pair, slug, seed, args, extra)
     records = records_dir(args, study)
-    path = records / f"{slug}-s{seed}.json"
+    path = record_path(records, slug, seed)
     record = read_record(path, cfg.to_dict())
     if record is not None or args.no_train:
         return 0, record
@@ -567,7 +582,7 @@ def against_pair(pair: str, by_row: dict[str, dict[int, dict]], args, extra: lis
             if changed <= overridden:
                 base[seed] = r
             else:
-                print(f"{base_dir / (r['row'] + f'-s{seed}.json')}: differs from the variant's run in "
+                print(f"{record_path(base_dir, r['row'], seed)}: differs from the variant's run in "
                       f"{', '.join(sorted(changed - overridden)[:6])} too: left out of the comparison")
         if base:
             out[row] = paired(by_row[row], base, groups)
@@ -581,7 +596,7 @@ def report_study(pair: str, study: str, args, extra: list[str], command: str, da
     records = records_dir(args, study)
     raw_records = {row: {seed: r for seed, r in seeds.items()
                          if fresh(r, row_run(pair, r["row"], seed, args, extra)[2].to_dict(),
-                                  records / f"{r['row']}-s{seed}.json")}
+                                  record_path(records, r["row"], seed))}
                    for row, seeds in stored(records).items()}
     raw_records = {row: seeds for row, seeds in raw_records.items() if seeds}
     if BASELINE not in raw_records:
