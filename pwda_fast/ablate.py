@@ -23,7 +23,8 @@ seeds, more rows (--rows) or another pair extend a study without repeating it; a
 another config is rerun. The tables, intervals and curves are made from every stored record of the
 study (--no-train: from the records alone), and name the builds the records ran with (the extension,
 loss kernel, torch, threads, CPU kernels): a weighted run is chaotic in the loss kernel's last bits,
-so one seed's result moves with the build. A study is a pair (toy, toy_partial), or <pair>-<variant>
+so one seed's result moves with the build (a new record whose build none of the stored ones had is
+warned about as it is stored). A study is a pair (toy, toy_partial), or <pair>-<variant>
 for one with other overrides (--variant s32 --model.disc_stride=32).
 
 Every row of a study runs on the same seeds, so each row is compared with "the paper's D without
@@ -508,9 +509,24 @@ def run_row(pair: str, slug: str, seed: int, args: argparse.Namespace,
                                     if k == "miou" or k.startswith(FIG2_PREFIXES)}
                         for step, line in curve.items()},
               "run_dir": str(run_dir), "config": cfg.to_dict()}
+    warn_other_build(records, record)
     records.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
     return 0, record
+
+
+def warn_other_build(records: Path, record: dict) -> None:
+    """Says when a new record ran with a build that none of the study's stored records (those that name
+    theirs) ran with: its seeds will not repeat theirs to the last digit, so a user who meant to extend
+    the study with the same build can stop after one run."""
+    label = build_label(record.get("build"))
+    labels = {build_label(r["build"]) for seeds in stored(records).values() for r in seeds.values()
+              if r.get("build")}
+    if labels and label not in labels:
+        print(f"warning: {record['row']}-s{record['seed']} ran with another build than the records in "
+              f"{records} ({label}; theirs: {'; '.join(sorted(labels))}). A weighted run is chaotic in "
+              "the loss kernel's last bits: this study now mixes builds, and its report says so.",
+              flush=True)
 
 
 def stored(records: Path) -> dict[str, dict[int, dict]]:

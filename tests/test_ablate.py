@@ -254,7 +254,7 @@ def test_main_runs_every_pair_row_and_seed_and_writes_outputs(tmp_path, monkeypa
 
 
 @needs_matplotlib
-def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
+def test_a_study_grows_from_its_records(tmp_path, monkeypatch, capsys):
     """Each finished run is a record at once; a rerun trains only what is not stored, --rows runs the
     named rows only, a record made with another config is rerun, --no-train makes the tables alone."""
     asked = []
@@ -275,9 +275,14 @@ def test_a_study_grows_from_its_records(tmp_path, monkeypatch):
     text = (tmp_path / "abl" / "toy_partial" / "ablation.md").read_text()
     assert "Builds: extension ext1, loss kernel cpp, torch 2.x, cpu with 2 threads, AVX2 (2 records)" in text
     assert "more than one build" not in text
+    assert "another build" not in capsys.readouterr().out
     asked.clear()  # a second seed: only its runs train; the first seed's come from the records
     assert ablate.main([*base, "--seeds", "1,2", "--rows", "no-weighting,genmap-t1"]) == 0
     assert [o["train.seed"] for o in asked] == [2, 2]
+    # Its first run is the first with another build (ext2): said once, when it is stored.
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "another build" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: no-weighting-s2 ran with another build")
+    assert "extension ext2" in warnings[0] and "theirs: extension ext1" in warnings[0]
     rows = json.loads((tmp_path / "abl" / "toy_partial" / "ablation.json").read_text())["rows"]
     assert rows["GenMap (T=1)"]["diff"]["per_seed"] == {"1": 5.0, "2": 5.0}
     text = (tmp_path / "abl" / "toy_partial" / "ablation.md").read_text()  # seed 2 ran with another build
