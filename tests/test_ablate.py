@@ -3,8 +3,11 @@
 import importlib.util
 import json
 import math
+import re
+import shlex
 import statistics
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,3 +453,48 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
     picture = np.asarray(Image.open(pair_dir / "ablation.png"))
     panels = 2 + len(ablate.ROWS)  # image, ground truth, one prediction per row
     assert picture.shape[1] == panels * 2 * 192 + (panels - 1) * pictures.GAP
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blocks(text: str, tag: str) -> dict[str, str]:
+    """{study: the text between its <!-- tag:study:start/end --> markers} of a document."""
+    return dict(re.findall(rf"<!-- {tag}:(\S+):start -->\n(.*?)<!-- {tag}:\1:end -->", text, re.S))
+
+
+def _without_command(block: str) -> str:
+    return re.sub(r"^Command: .*$", "", block, flags=re.M)
+
+
+@needs_matplotlib
+@pytest.mark.parametrize("study", sorted(_blocks((ROOT / "docs" / "RESULTS.md").read_text(), "ablation")))
+def test_the_documented_studies_are_what_their_stored_records_give(study, tmp_path, monkeypatch, capsys):
+    """Each study's tables in docs/RESULTS.md (and README's summary) regenerate from the records in
+    docs/study with the command printed under them: no number in the docs that the records do not give,
+    and no record stale for the config its row has today (such a record is left out and the tables
+    change)."""
+    results, readme = (ROOT / "docs" / "RESULTS.md").read_text(), (ROOT / "README.md").read_text()
+    block = _blocks(results, "ablation")[study]
+    argv = shlex.split(re.search(r"^Command: `python -m pwda_fast.ablate (.*)` \(", block, re.M).group(1))
+    assert "--no-train" in argv and argv[argv.index("--records") + 1] == "docs/study"
+    docs = {"--doc": tmp_path / "RESULTS.md", "--summary-doc": tmp_path / "README.md"}
+    docs["--doc"].write_text(results)
+    docs["--summary-doc"].write_text(readme)
+    for flag, value in [("--out", tmp_path / "out"), *docs.items()]:
+        if flag in argv:
+            argv[argv.index(flag) + 1] = str(value)
+    monkeypatch.setattr(train, "run_for_result", lambda argv, title: pytest.fail("a run started"))
+    # The prediction panel is not in the docs (and needs the runs' checkpoints): not drawn.
+    monkeypatch.setattr(ablate, "render_rows", lambda run_dirs, out, image: out / "ablation.png")
+    monkeypatch.chdir(ROOT)  # the records' folder as the report names it
+    assert ablate.main(argv) == 0
+    assert "not this row's" not in capsys.readouterr().out, "a stored record is stale for its row's config"
+    regenerated = _blocks(docs["--doc"].read_text(), "ablation")[study]
+    assert _without_command(regenerated) == _without_command(block), (
+        f"docs/RESULTS.md's {study} tables differ from what docs/study/{study} gives: rerun the command "
+        "printed under them")
+    if "--summary-doc" in argv:
+        summary = _blocks(docs["--summary-doc"].read_text(), "study")[study]
+        assert summary == _blocks(readme, "study")[study], (
+            f"README's {study} table differs from what docs/study/{study} gives: rerun the command above")
