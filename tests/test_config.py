@@ -120,7 +120,8 @@ def test_a_renamed_key_still_reads_and_a_user_is_told_the_new_name(tmp_path):
     path.write_text('[kernels]\nbackend = "torch"\n')
     with pytest.warns(FutureWarning, match=f"{path}: config key 'kernels.backend'"):
         assert config.load(str(path)).kernels.loss == "torch"
-    with pytest.raises(ConfigError, match="kernels.loss must be one of"):  # checked under its new name
+    with (pytest.raises(ConfigError, match="kernels.loss must be one of"),  # checked under its new name
+          pytest.warns(FutureWarning, match="'kernels.backend' is now 'kernels.loss'")):
         config.load("toy", {"kernels.backend": "cudnn"})
 
 
