@@ -376,13 +376,27 @@ def report(study: str, summary: dict[str, dict], groups: dict[str, list[str]], s
             + f"Command: `{command}` ({date}).\n")
 
 
+def doc_markers(pair: str, tag: str = "ablation") -> tuple[str, str]:
+    """The markers `<!-- TAG:PAIR:start/end -->` around a study's text in a Markdown file."""
+    return f"<!-- {tag}:{pair}:start -->", f"<!-- {tag}:{pair}:end -->"
+
+
+def doc_block(text: str, pair: str, tag: str = "ablation") -> str | None:
+    """The text between a study's markers in a Markdown file's `text` (as update_doc puts it there),
+    None where the markers are not both there."""
+    start, end = doc_markers(pair, tag)
+    if start not in text or end not in text.split(start, 1)[1]:
+        return None
+    return text.split(start, 1)[1].split(end, 1)[0].removeprefix("\n")
+
+
 def update_doc(path: Path, pair: str, text: str, tag: str = "ablation") -> None:
-    """Put `text` between the study's markers `<!-- TAG:PAIR:start/end -->` in the Markdown file `path`
-    (appended when it has none)."""
-    start, end = f"<!-- {tag}:{pair}:start -->", f"<!-- {tag}:{pair}:end -->"
+    """Put `text` between the study's markers (doc_markers) in the Markdown file `path` (appended when
+    it has none)."""
+    start, end = doc_markers(pair, tag)
     old = path.read_text() if path.is_file() else ""
     block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in old and end in old.split(start, 1)[1]:
+    if doc_block(old, pair, tag) is not None:
         before, rest = old.split(start, 1)
         new = before + block + rest.split(end, 1)[1]
     else:

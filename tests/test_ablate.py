@@ -458,24 +458,20 @@ def test_tiny_ablation_runs_every_row_and_writes_table_and_pictures(tmp_path, ca
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _blocks(text: str, tag: str) -> dict[str, str]:
-    """{study: the text between its <!-- tag:study:start/end --> markers} of a document."""
-    return dict(re.findall(rf"<!-- {tag}:(\S+):start -->\n(.*?)<!-- {tag}:\1:end -->", text, re.S))
-
-
 def _without_command(block: str) -> str:
     return re.sub(r"^Command: .*$", "", block, flags=re.M)
 
 
 @needs_matplotlib
-@pytest.mark.parametrize("study", sorted(_blocks((ROOT / "docs" / "RESULTS.md").read_text(), "ablation")))
+@pytest.mark.parametrize("study", sorted(p.name for p in (ROOT / "docs" / "study").iterdir() if p.is_dir()))
 def test_the_documented_studies_are_what_their_stored_records_give(study, tmp_path, monkeypatch, capsys):
-    """Each study's tables in docs/RESULTS.md (and README's summary) regenerate from the records in
-    docs/study with the command printed under them: no number in the docs that the records do not give,
-    and no record stale for the config its row has today (such a record is left out and the tables
-    change)."""
+    """Each study stored in docs/study has its tables in docs/RESULTS.md (and README's summary, where
+    its command writes one), and they regenerate from its records with the command printed under
+    them: no number in the docs that the records do not give, and no record stale for the config its
+    row has today (such a record is left out and the tables change)."""
     results, readme = (ROOT / "docs" / "RESULTS.md").read_text(), (ROOT / "README.md").read_text()
-    block = _blocks(results, "ablation")[study]
+    block = ablate.doc_block(results, study)
+    assert block is not None, f"docs/study/{study} is stored but docs/RESULTS.md has no tables of it"
     argv = shlex.split(re.search(r"^Command: `python -m pwda_fast.ablate (.*)` \(", block, re.M).group(1))
     assert "--no-train" in argv and argv[argv.index("--records") + 1] == "docs/study"
     docs = {"--doc": tmp_path / "RESULTS.md", "--summary-doc": tmp_path / "README.md"}
@@ -490,11 +486,11 @@ def test_the_documented_studies_are_what_their_stored_records_give(study, tmp_pa
     monkeypatch.chdir(ROOT)  # the records' folder as the report names it
     assert ablate.main(argv) == 0
     assert "not this row's" not in capsys.readouterr().out, "a stored record is stale for its row's config"
-    regenerated = _blocks(docs["--doc"].read_text(), "ablation")[study]
+    regenerated = ablate.doc_block(docs["--doc"].read_text(), study)
     assert _without_command(regenerated) == _without_command(block), (
         f"docs/RESULTS.md's {study} tables differ from what docs/study/{study} gives: rerun the command "
         "printed under them")
     if "--summary-doc" in argv:
-        summary = _blocks(docs["--summary-doc"].read_text(), "study")[study]
-        assert summary == _blocks(readme, "study")[study], (
+        summary = ablate.doc_block(docs["--summary-doc"].read_text(), study, "study")
+        assert summary == ablate.doc_block(readme, study, "study"), (
             f"README's {study} table differs from what docs/study/{study} gives: rerun the command above")
